@@ -1,0 +1,260 @@
+"""Read a memenc store as torch tensors in the layout SAM 2's memory attention consumes.
+
+    cache = open_cache("video.zarr")
+    row = cache.row_of(120)                      # source frame 120 -> store row
+    mem = cache.for_sam2(row, object_id=1, device="cuda")
+    mem["maskmem_features"]   # bfloat16 [1, 64, h, w]
+    mem["maskmem_pos_enc"]    # [float32 [1, 64, h, w]]
+
+A store still being written (status ``in_progress``) can be opened; rows whose frame-chunk
+has no ``chunk_done`` marker yet raise `StoreError` instead of returning the fill value.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from memenc.errors import StoreError
+from memenc.pipeline.store import (
+    ATTRS_KEY,
+    SCHEMA,
+    STATUS_COMPLETE,
+    STATUS_IN_PROGRESS,
+    _check_memenc_location,
+    _describe_os_error,
+    _layout_from_group,
+    _Location,
+    _memenc_attrs,
+    _open_group,
+)
+
+__all__ = ["MemoryCache", "open_cache"]
+
+_CACHE_BYTES = 64 * 1024 * 1024  # decoded feature chunks kept for sequential reads
+
+
+def open_cache(path: str | os.PathLike[str]) -> MemoryCache:
+    """Open a memenc store for reading.
+
+    Args:
+        path: the store (a directory, ``file://`` or fsspec URL).
+
+    Returns:
+        A `MemoryCache`. Small arrays (frame index, timestamps, object ids, position
+        encodings, markers) are read now; features are read per call.
+
+    Raises:
+        StoreError: the path does not exist, is not a memenc store, has another schema
+            version, was never fully created, or is damaged.
+    """
+    return MemoryCache(path)
+
+
+class MemoryCache:
+    """A memenc store opened read-only (see `open_cache`).
+
+    Attributes:
+        path: the store's path.
+        status: ``in_progress`` or ``complete``, as read when opened.
+        attrs: the ``memenc`` group attribute (settings, fingerprint, schema, status).
+        object_ids: the object ids, in store order.
+        frame_index: int64 [T], source frame number of each row.
+        timestamps: float64 [T] seconds (NaN for rows not written yet).
+        pos_enc: float32 [64, h, w], the same for every frame and object.
+        tpos_enc: float32 [7, 64] from the checkpoint, or None (SAM 2 holds it as
+            [7, 1, 1, 64]).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        loc = _Location(path)
+        kind = _check_memenc_location(loc)
+        if kind in ("absent", "empty"):
+            raise StoreError(f"{loc}: no memenc store here")
+        group = _open_group(loc, "r")
+        attrs = _memenc_attrs(group) or {}
+        if attrs.get("schema") != SCHEMA:
+            raise StoreError(
+                f"{loc}: store schema {attrs.get('schema')!r} is not {SCHEMA!r} "
+                "(made by another memenc version)"
+            )
+        self.status: str = str(attrs.get("status"))
+        if self.status not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
+            raise StoreError(f"{loc}: store creation did not finish (status {self.status!r})")
+        layout = _layout_from_group(group, loc)
+
+        self._loc = loc
+        self._layout = layout
+        self._features = group["maskmem_features"]
+        self._scores = group["object_score_logits"]
+        self._chunk_done_array = group["chunk_done"]
+        self.path = str(loc)
+        self.attrs: dict[str, Any] = dict(group.attrs.asdict()[ATTRS_KEY])
+        self.object_ids: list[int] = list(layout.object_ids)
+        self.frame_index: np.ndarray = layout.frame_index
+        self.pos_enc: torch.Tensor = torch.from_numpy(layout.pos_enc.copy())
+        self.tpos_enc: torch.Tensor | None = (
+            None if layout.tpos_enc is None else torch.from_numpy(layout.tpos_enc.copy())
+        )
+        self.timestamps: np.ndarray = self._read("timestamp", lambda: group["timestamp"][:])
+        self._done = self._read("chunk_done", lambda: np.asarray(self._chunk_done_array[:]))
+        self._object_index = {oid: i for i, oid in enumerate(self.object_ids)}
+        self._row_of: dict[int, int] = {}
+        for row, frame in enumerate(self.frame_index.tolist()):
+            self._row_of.setdefault(frame, row)
+
+        h, w = layout.feat_hw
+        chunk_bytes = layout.chunk_frames * 64 * h * w * np.dtype(layout.store_dtype).itemsize
+        self._cache_size = max(1, _CACHE_BYTES // chunk_bytes)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # ---- shape of the store
+
+    @property
+    def num_frames(self) -> int:
+        return self._layout.num_frames
+
+    @property
+    def chunk_frames(self) -> int:
+        return self._layout.chunk_frames
+
+    @property
+    def store_dtype(self) -> str:
+        return self._layout.store_dtype
+
+    @property
+    def feat_hw(self) -> tuple[int, int]:
+        return self._layout.feat_hw
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryCache({self.path!r}, status={self.status!r}, frames={self.num_frames}, "
+            f"objects={self.object_ids})"
+        )
+
+    # ---- lookups
+
+    def row_of(self, frame_number: int) -> int:
+        """Store row of source frame ``frame_number``.
+
+        Raises:
+            StoreError: the frame is not in the store.
+        """
+        try:
+            return self._row_of[int(frame_number)]
+        except KeyError:
+            first, last = int(self.frame_index[0]), int(self.frame_index[-1])
+            raise StoreError(
+                f"{self.path}: frame {frame_number} is not in the store "
+                f"({self.num_frames} frames from {first} to {last})"
+            ) from None
+
+    def _object(self, object_id: int) -> int:
+        try:
+            return self._object_index[int(object_id)]
+        except KeyError:
+            raise StoreError(
+                f"{self.path}: object {object_id} is not in the store (objects {self.object_ids})"
+            ) from None
+
+    def _chunk_of(self, row: int) -> int:
+        """The frame-chunk holding ``row``, checking that its marker is set."""
+        if not 0 <= row < self.num_frames:
+            raise IndexError(f"row {row} out of range [0, {self.num_frames})")
+        chunk = row // self.chunk_frames
+        if self._done[chunk] != 1:
+            # The writer may have finished it since we opened; markers only go 0 -> 1.
+            self._done[chunk] = self._read("chunk_done", lambda: self._chunk_done_array[chunk])
+            if self._done[chunk] != 1:
+                raise StoreError(
+                    f"{self.path}: row {row} (frame {int(self.frame_index[row])}) is in chunk "
+                    f"{chunk}, which is not written yet (store {self.status})"
+                )
+        return chunk
+
+    def _read(self, what: str, read: Any) -> Any:
+        try:
+            return read()
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot read {what}: {_describe_os_error(exc)}") from exc
+        except (ValueError, RuntimeError) as exc:
+            # Crc32c mismatch ("checksum do not match") or a codec failing on damaged bytes.
+            raise StoreError(
+                f"{self.path}: {what} is damaged (checksum or decode error: {exc})"
+            ) from exc
+
+    def _feature_chunk(self, chunk: int, obj: int) -> np.ndarray:
+        """Decoded maskmem_features of one frame-chunk and object: [n, 64, h, w] store dtype."""
+        key = (chunk, obj)
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+        rows = self._layout.chunk_rows(chunk)
+        data = self._read(
+            f"maskmem_features chunk {chunk} object {self.object_ids[obj]}",
+            lambda: self._features[rows.start : rows.stop, obj],
+        )
+        with self._cache_lock:
+            self._cache[key] = data
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return data
+
+    # ---- data
+
+    def features(self, row: int, object_id: int) -> torch.Tensor:
+        """Memory features of one row and object.
+
+        Returns:
+            float32 [64, h, w] (float16 storage is upcast exactly).
+
+        Raises:
+            IndexError: ``row`` out of range.
+            StoreError: unknown object, the row's chunk not written yet, or damaged data.
+        """
+        obj = self._object(object_id)
+        chunk = self._chunk_of(row)
+        block = self._feature_chunk(chunk, obj)
+        return torch.from_numpy(block[row - chunk * self.chunk_frames].astype(np.float32))
+
+    def score(self, row: int, object_id: int) -> float:
+        """Object score logit of one row and object (+10 present, −10 absent for mask input).
+
+        Raises:
+            IndexError, StoreError: as `features`.
+        """
+        obj = self._object(object_id)
+        self._chunk_of(row)
+        return float(self._read("object_score_logits", lambda: self._scores[row, obj]))
+
+    def for_sam2(
+        self, row: int, object_id: int, device: str | torch.device = "cpu"
+    ) -> dict[str, Any]:
+        """One object's memory at one row, as SAM 2's video predictor keeps it per object.
+
+        Returns:
+            ``{"maskmem_features": bfloat16 [1, 64, h, w],
+            "maskmem_pos_enc": [float32 [1, 64, h, w]],
+            "object_score_logits": float32 [1, 1]}`` on ``device``.
+
+        Raises:
+            IndexError, StoreError: as `features`.
+        """
+        feats = self.features(row, object_id)
+        score = self.score(row, object_id)
+        return {
+            "maskmem_features": feats.to(device=device, dtype=torch.bfloat16).unsqueeze(0),
+            "maskmem_pos_enc": [self.pos_enc.to(device).unsqueeze(0)],
+            "object_score_logits": torch.tensor([[score]], dtype=torch.float32, device=device),
+        }
