@@ -170,9 +170,20 @@ def default_chunk_frames(num_objects: int, h: int, w: int, dtype: Any) -> int:
     """
     if num_objects < 1 or h < 1 or w < 1:
         raise ValueError(f"num_objects, h and w must be ≥ 1, got {num_objects}, {h}, {w}")
-    itemsize = np.dtype(str(dtype).removeprefix("torch.")).itemsize
+    itemsize = np.dtype(_dtype_name(dtype)).itemsize
     frame_bytes = MEM_DIM * h * w * itemsize
     return max(1, (2 * 1024 * 1024) // frame_bytes)
+
+
+def _dtype_name(dtype: Any) -> str:
+    """'float16' for "float16", np.float16, np.dtype("float16") or torch.float16."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return text
 
 
 def _json_default(value: Any) -> Any:
@@ -290,7 +301,7 @@ class StoreLayout:
         set_ = object.__setattr__  # frozen: normalise in place once
         set_(self, "object_ids", tuple(int(i) for i in self.object_ids))
         set_(self, "feat_hw", (int(self.feat_hw[0]), int(self.feat_hw[1])))
-        set_(self, "store_dtype", str(np.dtype(str(self.store_dtype).removeprefix("torch."))))
+        set_(self, "store_dtype", _dtype_name(self.store_dtype))
         set_(self, "frame_index", np.asarray(self.frame_index))
         set_(self, "pos_enc", np.asarray(self.pos_enc, dtype=np.float32))
         h, w = self.feat_hw
