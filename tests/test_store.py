@@ -1,0 +1,642 @@
+"""The memenc Zarr store (schema memenc.memory-cache/1) and its reader.
+
+Small stores throughout: T=10 frames, 2 objects, 4x4 features, F=3 frames per chunk,
+so 4 chunks with a short last one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from memenc.errors import StoreError, StoreLockedError
+from memenc.pipeline.reader import open_cache
+from memenc.pipeline.store import (
+    ARRAYS,
+    LOCK_FILE,
+    SCHEMA,
+    CacheStore,
+    StoreLayout,
+    default_chunk_frames,
+    fingerprint,
+    store_lock,
+)
+
+T, OBJ, H, W, F = 10, 2, 4, 4, 3
+OBJECT_IDS = [3, 7]
+SETTINGS = {"model": {"variant": "tiny", "seed": 0}, "frames": {"start": 0, "step": 2}}
+
+
+def make_layout(
+    store_dtype: str = "float16",
+    settings: dict | None = None,
+    chunk_frames: int = F,
+    tpos: bool = True,
+) -> StoreLayout:
+    settings = SETTINGS if settings is None else settings
+    rng = np.random.default_rng(123)
+    return StoreLayout(
+        num_frames=T,
+        object_ids=OBJECT_IDS,
+        feat_hw=(H, W),
+        store_dtype=store_dtype,
+        chunk_frames=chunk_frames,
+        frame_index=np.arange(T, dtype=np.int64) * 2 + 5,
+        pos_enc=rng.standard_normal((64, H, W)).astype(np.float32),
+        tpos_enc=rng.standard_normal((7, 1, 1, 64)).astype(np.float32) if tpos else None,
+        attrs=settings,
+        fingerprint=fingerprint(settings),
+    )
+
+
+def chunk_data(chunk: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic data for one chunk (also used by the worker subprocesses)."""
+    rng = np.random.default_rng(1000 + chunk)
+    features = rng.standard_normal((n, OBJ, 64, H, W)).astype(np.float32)
+    scores = rng.choice([-10.0, 10.0], size=(n, OBJ)).astype(np.float32)
+    timestamps = (np.arange(n) + chunk * F) / 24.0
+    return features, scores, timestamps
+
+
+def write(store: CacheStore, chunks: list[int] | None = None) -> None:
+    for chunk in store.pending_chunks() if chunks is None else chunks:
+        store.write_chunk(chunk, *chunk_data(chunk, len(store.chunk_rows(chunk))))
+
+
+def expected_features(store_dtype: str) -> np.ndarray:
+    """[T, OBJ, 64, H, W] as the store should hold it (after the cast), as float32."""
+    parts = [chunk_data(c, len(range(c * F, min(c * F + F, T))))[0] for c in range(4)]
+    return np.concatenate(parts).astype(store_dtype).astype(np.float32)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under path with its bytes (path itself may be a file)."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+# ----------------------------------------------------------------- helpers and layout
+
+
+def test_fingerprint_is_canonical_and_sensitive() -> None:
+    a = {"model": {"variant": "tiny", "seed": 0}, "path": Path("/v.mp4"), "n": np.int64(3)}
+    b = {"n": 3, "path": "/v.mp4", "model": {"seed": 0, "variant": "tiny"}}
+    assert fingerprint(a) == fingerprint(b)
+    assert len(fingerprint(a)) == 64
+    assert fingerprint({**b, "n": 4}) != fingerprint(b)
+    with pytest.raises(ValueError):
+        fingerprint({"x": float("nan")})
+    with pytest.raises(TypeError):
+        fingerprint({"x": object()})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_default_chunk_frames_targets_1_to_4_mb(dtype: str) -> None:
+    f = default_chunk_frames(3, 64, 64, dtype)  # image_size 1024
+    chunk_bytes = f * 64 * 64 * 64 * np.dtype(dtype).itemsize
+    assert 1 << 20 <= chunk_bytes <= 4 << 20
+    assert default_chunk_frames(3, 64, 64, torch.float16) == default_chunk_frames(
+        3, 64, 64, "float16"
+    )
+    assert default_chunk_frames(1, 4, 4, dtype) > 100  # tiny maps: many frames per chunk
+    assert default_chunk_frames(1, 1024, 1024, dtype) == 1  # never below 1
+    with pytest.raises(ValueError):
+        default_chunk_frames(0, 64, 64, dtype)
+
+
+def test_layout_validates_and_normalises() -> None:
+    layout = make_layout()
+    assert layout.num_chunks == 4
+    assert layout.chunk_rows(3) == range(9, 10)
+    assert layout.tpos_enc.shape == (7, 64)
+    with pytest.raises(ValueError, match="pos_enc"):
+        StoreLayout(**{**vars(layout), "pos_enc": np.zeros((64, 5, 4), np.float32)})
+    with pytest.raises(ValueError, match="store_dtype"):
+        StoreLayout(**{**vars(layout), "store_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="frame_index"):
+        StoreLayout(**{**vars(layout), "frame_index": np.arange(T - 1)})
+    with pytest.raises(ValueError, match="duplicates"):
+        StoreLayout(**{**vars(layout), "object_ids": [1, 1]})
+    with pytest.raises(ValueError, match="status"):
+        StoreLayout(**{**vars(layout), "attrs": {"status": "complete"}})
+
+
+# ----------------------------------------------------------------- round trip and schema
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+def test_round_trip(tmp_path: Path, store_dtype: str) -> None:
+    path = tmp_path / "v.zarr"
+    layout = make_layout(store_dtype)
+    store = CacheStore.prepare(path, layout)
+    assert store.status == "in_progress"
+    assert store.pending_chunks() == [0, 1, 2, 3]
+    assert [len(store.chunk_rows(c)) for c in range(4)] == [3, 3, 3, 1]
+    write(store)
+    assert store.pending_chunks() == []
+    store.finalize()
+    assert store.status == "complete"
+
+    cache = open_cache(path)
+    assert cache.status == "complete"
+    assert cache.object_ids == OBJECT_IDS
+    assert cache.store_dtype == store_dtype
+    np.testing.assert_array_equal(cache.frame_index, layout.frame_index)
+    np.testing.assert_allclose(cache.timestamps, np.arange(T) / 24.0)
+    torch.testing.assert_close(cache.pos_enc, torch.from_numpy(layout.pos_enc), rtol=0, atol=0)
+    torch.testing.assert_close(cache.tpos_enc, torch.from_numpy(layout.tpos_enc), rtol=0, atol=0)
+    want = expected_features(store_dtype)
+    for row in range(T):
+        for o, oid in enumerate(OBJECT_IDS):
+            got = cache.features(row, oid)
+            assert got.dtype == torch.float32 and got.shape == (64, H, W)
+            np.testing.assert_array_equal(got.numpy(), want[row, o])
+    assert cache.score(9, 7) == chunk_data(3, 1)[1][0, 1]
+
+    attrs = cache.attrs
+    assert attrs["schema"] == SCHEMA
+    assert attrs["status"] == "complete"
+    assert attrs["fingerprint"] == fingerprint(SETTINGS)
+    assert attrs["store_dtype"] == store_dtype
+    assert attrs["model"] == SETTINGS["model"]
+    assert isinstance(attrs["memenc_version"], str) and attrs["memenc_version"]
+
+
+def test_schema_dims_chunks_dtypes_and_checksums(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout("float16"))
+    write(store)
+    store.finalize()
+    group = zarr.open_group(path, mode="r")
+    want = {
+        "maskmem_features": (("frame", "object", "channel", "y", "x"), (T, OBJ, 64, H, W),
+                             (F, 1, 64, H, W), "float16"),
+        "maskmem_pos_enc": (("channel", "y", "x"), (64, H, W), (64, H, W), "float32"),
+        "object_score_logits": (("frame", "object"), (T, OBJ), (F, OBJ), "float32"),
+        "frame_index": (("frame",), (T,), (F,), "int64"),
+        "timestamp": (("frame",), (T,), (F,), "float64"),
+        "object_id": (("object",), (OBJ,), (OBJ,), "int32"),
+        "maskmem_tpos_enc": (("slot", "channel"), (7, 64), (7, 64), "float32"),
+        "chunk_done": (("chunk",), (4,), (1,), "uint8"),
+    }  # fmt: skip
+    assert sorted(group.array_keys()) == sorted(want)
+    assert {spec.name for spec in ARRAYS} == set(want)
+    for name, (dims, shape, chunks, dtype) in want.items():
+        array = group[name]
+        assert array.metadata.dimension_names == dims, name
+        assert array.shape == shape, name
+        assert array.chunks == chunks, name
+        assert str(array.dtype) == dtype, name
+        assert any(isinstance(c, Crc32cCodec) for c in array.compressors), name
+    np.testing.assert_array_equal(group["object_id"][:], OBJECT_IDS)
+    # Every frame-chunk marker lives in its own file, so workers never share a chunk.
+    assert sorted(p.name for p in (path / "chunk_done" / "c").iterdir()) == ["0", "1", "2", "3"]
+
+
+def test_store_without_tpos_enc(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout(tpos=False))
+    write(store)
+    store.finalize()
+    assert "maskmem_tpos_enc" not in zarr.open_group(path, mode="r")
+    assert open_cache(path).tpos_enc is None
+
+
+def test_for_sam2_shapes_and_dtypes(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout("float32"))
+    write(store)
+    store.finalize()
+    cache = open_cache(path)
+    row = cache.row_of(5 + 2 * 4)  # frame_index = 2*row + 5
+    assert row == 4
+    mem = cache.for_sam2(row, 7)
+    assert mem["maskmem_features"].shape == (1, 64, H, W)
+    assert mem["maskmem_features"].dtype == torch.bfloat16
+    assert isinstance(mem["maskmem_pos_enc"], list) and len(mem["maskmem_pos_enc"]) == 1
+    assert mem["maskmem_pos_enc"][0].shape == (1, 64, H, W)
+    assert mem["maskmem_pos_enc"][0].dtype == torch.float32
+    assert mem["object_score_logits"].shape == (1, 1)
+    torch.testing.assert_close(
+        mem["maskmem_features"][0], cache.features(row, 7).to(torch.bfloat16), rtol=0, atol=0
+    )
+    with pytest.raises(StoreError, match="frame 6 is not in the store"):
+        cache.row_of(6)
+    with pytest.raises(StoreError, match="object 4"):
+        cache.features(0, 4)
+    with pytest.raises(IndexError):
+        cache.features(T, 3)
+
+
+def test_xarray_and_dask_read_the_store(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout("float16"))
+    write(store)
+    store.finalize()
+    with warnings.catch_warnings():
+        # Complete stores carry consolidated metadata: no listing, so no complaint about
+        # the lock file or about missing consolidated metadata.
+        warnings.simplefilter("error", zarr.errors.ZarrUserWarning)
+        warnings.simplefilter("error", RuntimeWarning)
+        ds = xr.open_zarr(path)
+    assert ds["maskmem_features"].dims == ("frame", "object", "channel", "y", "x")
+    assert ds["maskmem_pos_enc"].dims == ("channel", "y", "x")
+    assert ds["object_score_logits"].dims == ("frame", "object")
+    assert ds["maskmem_tpos_enc"].dims == ("slot", "channel")
+    assert ds["chunk_done"].dims == ("chunk",)
+    np.testing.assert_array_equal(
+        ds["maskmem_features"].values.astype(np.float32), expected_features("float16")
+    )
+    np.testing.assert_array_equal(ds["frame_index"].values, np.arange(T) * 2 + 5)
+    assert ds.attrs["memenc"]["status"] == "complete"
+
+    da = pytest.importorskip("dask.array")
+    feats = da.from_zarr(str(path), component="maskmem_features")
+    assert feats.chunksize == (F, 1, 64, H, W)
+    np.testing.assert_array_equal(feats.compute().astype(np.float32), expected_features("float16"))
+
+
+def test_fsspec_url_round_trip() -> None:
+    pytest.importorskip("fsspec")
+    url = f"memory://memenc-test-{uuid.uuid4().hex}/v.zarr"
+    store = CacheStore.prepare(url, make_layout("float32"))
+    with store.lock():  # no lock for URLs: a no-op, not an error
+        write(store)
+        store.finalize()
+    cache = open_cache(url)
+    np.testing.assert_array_equal(cache.features(3, 3).numpy(), expected_features("float32")[3, 0])
+    assert CacheStore.prepare(url, make_layout("float32")).pending_chunks() == []
+
+
+# ----------------------------------------------------------------- completion and resume
+
+
+def test_finalize_refuses_with_missing_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store, [0, 2])
+    with pytest.raises(StoreError, match=r"2 of 4 chunks not written \(chunks 1, 3\)"):
+        store.finalize()
+    assert store.status == "in_progress"
+    assert zarr.open_group(path, mode="r").attrs["memenc"]["status"] == "in_progress"
+
+
+def test_resume_keeps_written_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    write(CacheStore.prepare(path, make_layout()), [0, 2])
+    chunk0 = (path / "maskmem_features" / "c" / "0" / "0" / "0" / "0" / "0").read_bytes()
+
+    store = CacheStore.prepare(path, make_layout())
+    assert store.status == "in_progress"
+    assert store.pending_chunks() == [1, 3]
+    assert (path / "maskmem_features" / "c" / "0" / "0" / "0" / "0" / "0").read_bytes() == chunk0
+    write(store)
+    store.finalize()
+    cache = open_cache(path)
+    np.testing.assert_array_equal(cache.features(1, 3).numpy(), expected_features("float16")[1, 0])
+
+
+def test_complete_store_with_same_fingerprint_is_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store)
+    store.finalize()
+    before = snapshot(path)
+
+    again = CacheStore.prepare(path, make_layout())
+    assert again.status == "complete"
+    assert again.pending_chunks() == []
+    again.finalize()
+    assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("finish", [False, True], ids=["in_progress", "complete"])
+def test_other_fingerprint_is_refused_unless_overwrite(tmp_path: Path, finish: bool) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store, [0, 1, 2, 3] if finish else [0])
+    if finish:
+        store.finalize()
+    before = snapshot(path)
+    other = {**SETTINGS, "model": {"variant": "tiny", "seed": 1}}
+
+    with pytest.raises(StoreError, match=r"other settings \(model\.seed differ.*--overwrite"):
+        CacheStore.prepare(path, make_layout(settings=other))
+    assert snapshot(path) == before
+
+    fresh = CacheStore.prepare(path, make_layout(settings=other), overwrite=True)
+    assert fresh.status == "in_progress"
+    assert fresh.pending_chunks() == [0, 1, 2, 3]
+    assert fresh.attrs["fingerprint"] == fingerprint(other)
+    assert not (path / "maskmem_features" / "c").exists()  # old data gone
+
+
+def test_other_chunking_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    write(CacheStore.prepare(path, make_layout()), [0])
+    with pytest.raises(StoreError, match="chunk_frames"):
+        CacheStore.prepare(path, make_layout(chunk_frames=5))
+    with pytest.raises(StoreError, match="store_dtype"):
+        CacheStore.prepare(path, make_layout(store_dtype="float32"))
+
+
+def test_interrupted_creation_is_redone(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    CacheStore.prepare(path, make_layout())
+    group = zarr.open_group(path, mode="r+")  # as if prepare died before its last write
+    group.attrs["memenc"] = {**group.attrs["memenc"], "status": "creating"}
+    with pytest.raises(StoreError, match="creation did not finish"):
+        open_cache(path)
+    other = {"model": {"variant": "small"}}
+    store = CacheStore.prepare(path, make_layout(settings=other))  # no --overwrite needed
+    assert store.status == "in_progress"
+    assert store.attrs["fingerprint"] == fingerprint(other)
+
+
+def test_leftover_partial_files_are_removed(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    write(CacheStore.prepare(path, make_layout()), [0])
+    leftovers = [
+        path / "maskmem_features" / "c" / "1" / "0" / "0" / "0" / "0.3f2a9c.partial",
+        path / "zarr.77aa01.partial",
+    ]
+    for p in leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a chunk")
+    store = CacheStore.prepare(path, make_layout())
+    assert not any(p.exists() for p in leftovers)
+    assert store.pending_chunks() == [1, 2, 3]
+    assert (path / "zarr.json").is_file()
+
+
+# ----------------------------------------------------------------- writing
+
+
+def test_write_chunk_checks_shapes_and_range(tmp_path: Path) -> None:
+    store = CacheStore.prepare(tmp_path / "v.zarr", make_layout())
+    features, scores, timestamps = chunk_data(3, 1)
+    with pytest.raises(ValueError, match=r"features must have shape \(3, 2, 64, 4, 4\)"):
+        store.write_chunk(0, features, scores, timestamps)  # chunk 0 has 3 rows
+    with pytest.raises(ValueError, match="scores"):
+        store.write_chunk(3, features, scores[:, :1], timestamps)
+    with pytest.raises(IndexError):
+        store.write_chunk(4, features, scores, timestamps)
+    assert store.pending_chunks() == [0, 1, 2, 3]
+
+
+def test_write_chunk_refuses_float16_overflow_and_nan(tmp_path: Path) -> None:
+    store = CacheStore.prepare(tmp_path / "v.zarr", make_layout("float16"))
+    features, scores, timestamps = chunk_data(3, 1)
+    with pytest.raises(StoreError, match="float16 range.*--store-dtype float32"):
+        store.write_chunk(3, features * 1e6, scores, timestamps)
+    features[0, 0, 0, 0, 0] = np.nan
+    with pytest.raises(StoreError, match="non-finite"):
+        store.write_chunk(3, features, scores, timestamps)
+    assert store.pending_chunks() == [0, 1, 2, 3]
+
+
+def test_open_for_write_needs_an_in_progress_store(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    with pytest.raises(StoreError, match="no memenc store"):
+        CacheStore.open_for_write(path)
+    store = CacheStore.prepare(path, make_layout())
+    worker = CacheStore.open_for_write(path)
+    assert worker.layout.chunk_frames == F and worker.layout.object_ids == tuple(OBJECT_IDS)
+    write(worker)
+    store.finalize()
+    with pytest.raises(StoreError, match="'complete', not in_progress"):
+        CacheStore.open_for_write(path)
+
+
+WORKER = """
+import sys
+import numpy as np
+from memenc.pipeline.store import CacheStore
+T, OBJ, H, W, F = {consts}
+{chunk_data}
+store = CacheStore.open_for_write(sys.argv[1])
+for chunk in map(int, sys.argv[2:]):
+    store.write_chunk(chunk, *chunk_data(chunk, len(store.chunk_rows(chunk))))
+"""
+
+
+def test_workers_in_other_processes_fill_disjoint_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    # The workers import only the store module (not torch), so they start quickly.
+    code = WORKER.format(consts=(T, OBJ, H, W, F), chunk_data=inspect.getsource(chunk_data))
+    with store.lock():
+        workers = [
+            subprocess.Popen([sys.executable, "-c", code, str(path), *chunks])
+            for chunks in (["0", "2"], ["1", "3"])
+        ]
+        assert [w.wait(timeout=120) for w in workers] == [0, 0]
+        assert store.pending_chunks() == []
+        store.finalize()
+    cache = open_cache(path)
+    want = expected_features("float16")
+    for row in range(T):
+        np.testing.assert_array_equal(cache.features(row, 7).numpy(), want[row, 1])
+
+
+# ----------------------------------------------------------------- paths that are not stores
+
+
+def test_non_store_directory_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "photos"
+    path.mkdir()
+    (path / "cat.jpg").write_bytes(b"\xff\xd8 not really")
+    before = snapshot(path)
+    for overwrite in (False, True):
+        with pytest.raises(StoreError, match="not a memenc store"):
+            CacheStore.prepare(path, make_layout(), overwrite=overwrite)
+    with pytest.raises(StoreError, match="not a memenc store"):
+        open_cache(path)
+    with pytest.raises(StoreError, match="not a memenc store"), store_lock(path):
+        pass
+    assert snapshot(path) == before
+    assert not (path / LOCK_FILE).exists()
+
+
+def test_plain_file_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    path.write_bytes(b"precious")
+    for overwrite in (False, True):
+        with pytest.raises(StoreError, match="not a directory"):
+            CacheStore.prepare(path, make_layout(), overwrite=overwrite)
+    with pytest.raises(StoreError):
+        open_cache(path)
+    assert path.read_bytes() == b"precious"
+
+
+def test_foreign_zarr_group_is_refused_even_with_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "other.zarr"
+    zarr.create_group(str(path), attributes={"owner": "someone else"})
+    before = snapshot(path)
+    with pytest.raises(StoreError, match="not a memenc cache"):
+        CacheStore.prepare(path, make_layout(), overwrite=True)
+    with pytest.raises(StoreError, match="not a memenc cache"):
+        open_cache(path)
+    assert snapshot(path) == before
+
+
+def test_missing_store_is_an_error_for_the_reader(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no memenc store"):
+        open_cache(tmp_path / "nothing.zarr")
+    assert not (tmp_path / "nothing.zarr").exists()
+
+
+def test_unwritable_location_names_the_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    path = blocker / "v.zarr"  # fails for root too: a parent is a regular file
+    with pytest.raises(StoreError, match=f"{path}: cannot create store: .*not a directory"):
+        CacheStore.prepare(path, make_layout())
+    assert blocker.read_text() == "x"
+
+
+def test_read_only_parent_is_permission_denied(tmp_path: Path) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        probe = parent / "probe"
+        try:
+            probe.mkdir()
+        except PermissionError:
+            pass
+        else:
+            probe.rmdir()
+            pytest.skip("chmod does not stop this user (root); covered by the test above")
+        with pytest.raises(StoreError, match=f"{parent / 'v.zarr'}: .*permission denied"):
+            CacheStore.prepare(parent / "v.zarr", make_layout())
+    finally:
+        parent.chmod(0o755)
+
+
+# ----------------------------------------------------------------- reading partial and damaged stores
+
+
+def test_reader_on_in_progress_store_trusts_only_markers(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store, [0])
+    cache = open_cache(path)
+    assert cache.status == "in_progress"
+    np.testing.assert_array_equal(cache.features(2, 3).numpy(), expected_features("float16")[2, 0])
+    with pytest.raises(StoreError, match="chunk 1, which is not written yet"):
+        cache.features(3, 3)
+    # Data written but marker not set yet (a writer killed between the two): still refused.
+    features, scores, timestamps = chunk_data(2, 3)
+    zarr.open_group(path, mode="r+")["maskmem_features"][6:9] = features.astype(np.float16)
+    with pytest.raises(StoreError, match="chunk 2, which is not written yet"):
+        cache.features(6, 3)
+    write(store, [1])  # finished after the reader opened: now readable
+    np.testing.assert_array_equal(cache.features(3, 3).numpy(), expected_features("float16")[3, 0])
+
+
+def test_flipped_bit_is_detected_on_read(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout("float32"))
+    write(store)
+    store.finalize()
+    chunk_file = path / "maskmem_features" / "c" / "1" / "0" / "0" / "0" / "0"
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk_file.write_bytes(bytes(data))
+
+    cache = open_cache(path)
+    with pytest.raises(StoreError, match="maskmem_features chunk 1 object 3 is damaged"):
+        cache.features(4, 3)
+    np.testing.assert_array_equal(  # the other object and the other chunks are fine
+        cache.features(4, 7).numpy(), expected_features("float32")[4, 1]
+    )
+    np.testing.assert_array_equal(cache.features(0, 3).numpy(), expected_features("float32")[0, 0])
+
+
+def test_damaged_small_array_fails_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store)
+    store.finalize()
+    chunk_file = path / "maskmem_pos_enc" / "c" / "0" / "0" / "0"
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged"):
+        open_cache(path)
+
+
+# ----------------------------------------------------------------- the lock
+
+
+HOLDER = """
+import sys
+from memenc.pipeline.store import store_lock
+with store_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    CacheStore.prepare(path, make_layout())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError, match=rf"another process \(pid {holder.pid}\)"):
+            CacheStore.prepare(path, make_layout())
+        with pytest.raises(StoreLockedError, match=str(path)):
+            CacheStore.prepare(path, make_layout(), overwrite=True)
+        assert (path / "zarr.json").exists()  # the overwrite did not happen
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs in the holder
+        holder.wait(timeout=60)
+    store = CacheStore.prepare(path, make_layout())
+    with store.lock():
+        assert json.loads((path / "zarr.json").read_text())["attributes"]["memenc"]
+        assert (path / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_lock_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: Path) -> None:
+    path = tmp_path / "new.zarr"
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            with store_lock(path):
+                pass
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            errors.append(exc)
+
+    with store_lock(path):  # before the store exists: creates the directory
+        store = CacheStore.prepare(path, make_layout())  # locks again, same thread
+        with store.lock():
+            pass
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], StoreLockedError)
+    with store_lock(path):  # released by the outermost exit
+        pass
