@@ -1,0 +1,124 @@
+"""memenc.encoders: SAM 2's image encoder and memory encoder as PyTorch modules.
+
+`load_model` is the entry point; it returns a `MemencModel` whose `image_features` and
+`encode_memory` compute exactly what SAM 2 computes for the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from memenc.encoders.checkpoint import (
+    ProgressFn,
+    read_state_dict,
+    resolve_checkpoint,
+    sha256_file,
+    used_keys,
+)
+from memenc.encoders.model import MemencModel, MemoryOutput
+from memenc.encoders.variants import (
+    DEFAULT_VARIANT,
+    VARIANTS,
+    Variant,
+    detect_variant,
+    get_variant,
+)
+from memenc.errors import CheckpointError
+
+__all__ = [
+    "DEFAULT_VARIANT",
+    "VARIANTS",
+    "MemencModel",
+    "MemoryOutput",
+    "Variant",
+    "detect_variant",
+    "get_variant",
+    "load_model",
+]
+
+
+def _randomize(model: MemencModel, seed: int) -> None:
+    """Seeded random weights with a non-trivial spread (norm scales near 1, all else
+    N(0, 0.1²)), the same on every machine."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            is_norm_scale = name.endswith("weight") and p.ndim == 1
+            p.copy_(noise + 1.0 if is_norm_scale else noise)
+
+
+def load_model(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    weights: str = "checkpoint",
+    seed: int = 0,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> MemencModel:
+    """Build SAM 2's image and memory encoders.
+
+    checkpoint: a checkpoint file (official `{"model": state_dict}` or a bare state dict) or
+        an official name such as `sam2.1_hiera_tiny` (downloaded once into $MEMENC_HOME).
+    variant: force a variant (`sam2.1_hiera_tiny`, `small`, ...); default: detected from
+        the checkpoint, or sam2.1_hiera_tiny for random weights.
+    weights: "checkpoint", or "random" for seeded random weights (`seed`); the model's
+        `weights` attribute says which.
+    image_size: S, default the variant's 1024; any positive multiple of 32.
+    device: where the model lives. progress: download progress callback (bytes, total).
+
+    Returns an eval-mode `MemencModel`. Raises CheckpointError for a missing, unreadable or
+    foreign file and for missing or mis-shaped keys (named, with the variant).
+    """
+    if weights not in ("checkpoint", "random"):
+        raise CheckpointError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+    if weights == "random":
+        model = MemencModel(get_variant(variant or DEFAULT_VARIANT), image_size)
+        _randomize(model, seed)
+        model.weights, model.seed = "random", seed
+        return model.eval().to(device)
+
+    if checkpoint is None:
+        raise CheckpointError(
+            "no checkpoint given (pass a file or an official name, or weights='random')"
+        )
+    path = resolve_checkpoint(checkpoint, progress)
+    state = read_state_dict(path)
+    var = get_variant(variant) if variant else detect_variant(state, str(path))
+    model = MemencModel(var, image_size)
+    _load_strict(model, used_keys(state), path)
+    model.weights = "checkpoint"
+    model.checkpoint = str(path)
+    model.checkpoint_sha256 = sha256_file(path)
+    return model.eval().to(device)
+
+
+def _load_strict(model: MemencModel, state: dict[str, torch.Tensor], path: os.PathLike) -> None:
+    """load_state_dict(strict=True), with missing and mis-shaped keys reported by name."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys {_listing(misshaped)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit {model.variant.name}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def _listing(items: list[str], most: int = 5) -> str:
+    more = f" (+{len(items) - most} more)" if len(items) > most else ""
+    return ", ".join(items[:most]) + more

@@ -1,0 +1,143 @@
+"""Reading SAM 2 checkpoints, and fetching official ones by name.
+
+A checkpoint is an official `{"model": state_dict}` file or a bare state dict, read with
+`torch.load(weights_only=True)`. Only the keys memenc's modules have are taken (the mask
+decoder, prompt encoder, memory attention and pointer heads are ignored); they load with
+`strict=True`, so a missing or mis-shaped key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from memenc.encoders.variants import VARIANTS, Variant
+from memenc.errors import CheckpointError
+
+# Prefixes of the checkpoint keys memenc's modules own; everything else is ignored.
+USED_PREFIXES = ("image_encoder.", "memory_encoder.", "maskmem_tpos_enc", "no_obj_embed_spatial")
+
+DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2"
+# Release folder of each family on the official server
+_RELEASE = {"sam2": "072824", "sam2.1": "092824"}
+
+ProgressFn = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
+
+
+def memenc_home() -> Path:
+    """The cache folder: $MEMENC_HOME, default ~/.cache/memenc."""
+    return Path(os.environ.get("MEMENC_HOME") or Path.home() / ".cache" / "memenc")
+
+
+def official_url(variant: Variant) -> str:
+    """Download URL of a variant's official checkpoint ($MEMENC_CHECKPOINT_BASE_URL overrides
+    the server)."""
+    base = os.environ.get("MEMENC_CHECKPOINT_BASE_URL") or DEFAULT_BASE_URL
+    return f"{base.rstrip('/')}/{_RELEASE[variant.family]}/{variant.name}.pt"
+
+
+def is_official_name(name: str) -> bool:
+    """True for `sam2.1_hiera_tiny`-style names (with or without `.pt`) of released checkpoints."""
+    return name.removesuffix(".pt") in VARIANTS
+
+
+def download_official(name: str, progress: ProgressFn | None = None, timeout: float = 60.0) -> Path:
+    """Return the local path of official checkpoint `name`, downloading it into
+    `memenc_home()/checkpoints/` on first use.
+
+    The file is streamed into a temporary `.partial` file beside the target and renamed
+    into place only once every byte announced by the server has arrived, so an interrupted
+    download leaves no file behind that a later run could take for a checkpoint.
+    Raises CheckpointError on network errors or a short download.
+    """
+    variant = VARIANTS[name.removesuffix(".pt")]
+    target = memenc_home() / "checkpoints" / f"{variant.name}.pt"
+    if target.is_file():
+        return target
+    url = official_url(variant)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"{target.parent}: cannot create the checkpoint cache: {e.strerror}"
+        ) from e
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+            total = resp.headers.get("Content-Length")
+            total = int(total) if total is not None else None
+            done = 0
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+            if total is not None and done != total:
+                raise CheckpointError(f"{url}: download interrupted after {done} of {total} bytes")
+        os.replace(tmp, target)
+    except CheckpointError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise CheckpointError(f"{url}: download of {variant.name} failed: {reason}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
+    """A checkpoint argument -> a local file: an existing path as it is, an official name
+    downloaded (once) into the cache. Raises CheckpointError for anything else."""
+    path = Path(checkpoint)
+    if path.exists():
+        if not path.is_file():
+            raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+        return path
+    if is_official_name(str(checkpoint)):
+        return download_official(str(checkpoint), progress)
+    raise CheckpointError(
+        f"{checkpoint}: no such file, and not an official checkpoint name "
+        f"(known: {', '.join(VARIANTS)})"
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file safely and return its model state dict (the `"model"` entry of
+    an official file, or the file itself when it is a bare state dict).
+    Raises CheckpointError naming the file when it is unreadable or not a checkpoint."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for damaged or foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or another format): {first[:200]}"
+        ) from e
+    sd = obj.get("model", obj) if isinstance(obj, Mapping) else None
+    if (
+        not isinstance(sd, Mapping)
+        or not sd
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+    ):
+        raise CheckpointError(
+            f"{path}: not a SAM 2 checkpoint (expected {{'model': state_dict}} or a state dict of tensors)"
+        )
+    return dict(sd)
+
+
+def used_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subset of a checkpoint's state dict that memenc's modules own (the one filter)."""
+    return {k: v for k, v in state_dict.items() if k.startswith(USED_PREFIXES)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

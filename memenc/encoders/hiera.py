@@ -1,0 +1,216 @@
+"""Hiera, the hierarchical vision transformer of SAM 2's image encoder.
+
+Parameter names follow the official checkpoint (`patch_embed.proj`, `pos_embed`,
+`pos_embed_window`, `blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.layers.{0,1}/proj`)
+so that `image_encoder.trunk.*` loads key for key. Activations are kept
+channels-last (`[B, H, W, C]`) inside the trunk, as in SAM 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _pool(x: torch.Tensor, pool: nn.Module | None) -> torch.Tensor:
+    """Max-pool a channels-last map `[B, H, W, C]` (identity when `pool` is None)."""
+    if pool is None:
+        return x
+    # [B, H, W, C] -> [B, C, H, W] for the pool, and back
+    return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _to_windows(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split `[B, H, W, C]` into `[B * nWin, size, size, C]`, zero-padding H and W up to a
+    multiple of `size`. Returns the windows and the padded (Hp, Wp)."""
+    b, h, w, c = x.shape
+    ph, pw = (size - h % size) % size, (size - w % size) % size
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hp, wp = h + ph, w + pw
+    # [B, Hp/s, s, Wp/s, s, C] -> [B, Hp/s, Wp/s, s, s, C] -> [B*nWin, s, s, C]
+    x = x.view(b, hp // size, size, wp // size, size, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, size, size, c), (hp, wp)
+
+
+def _from_windows(
+    windows: torch.Tensor, size: int, padded_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of `_to_windows`: `[B * nWin, size, size, C]` -> `[B, H, W, C]` without padding."""
+    hp, wp = padded_hw
+    h, w = hw
+    b = windows.shape[0] // ((hp // size) * (wp // size))
+    # [B, Hp/s, Wp/s, s, s, C] -> [B, Hp/s, s, Wp/s, s, C] -> [B, Hp, Wp, C]
+    x = windows.reshape(b, hp // size, wp // size, size, size, -1).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :] if (hp > h or wp > w) else x
+
+
+class PatchEmbed(nn.Module):
+    """7×7 stride-4 convolution from RGB to `embed_dim`, output channels-last."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=7, stride=4, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
+
+
+class Mlp(nn.Module):
+    """Two linear layers with GELU between them (checkpoint names `layers.0`, `layers.1`)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(dim, hidden), nn.Linear(hidden, dim)])
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.act(self.layers[0](x)))
+
+
+class MultiScaleAttention(nn.Module):
+    """Multi-head self-attention whose queries may be max-pooled (stage transitions)."""
+
+    def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: nn.Module | None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_pool = q_pool
+        self.qkv = nn.Linear(dim, dim_out * 3)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        # [B, H, W, 3*C] -> [B, H*W, 3, heads, C/heads] -> three [B, H*W, heads, C/heads]
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).unbind(2)
+        if self.q_pool is not None:
+            q = _pool(q.reshape(b, h, w, -1), self.q_pool)
+            h, w = q.shape[1:3]
+            q = q.reshape(b, h * w, self.num_heads, -1)
+        # attention over [B, heads, tokens, C/heads]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
+        out = out.transpose(1, 2).reshape(b, h, w, -1)  # back to [B, H', W', C]
+        return self.proj(out)
+
+
+class MultiScaleBlock(nn.Module):
+    """One Hiera block: (windowed) attention and an MLP, each with a residual.
+
+    At a stage transition (`dim != dim_out`) the shortcut is projected and pooled, and
+    the queries are pooled by `q_stride`, halving the resolution.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        num_heads: int,
+        window_size: int,
+        q_stride: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim, self.dim_out = dim, dim_out
+        self.window_size = window_size
+        self.q_stride = q_stride
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        pool = nn.MaxPool2d(kernel_size=q_stride, stride=q_stride) if q_stride else None
+        self.pool = pool
+        self.attn = MultiScaleAttention(dim, dim_out, num_heads, q_pool=pool)
+        self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
+        self.mlp = Mlp(dim_out, 4 * dim_out)
+        if dim != dim_out:
+            self.proj = nn.Linear(dim, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x  # [B, H, W, C]
+        x = self.norm1(x)
+        if self.dim != self.dim_out:
+            shortcut = _pool(self.proj(x), self.pool)
+
+        window = self.window_size
+        hw = (x.shape[1], x.shape[2])
+        if window > 0:
+            x, padded = _to_windows(x, window)
+        x = self.attn(x)
+        if self.q_stride:
+            # queries were pooled: windows shrank, and the output takes the shortcut's size
+            window = self.window_size // self.q_stride[0]
+            hw = (shortcut.shape[1], shortcut.shape[2])
+            padded = tuple(n + (window - n % window) % window for n in hw)
+        if self.window_size > 0:
+            x = _from_windows(x, window, padded, hw)
+
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class Hiera(nn.Module):
+    """The Hiera trunk. `forward` returns one `[B, C_i, H_i, W_i]` map per stage, finest first
+    (strides 4, 8, 16, 32)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        stages: Sequence[int],
+        global_att_blocks: Sequence[int],
+        window_spec: Sequence[int],
+        window_pos_embed_bkg_spatial_size: Sequence[int],
+        q_pool: int = 3,
+        q_stride: tuple[int, int] = (2, 2),
+    ) -> None:
+        super().__init__()
+        self.stage_ends = [sum(stages[: i + 1]) - 1 for i in range(len(stages))]
+        q_pool_blocks = [end + 1 for end in self.stage_ends[:-1]][:q_pool]
+
+        self.patch_embed = PatchEmbed(embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
+        self.pos_embed_window = nn.Parameter(
+            torch.zeros(1, embed_dim, window_spec[0], window_spec[0])
+        )
+
+        self.blocks = nn.ModuleList()
+        dim, heads, stage = embed_dim, num_heads, 0
+        for i in range(sum(stages)):
+            dim_out = dim
+            # A stage's first block still attends in the previous stage's windows (its queries
+            # are pooled into the new stage's windows), as in the reference.
+            window = window_spec[stage]
+            if i - 1 in self.stage_ends:  # first block of a new stage widens the channels
+                dim_out, heads = 2 * dim, 2 * heads
+                stage += 1
+            if i in global_att_blocks:
+                window = 0
+            self.blocks.append(
+                MultiScaleBlock(
+                    dim,
+                    dim_out,
+                    heads,
+                    window_size=window,
+                    q_stride=q_stride if i in q_pool_blocks else None,
+                )
+            )
+            dim = dim_out
+        self.channel_list = [self.blocks[i].dim_out for i in reversed(self.stage_ends)]
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Background embedding resized to (h, w) plus the tiled window embedding, `[1, h, w, C]`."""
+        pos = F.interpolate(self.pos_embed, size=(h, w), mode="bicubic")
+        win = self.pos_embed_window
+        pos = pos + win.tile([a // b for a, b in zip(pos.shape, win.shape)])
+        return pos.permute(0, 2, 3, 1)  # [1, C, h, w] -> [1, h, w, C]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)
+        x = x + self._pos_embed(x.shape[1], x.shape[2])
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.stage_ends:
+                outputs.append(x.permute(0, 3, 1, 2))  # [B, H, W, C] -> [B, C, H, W]
+        return outputs

@@ -1,0 +1,226 @@
+"""MemencModel: SAM 2's image encoder and memory step, with exactly the reference's numbers.
+
+Two calls make a memory:
+
+    pix_feat = model.image_features(frames)       # uint8 [B, 3, S, S] -> [B, 256, S/16, S/16]
+    out = model.encode_memory(pix_feat, masks)    # masks [B, O, H, W] -> MemoryOutput
+
+`encode_memory` is SAM 2's `_encode_new_memory` for a frame whose mask was given as input
+(`use_mask_input_as_output_without_sam`), run for all of a frame's objects at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memenc.encoders.hiera import Hiera
+from memenc.encoders.memory import CXBlock, Fuser, MaskDownSampler, MemoryEncoder
+from memenc.encoders.neck import FpnNeck
+from memenc.encoders.position import PositionEmbeddingSine
+from memenc.encoders.variants import Variant
+
+# ImageNet statistics SAM 2 normalises frames with
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+# Logits SAM 2 gives a binary mask input (its `_use_mask_as_output`), and object scores
+MASK_LOGIT_SCALE, MASK_LOGIT_BIAS = 20.0, -10.0
+SCORE_PRESENT, SCORE_ABSENT = 10.0, -10.0
+
+
+@dataclass(frozen=True)
+class MemoryOutput:
+    """The memory of B frames × O objects.
+
+    features: `[B, O, 64, h, w]` maskmem_features; pos_enc: `[64, h, w]` (the same for every
+    frame and object); object_score_logits: `[B, O]` (+10 present, −10 absent for masks).
+    """
+
+    features: torch.Tensor
+    pos_enc: torch.Tensor
+    object_score_logits: torch.Tensor
+
+    def __post_init__(self) -> None:
+        b, o, c, h, w = self.features.shape
+        if tuple(self.pos_enc.shape) != (c, h, w):
+            raise ValueError(
+                f"pos_enc {tuple(self.pos_enc.shape)} does not match features {(c, h, w)}"
+            )
+        if tuple(self.object_score_logits.shape) != (b, o):
+            raise ValueError(
+                f"object_score_logits {tuple(self.object_score_logits.shape)} != {(b, o)}"
+            )
+
+
+def _reference_layout(pix_feat: torch.Tensor) -> torch.Tensor:
+    """pix_feat `[B, C, h, w]` with the strides the reference's has: it flattens the map to
+    tokens `[hw, B, C]` and views it back, and the convolutions that follow pick their
+    kernels (and so their rounding) by layout."""
+    return pix_feat.flatten(2).permute(2, 0, 1).permute(1, 2, 0).view(pix_feat.shape)
+
+
+class ImageEncoder(nn.Module):
+    """Hiera trunk + FPN neck (`image_encoder.trunk.*`, `image_encoder.neck.*`)."""
+
+    def __init__(self, trunk: Hiera, neck: FpnNeck) -> None:
+        super().__init__()
+        if trunk.channel_list != neck.backbone_channel_list:
+            raise ValueError(
+                f"trunk channels {trunk.channel_list} != neck {neck.backbone_channel_list}"
+            )
+        self.trunk = trunk
+        self.neck = neck
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images `[B, 3, S, S]` -> stride-16 features `[B, 256, S/16, S/16]`."""
+        return self.neck(self.trunk(x))
+
+
+class MemencModel(nn.Module):
+    """SAM 2's image encoder and memory encoder for one variant at one image size.
+
+    Attributes: `variant` (a `Variant`; `str()` gives its name), `image_size` (S),
+    `weights` ("checkpoint" or "random"), `checkpoint` (path or None), `checkpoint_sha256`,
+    `seed` (for random weights), `maskmem_tpos_enc` `[7, 1, 1, 64]` and, for SAM 2.1,
+    `no_obj_embed_spatial` `[1, 64]`. Build it with `memenc.encoders.load_model`.
+    """
+
+    def __init__(self, variant: Variant, image_size: int | None = None) -> None:
+        super().__init__()
+        self.variant = variant
+        self.image_size = int(image_size or variant.image_size)
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        self.weights = "random"
+        self.checkpoint: str | None = None
+        self.checkpoint_sha256: str | None = None
+        self.seed: int | None = None
+
+        trunk = Hiera(
+            embed_dim=variant.embed_dim,
+            num_heads=variant.num_heads,
+            stages=variant.stages,
+            global_att_blocks=variant.global_att_blocks,
+            window_spec=variant.window_spec,
+            window_pos_embed_bkg_spatial_size=variant.window_pos_embed_bkg_spatial_size,
+        )
+        self.image_encoder = ImageEncoder(trunk, FpnNeck(variant.channel_list, variant.d_model))
+        self.memory_encoder = MemoryEncoder(
+            MaskDownSampler(embed_dim=variant.d_model),
+            Fuser(CXBlock(variant.d_model), variant.fuser_layers),
+            in_dim=variant.d_model,
+            out_dim=variant.mem_dim,
+        )
+        self.position_encoding = PositionEmbeddingSine(variant.mem_dim)
+        self.maskmem_tpos_enc = nn.Parameter(
+            torch.zeros(variant.num_maskmem, 1, 1, variant.mem_dim)
+        )
+        if variant.no_obj_embed_spatial:
+            self.no_obj_embed_spatial = nn.Parameter(torch.zeros(1, variant.mem_dim))
+        else:
+            self.no_obj_embed_spatial = None
+        self.register_buffer(
+            "pixel_mean", torch.tensor(PIXEL_MEAN)[:, None, None], persistent=False
+        )
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD)[:, None, None], persistent=False)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Split a batch into the micro-batches the kernels run on (`frame_batch`)."""
+        return x.split(self.frame_batch or x.shape[0] or 1)
+
+    @property
+    def frame_batch(self) -> int | None:
+        """Frames per kernel call: 1 on the CPU, where the reference runs one frame at a time
+        and float32 kernels round differently for other batch sizes (so memenc's numbers are
+        bit-for-bit the reference's, and batching would gain nothing there); None (the whole
+        batch) on accelerators, where batching is the speed-up."""
+        return 1 if self.device.type == "cpu" else None
+
+    @property
+    def feat_size(self) -> int:
+        """Side of the stride-16 feature map, S/16."""
+        return self.image_size // 16
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @torch.inference_mode()
+    def image_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB frames `[B, 3, S, S]` -> pix_feat `[B, 256, S/16, S/16]` (the stride-16
+        FPN level, SAM 2's `vision_feats[-1]`). Normalisation (/255, ImageNet mean/std)
+        happens here. Raises ValueError on a wrong shape."""
+        s = self.image_size
+        if frames.ndim != 4 or tuple(frames.shape[1:]) != (3, s, s):
+            raise ValueError(f"frames must be [B, 3, {s}, {s}], got {tuple(frames.shape)}")
+        x = frames.to(self.device, non_blocking=True).to(torch.float32) / 255.0
+        x = (x - self.pixel_mean) / self.pixel_std
+        return torch.cat([self.image_encoder(part) for part in self._split(x)])
+
+    @torch.inference_mode()
+    def mask_logits(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks `[B, O, H, W]` at any resolution -> (logits `[B, O, S, S]` float32,
+        object_score_logits `[B, O]`), following DESIGN §3 steps 2–3.
+
+        bool/uint8 masks are binary: resized bilinearly with antialias to S×S, thresholded
+        at 0.5, logits = 20·m − 10, score +10 when any pixel is set. Float masks are logits:
+        resized bilinearly (no antialias) and used as they are, score +10 when any is > 0.
+        """
+        if masks.ndim != 4:
+            raise ValueError(f"masks must be [B, O, H, W], got {tuple(masks.shape)}")
+        b, o, h, w = masks.shape
+        s = self.image_size
+        binary = masks.dtype in (torch.bool, torch.uint8)
+        m = masks.to(self.device).to(torch.float32).reshape(b * o, 1, h, w)
+        if (h, w) != (s, s):
+            m = F.interpolate(
+                m, size=(s, s), mode="bilinear", align_corners=False, antialias=binary
+            )
+            if binary:
+                m = (m >= 0.5).to(torch.float32)
+        logits = m * MASK_LOGIT_SCALE + MASK_LOGIT_BIAS if binary else m
+        present = (m > 0).flatten(1).any(dim=1)
+        scores = torch.where(present, SCORE_PRESENT, SCORE_ABSENT).to(torch.float32)
+        return logits.view(b, o, s, s), scores.view(b, o)
+
+    @torch.inference_mode()
+    def encode_memory(
+        self,
+        pix_feat: torch.Tensor,
+        masks: torch.Tensor,
+        object_score_logits: torch.Tensor | None = None,
+    ) -> MemoryOutput:
+        """Memory features of each frame's objects.
+
+        pix_feat: `[B, 256, h, w]` from `image_features`. masks: `[B, O, H, W]`, bool/uint8
+        (binary) or float (logits), any resolution. object_score_logits: optional `[B, O]`
+        that replaces the scores derived from the masks. Returns a `MemoryOutput`; objects
+        whose score is ≤ 0 get SAM 2.1's no-object embedding.
+        """
+        b, o = masks.shape[:2]
+        if pix_feat.shape[0] != b:
+            raise ValueError(f"pix_feat has {pix_feat.shape[0]} frames but masks have {b}")
+        logits, scores = self.mask_logits(masks)
+        if object_score_logits is not None:
+            scores = object_score_logits.to(self.device, torch.float32).reshape(b, o)
+        # SAM 2's scaled sigmoid: sigmoid(logits) * 20 - 10, then the encoder skips its sigmoid
+        mask_for_mem = (
+            torch.sigmoid(logits) * self.variant.sigmoid_scale + self.variant.sigmoid_bias
+        )
+        features = torch.cat(
+            [
+                self.memory_encoder(_reference_layout(pf), mm)  # [b, O, 64, h, w]
+                for pf, mm in zip(self._split(pix_feat), self._split(mask_for_mem))
+            ]
+        )
+        if self.no_obj_embed_spatial is not None:
+            absent = 1 - (scores > 0).to(features.dtype)  # [B, O]
+            embed = self.no_obj_embed_spatial.to(features.dtype)  # [1, 64]
+            features = features + absent[..., None, None, None] * embed[0, :, None, None]
+        h, w = features.shape[-2:]
+        pos_enc = self.position_encoding.encode(h, w, features.device).to(features.dtype)
+        return MemoryOutput(features=features, pos_enc=pos_enc, object_score_logits=scores)

@@ -1,0 +1,99 @@
+"""The reference oracle: Meta's SAM 2 (`sam2==1.1.0`), built on the CPU with spread random
+weights, and the reference computations of ../shared/REFERENCE.md."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "sam2.1_hiera_tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "sam2.1_hiera_small": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "sam2.1_hiera_base_plus": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "sam2.1_hiera_large": "configs/sam2.1/sam2.1_hiera_l.yaml",
+    "sam2_hiera_tiny": "configs/sam2/sam2_hiera_t.yaml",
+    "sam2_hiera_small": "configs/sam2/sam2_hiera_s.yaml",
+    "sam2_hiera_base_plus": "configs/sam2/sam2_hiera_b+.yaml",
+    "sam2_hiera_large": "configs/sam2/sam2_hiera_l.yaml",
+}
+
+
+@lru_cache(maxsize=4)
+def reference_model(variant: str, image_size: int, seed: int = 0) -> torch.nn.Module:
+    """SAM2Base for `variant` at `image_size`, every parameter drawn from N(0, 0.1²) under
+    `seed` (so gamma, no_obj_embed_spatial etc. are far from their near-zero inits)."""
+    from sam2.build_sam import build_sam2
+
+    ref = build_sam2(
+        CONFIGS[variant],
+        ckpt_path=None,
+        device="cpu",
+        hydra_overrides_extra=[f"++model.image_size={image_size}"],
+    ).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(ref.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return ref
+
+
+def save_checkpoint(ref: torch.nn.Module, path: Path) -> Path:
+    """Write `ref` as an official-format checkpoint `{"model": state_dict}`."""
+    torch.save({"model": ref.state_dict()}, path)
+    return path
+
+
+def normalize(frames_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> float, /255 and ImageNet mean/std, as load_video_frames does."""
+    mean = torch.tensor((0.485, 0.456, 0.406))[:, None, None]
+    std = torch.tensor((0.229, 0.224, 0.225))[:, None, None]
+    x = frames_u8.float() / 255.0
+    x -= mean
+    x /= std
+    return x
+
+
+@torch.inference_mode()
+def reference_frame(ref, image: torch.Tensor):
+    """One normalised frame [3, S, S] -> (pix_feat [1, 256, h, w], vision_feats, feat_sizes)."""
+    backbone_out = ref.forward_image(image[None])
+    _, vision_feats, _, feat_sizes = ref._prepare_backbone_features(backbone_out)
+    h, w = feat_sizes[-1]
+    pix_feat = vision_feats[-1].permute(1, 2, 0).reshape(1, -1, h, w)
+    return pix_feat, vision_feats, feat_sizes
+
+
+@torch.inference_mode()
+def reference_memory(ref, vision_feats, feat_sizes, logits: torch.Tensor, score: float):
+    """SAM 2's memory for one object: logits [S, S] and its object score ->
+    (maskmem_features [64, h, w], maskmem_pos_enc [64, h, w])."""
+    feats, pos = ref._encode_new_memory(
+        vision_feats,
+        feat_sizes,
+        logits[None, None].float(),
+        torch.tensor([[score]]),
+        is_mask_from_pts=False,
+    )
+    return feats[0], pos[-1][0]
+
+
+def resize_binary(mask: torch.Tensor, s: int) -> torch.Tensor:
+    """add_new_mask's resize of a binary [H, W] mask to S×S (bilinear, antialias, >= 0.5)."""
+    m = mask[None, None].float()
+    if tuple(mask.shape) != (s, s):
+        m = torch.nn.functional.interpolate(
+            m, size=(s, s), mode="bilinear", align_corners=False, antialias=True
+        )
+        m = (m >= 0.5).float()
+    return m[0, 0]
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())

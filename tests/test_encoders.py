@@ -1,0 +1,305 @@
+"""memenc.encoders against the reference oracle (Meta's SAM 2) with spread random weights."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import zipfile
+from pathlib import Path
+
+import oracle
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memenc.encoders import VARIANTS, load_model
+from memenc.encoders.checkpoint import memenc_home
+from memenc.errors import CheckpointError
+
+REL, ABS = 1e-5, 1e-4  # DESIGN §3, fp32 compute and storage
+
+
+def assert_close(mine: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert mine.shape == ref.shape, f"{what}: shape {tuple(mine.shape)} != {tuple(ref.shape)}"
+    rel, mx = oracle.rel_l2(mine, ref), oracle.max_abs(mine, ref)
+    assert rel <= REL and mx <= ABS, f"{what}: rel L2 {rel:.3g}, max abs {mx:.3g}"
+
+
+def make_inputs(s: int, seed: int = 0):
+    """Two frames and three objects per frame, the masks at a resolution other than S
+    (and another aspect ratio) so every resize path runs; object 2 is empty in frame 0, and
+    object 1 is empty in frame 1."""
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (2, 3, s, s), generator=g, dtype=torch.uint8)
+    h, w = 90, 120
+    masks = torch.zeros(2, 3, h, w, dtype=torch.bool)
+    masks[:, 0, 10:50, 20:70] = True
+    masks[0, 1, 40:, :30] = True
+    masks[1, 2] = torch.rand(h, w, generator=g) > 0.7
+    logits = torch.randn(2, 3, h // 2, w // 2, generator=g) * 8
+    logits[0, 1] = -torch.rand(h // 2, w // 2, generator=g) - 0.1  # all negative: absent
+    return frames, masks, logits
+
+
+def check_parity(ref, model, frames, masks, logits):
+    s = model.image_size
+    pix = model.image_features(frames)
+    out_bin = model.encode_memory(pix, masks)
+    out_log = model.encode_memory(pix, logits)
+    for i in range(frames.shape[0]):
+        ref_pix, vision_feats, feat_sizes = oracle.reference_frame(ref, oracle.normalize(frames[i]))
+        assert_close(pix[i], ref_pix[0], f"pix_feat frame {i}")
+        for o in range(masks.shape[1]):
+            m = oracle.resize_binary(masks[i, o], s)
+            score = 10.0 if m.any() else -10.0
+            feats, pos = oracle.reference_memory(ref, vision_feats, feat_sizes, m * 20 - 10, score)
+            assert float(out_bin.object_score_logits[i, o]) == score
+            assert_close(out_bin.features[i, o], feats, f"binary features frame {i} object {o}")
+            assert_close(out_bin.pos_enc, pos, "pos_enc")
+
+            lg = F.interpolate(
+                logits[i, o][None, None], size=(s, s), mode="bilinear", align_corners=False
+            )[0, 0]
+            score = 10.0 if (lg > 0).any() else -10.0
+            feats, _ = oracle.reference_memory(ref, vision_feats, feat_sizes, lg, score)
+            assert float(out_log.object_score_logits[i, o]) == score
+            assert_close(out_log.features[i, o], feats, f"logit features frame {i} object {o}")
+    # the cases the inputs were built to cover did occur
+    assert (out_bin.object_score_logits < 0).any() and (out_bin.object_score_logits > 0).any()
+    assert (out_log.object_score_logits < 0).any() and (out_log.object_score_logits > 0).any()
+
+
+PARITY = [
+    (v, s)
+    for v in ("sam2.1_hiera_tiny", "sam2_hiera_small", "sam2.1_hiera_base_plus")
+    for s in (256, 512)
+]
+
+
+@pytest.mark.parametrize(("variant", "size"), PARITY)
+def test_parity_with_reference(ref_checkpoint, variant, size):
+    ref, path = ref_checkpoint(variant, size)
+    model = load_model(path, image_size=size)
+    assert model.variant.name == variant and model.image_size == size
+    check_parity(ref, model, *make_inputs(size))
+
+
+@pytest.mark.slow
+def test_parity_at_1024(ref_checkpoint):
+    ref, path = ref_checkpoint("sam2.1_hiera_tiny", 1024)
+    model = load_model(path)
+    assert model.image_size == 1024
+    frames, masks, logits = make_inputs(1024, seed=3)
+    check_parity(ref, model, frames[:1], masks[:1], logits[:1])
+
+
+def test_masks_at_model_size_are_used_as_given(ref_checkpoint):
+    """A binary mask already at S×S is not resized (add_new_mask's other branch)."""
+    ref, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    model = load_model(path, image_size=256)
+    frames, _, _ = make_inputs(256)
+    masks = torch.zeros(2, 2, 256, 256, dtype=torch.bool)
+    masks[:, 0, 3:7, 5:6] = True  # tiny: would vanish if it were resized and thresholded
+    pix = model.image_features(frames)
+    out = model.encode_memory(pix, masks)
+    _, vf, fs = oracle.reference_frame(ref, oracle.normalize(frames[0]))
+    feats, _ = oracle.reference_memory(ref, vf, fs, masks[0, 0].float() * 20 - 10, 10.0)
+    assert out.object_score_logits.tolist() == [[10.0, -10.0], [10.0, -10.0]]
+    assert_close(out.features[0, 0], feats, "S×S mask")
+
+
+def test_no_object_embedding_is_added_for_empty_masks_in_sam21_only(ref_checkpoint):
+    ref, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    model = load_model(path, image_size=256)
+    pix = model.image_features(make_inputs(256)[0][:1])
+    empty = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    with_embed = model.encode_memory(pix, empty).features
+    forced_present = model.encode_memory(
+        pix, empty, object_score_logits=torch.tensor([[10.0]])
+    ).features
+    diff = (with_embed - forced_present)[0, 0]  # [64, h, w]: the embedding at every position
+    expected = ref.no_obj_embed_spatial[0][:, None, None].expand_as(diff)
+    assert_close(diff, expected, "no_obj_embed_spatial")
+    assert float(ref.no_obj_embed_spatial.abs().max()) > 0.05  # spread, not the near-zero init
+
+
+def test_random_weights_are_seeded_and_labelled():
+    a = load_model(weights="random", seed=1, image_size=64)
+    b = load_model(weights="random", seed=1, image_size=64)
+    c = load_model(weights="random", seed=2, image_size=64)
+    assert a.weights == "random" and a.variant.name == "sam2.1_hiera_tiny" and a.seed == 1
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(
+        sa["memory_encoder.out_proj.weight"], sc["memory_encoder.out_proj.weight"]
+    )
+    assert a.maskmem_tpos_enc.shape == (7, 1, 1, 64)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_reference_checkpoints_load_strictly_and_variant_is_detected(tmp_path, variant):
+    ref = oracle.reference_model(variant, 256)
+    path = oracle.save_checkpoint(ref, tmp_path / "ckpt.pt")
+    model = load_model(path, image_size=256)
+    assert model.variant.name == variant
+    assert model.weights == "checkpoint" and model.checkpoint == str(path)
+    assert len(model.checkpoint_sha256) == 64
+    ours = model.state_dict()
+    theirs = ref.state_dict()
+    assert ours.keys() <= theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(model.maskmem_tpos_enc, ref.maskmem_tpos_enc)
+    assert (model.no_obj_embed_spatial is not None) == variant.startswith("sam2.1")
+    # a bare state dict loads the same
+    torch.save(theirs, tmp_path / "bare.pt")
+    assert load_model(tmp_path / "bare.pt", image_size=256).variant.name == variant
+
+
+def test_variant_can_be_forced_and_mismatch_is_named(ref_checkpoint):
+    _, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    with pytest.raises(CheckpointError, match=r"sam2\.1_hiera_small.*missing keys"):
+        load_model(path, variant="sam2.1_hiera_small", image_size=256)
+    assert load_model(path, variant="tiny", image_size=256).variant.name == "sam2.1_hiera_tiny"
+
+
+# ---- bad checkpoints ------------------------------------------------------------------
+
+
+@pytest.fixture()
+def good_state(ref_checkpoint):
+    ref, _ = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    return ref.state_dict()
+
+
+def test_truncated_checkpoint(tmp_path, ref_checkpoint):
+    _, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: not a readable PyTorch checkpoint"):
+        load_model(bad)
+
+
+def test_checkpoint_missing_a_needed_key(tmp_path, good_state):
+    state = dict(good_state)
+    del state["memory_encoder.fuser.layers.1.gamma"]
+    torch.save({"model": state}, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "missing.pt")
+    msg = str(e.value)
+    assert "missing.pt" in msg and "memory_encoder.fuser.layers.1.gamma" in msg
+    assert "sam2.1_hiera_tiny" in msg
+
+
+def test_checkpoint_with_misshaped_key(tmp_path, good_state):
+    state = dict(good_state)
+    state["memory_encoder.out_proj.weight"] = torch.zeros(32, 256, 1, 1)
+    torch.save({"model": state}, tmp_path / "shape.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape\.pt.*mis-shaped.*memory_encoder\.out_proj\.weight \(32, 256, 1, 1\)",
+    ):
+        load_model(tmp_path / "shape.pt")
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("notes.pt", b"this is not a checkpoint\n"), ("empty.pt", b"")],
+)
+def test_file_that_is_not_a_checkpoint(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"{name}: not a readable PyTorch checkpoint"):
+        load_model(tmp_path / name)
+
+
+def test_pickle_of_something_else_is_not_a_checkpoint(tmp_path):
+    torch.save({"epoch": 3, "note": "hello"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"other\.pt: not a SAM 2 checkpoint"):
+        load_model(tmp_path / "other.pt")
+    with zipfile.ZipFile(tmp_path / "zip.pt", "w") as z:
+        z.writestr("a.txt", "x")
+    with pytest.raises(CheckpointError, match=r"zip\.pt"):
+        load_model(tmp_path / "zip.pt")
+
+
+def test_unknown_name_is_neither_file_nor_official(tmp_path):
+    with pytest.raises(CheckpointError, match=r"sam3_giant: no such file, and not an official"):
+        load_model("sam3_giant")
+
+
+# ---- official checkpoints by name, against a loopback server ---------------------------
+
+
+class _Server:
+    """A loopback HTTP server for checkpoint files; `truncate` sends half the bytes of a
+    response while announcing all of them."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.hits, self.truncate = files, [], False
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.hits.append(self.path)
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if outer.truncate else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server(ref_checkpoint, tmp_path, monkeypatch):
+    _, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    srv = _Server({"/092824/sam2.1_hiera_tiny.pt": path.read_bytes()})
+    monkeypatch.setenv("MEMENC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEMENC_CHECKPOINT_BASE_URL", srv.url)
+    yield srv
+    srv.close()
+
+
+def test_official_name_is_downloaded_once_into_the_cache(server, ref_checkpoint):
+    ref, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    seen = []
+    model = load_model(
+        "sam2.1_hiera_tiny", image_size=256, progress=lambda d, t: seen.append((d, t))
+    )
+    cached = memenc_home() / "checkpoints" / "sam2.1_hiera_tiny.pt"
+    assert cached.read_bytes() == path.read_bytes()
+    assert model.checkpoint == str(cached) and model.variant.name == "sam2.1_hiera_tiny"
+    assert seen and seen[-1] == (path.stat().st_size, path.stat().st_size)
+    assert torch.equal(model.memory_encoder.out_proj.weight, ref.memory_encoder.out_proj.weight)
+    load_model("sam2.1_hiera_tiny", image_size=256)  # second use: from the cache
+    assert server.hits == ["/092824/sam2.1_hiera_tiny.pt"]
+
+
+def test_interrupted_download_leaves_no_file(server):
+    server.truncate = True
+    with pytest.raises(CheckpointError, match=r"sam2\.1_hiera_tiny\.pt: download interrupted"):
+        load_model("sam2.1_hiera_tiny")
+    folder = memenc_home() / "checkpoints"
+    assert list(folder.iterdir()) == []
+    server.truncate = False  # the next run downloads it whole
+    assert load_model("sam2.1_hiera_tiny", image_size=256).variant.name == "sam2.1_hiera_tiny"
+
+
+def test_missing_official_file_on_server(server):
+    with pytest.raises(
+        CheckpointError, match=r"sam2_hiera_large\.pt: download of sam2_hiera_large failed"
+    ):
+        load_model("sam2_hiera_large")
+    assert not Path(memenc_home() / "checkpoints" / "sam2_hiera_large.pt").exists()
