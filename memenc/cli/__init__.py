@@ -1,0 +1,2 @@
+"""The `memenc` command line (Typer + rich). Parsing, rendering and exit codes only: each
+command calls one library function."""

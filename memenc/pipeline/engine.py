@@ -1,0 +1,509 @@
+"""The streaming engine: video + masks -> SAM 2 memories -> a memenc store.
+
+    encode_video("clip.mp4", masks="clip_masks/", checkpoint="sam2.1_hiera_tiny", out="clip.zarr")
+
+Three stages overlap, joined by bounded queues so memory does not grow with the video:
+
+    decode thread   VideoSource batches (decoded in a child process) + the batch's masks
+    main thread     image_features + encode_memory on the device, results to host memory
+    writer thread   whole frame-chunks into the store, each followed by its chunk_done marker
+
+`encode_video` is the coordinator: it plans the rows, creates or resumes the store, runs
+the one work unit "all pending chunks", and marks the store complete. `run_chunks` is
+that work unit on its own — a store that exists, a video and a set of frame-chunks — so
+the same code can fill disjoint chunk ranges in other processes or on other machines.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memenc.encoders import MemencModel, load_model
+from memenc.errors import MaskError, UsageError
+from memenc.pipeline.masks import MaskSource, find_masks_beside, open_masks, parse_objects
+from memenc.pipeline.store import (
+    CacheStore,
+    StoreLayout,
+    default_chunk_frames,
+    fingerprint,
+    store_lock,
+)
+from memenc.pipeline.video import VideoSource, parse_frames
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report: frames done out of total in this run, and the rate so far."""
+
+    done: int
+    total: int
+    elapsed_s: float
+    stage: str = "encode"  # "download" | "encode"
+
+    @property
+    def fps(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """What `encode_video` did. `already_complete` is True when the store was complete with
+    the same settings and nothing was computed."""
+
+    store: str
+    video: str
+    masks: str
+    frames: int
+    objects: list[int]
+    chunks_total: int
+    chunks_written: int
+    already_complete: bool
+    status: str
+    device: str
+    precision: str
+    variant: str
+    weights: str
+    seconds: float
+    frames_per_second: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; otherwise `cpu`, `cuda` or `cuda:i`.
+    Raises UsageError for an unknown or unavailable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device!r}: memenc runs on cpu or cuda")
+    return dev
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context for a precision: none for fp32; bf16 on CPU or CUDA; fp16 on
+    CUDA only. Raises UsageError otherwise."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: choose fp32, bf16 or fp16")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def plan_frames(
+    total: int, selection: slice, masks: MaskSource, skip_unmasked: bool = False
+) -> list[int]:
+    """Source frame numbers to encode: the selection, restricted to annotated frames for
+    sources that annotate only some (SA-V). Every planned frame must have a mask, unless
+    `skip_unmasked`, which drops frames without one. Raises MaskError / UsageError."""
+    frames = list(range(total))[selection]
+    if masks.annotated_frames is not None:
+        annotated = set(masks.annotated_frames)
+        frames = [f for f in frames if f in annotated]
+    missing = [f for f in frames if not masks.has_mask(f)]
+    if missing:
+        if not skip_unmasked:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise MaskError(
+                f"{masks.path}: no mask for frame {missing[0]}{more}; "
+                "pass --skip-unmasked to encode only frames that have masks"
+            )
+        frames = [f for f in frames if masks.has_mask(f)]
+    if not frames:
+        raise UsageError(f"frame selection {_slice_text(selection)} selects no frames with masks")
+    return frames
+
+
+def _slice_text(s: slice) -> str:
+    parts = ["" if v is None else str(v) for v in (s.start, s.stop, s.step)]
+    return ":".join(parts)
+
+
+def store_layout(
+    model: MemencModel,
+    frames: Sequence[int],
+    masks: MaskSource,
+    *,
+    video_attrs: dict[str, Any],
+    selection: slice,
+    store_dtype: str,
+    chunk_frames: int | None,
+    precision: str,
+) -> StoreLayout:
+    """The store's layout and attributes for a run; the fingerprint covers every setting
+    that determines the stored numbers (not batch size or device)."""
+    if store_dtype not in STORE_DTYPES:
+        raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
+    h = w = model.feat_size
+    o = len(masks.object_ids)
+    f = chunk_frames or default_chunk_frames(o, h, w, store_dtype)
+    if f < 1:
+        raise UsageError(f"--chunk-frames must be at least 1, got {f}")
+    v = model.variant
+    model_attrs = {
+        "variant": v.name,
+        "image_size": model.image_size,
+        "weights": model.weights,
+        "checkpoint": model.checkpoint,
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "seed": model.seed if model.weights == "random" else None,
+    }
+    settings = {
+        "video": {k: video_attrs.get(k) for k in ("path", "size_bytes", "mtime", "frame_count")},
+        "frames": list(map(int, frames)),
+        "model": model_attrs,
+        "masks": masks.to_attrs(),
+        "memory": {
+            "sigmoid_scale": v.sigmoid_scale,
+            "sigmoid_bias": v.sigmoid_bias,
+            "binarize": not masks.is_logits,
+        },
+        "precision": precision,
+        "store_dtype": store_dtype,
+        "chunk_frames": f,
+    }
+    attrs = {
+        "source_video": video_attrs,
+        "frame_selection": {"spec": _slice_text(selection), "frames": len(frames)},
+        "model": model_attrs,
+        "masks": masks.to_attrs(),
+        "memory": settings["memory"],
+        "precision": precision,
+        "storage_dtype": store_dtype,
+    }
+    pos = model.position_encoding.encode(h, w).cpu().numpy()
+    return StoreLayout(
+        num_frames=len(frames),
+        object_ids=masks.object_ids,
+        feat_hw=(h, w),
+        store_dtype=store_dtype,
+        chunk_frames=f,
+        frame_index=np.asarray(frames, dtype=np.int64),
+        pos_enc=pos,
+        tpos_enc=model.maskmem_tpos_enc.detach().cpu().numpy(),
+        attrs=attrs,
+        fingerprint=fingerprint(settings),
+    )
+
+
+# ---------------------------------------------------------------------------- work unit
+
+
+class _Stop(Exception):
+    """Raised in a stage when another stage failed."""
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+    raise _Stop
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                raise _Stop from None
+
+
+_DONE = object()
+
+
+def run_chunks(
+    store: CacheStore,
+    video: VideoSource,
+    masks: MaskSource,
+    model: MemencModel,
+    chunks: Sequence[int],
+    *,
+    batch_size: int = 4,
+    precision: str = "fp32",
+    progress: Callable[[int], None] | None = None,
+    queue_depth: int = 2,
+) -> int:
+    """Compute and write `chunks` of an existing store (one work unit).
+
+    Rows of the chunks are decoded and encoded in batches of `batch_size` frames (a batch
+    may span two chunks); each chunk is written whole as soon as its last row is computed.
+    `progress(n)` is called with the frames finished by each batch. Returns the number of
+    chunks written. Raises whatever a stage raised (VideoDecodeError, MaskError,
+    StoreError ...); chunks written before the error keep their markers.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    layout = store.layout
+    rows = [r for c in chunks for r in store.chunk_rows(c)]
+    if not rows:
+        return 0
+    frame_of = layout.frame_index
+    autocast = autocast_for(model.device, precision)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    decoded: queue.Queue = queue.Queue(maxsize=queue_depth)
+    finished: queue.Queue = queue.Queue(maxsize=queue_depth)
+
+    def decode() -> None:
+        try:
+            frame_numbers = [int(frame_of[r]) for r in rows]
+            start = 0
+            for batch in video.iter_batches(frame_numbers, batch_size):
+                n = len(batch.frame_index)
+                m = masks.read(batch.frame_index.tolist())
+                _put(decoded, (rows[start : start + n], batch, m), stop)
+                start += n
+            _put(decoded, _DONE, stop)
+        except _Stop:
+            pass
+        except BaseException as e:  # handed to the main thread
+            errors.append(e)
+            stop.set()
+
+    def write() -> None:
+        try:
+            while (item := _get(finished, stop)) is not _DONE:
+                store.write_chunk(*item)
+        except _Stop:
+            pass
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    threads = [
+        threading.Thread(target=decode, name="memenc-decode", daemon=True),
+        threading.Thread(target=write, name="memenc-write", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+
+    # per chunk: host buffers being filled, and how many rows are still missing
+    o, (h, w) = layout.num_objects, layout.feat_hw
+    buffers: dict[int, list] = {}
+    written = 0
+    try:
+        while (item := _get(decoded, stop)) is not _DONE:
+            batch_rows, batch, m = item
+            with autocast:
+                pix = model.image_features(batch.frames)
+                out = model.encode_memory(pix, m)
+            feats = out.features.float().cpu().numpy()
+            scores = out.object_score_logits.float().cpu().numpy()
+            for i, r in enumerate(batch_rows):
+                c = r // layout.chunk_frames
+                if c not in buffers:
+                    n = len(store.chunk_rows(c))
+                    buffers[c] = [
+                        np.empty((n, o, 64, h, w), np.float32),
+                        np.empty((n, o), np.float32),
+                        np.empty(n, np.float64),
+                        n,
+                    ]
+                buf = buffers[c]
+                k = r - c * layout.chunk_frames
+                buf[0][k], buf[1][k], buf[2][k] = feats[i], scores[i], batch.timestamps[i]
+                buf[3] -= 1
+                if buf[3] == 0:
+                    _put(finished, (c, buf[0], buf[1], buf[2]), stop)
+                    del buffers[c]
+                    written += 1
+            if progress:
+                progress(len(batch_rows))
+        _put(finished, _DONE, stop)
+    except _Stop:
+        pass
+    except BaseException as e:
+        errors.append(e)
+        stop.set()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return written
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def encode_video(
+    video: str | os.PathLike,
+    *,
+    masks: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    weights: str = "checkpoint",
+    variant: str | None = None,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    frames: str | None = None,
+    objects: str | Sequence[int] | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    precision: str = "fp32",
+    store_dtype: str = "float16",
+    chunk_frames: int | None = None,
+    overwrite: bool = False,
+    skip_unmasked: bool = False,
+    decode_timeout_s: float = 120.0,
+    progress: ProgressFn | None = None,
+) -> EncodeResult:
+    """Encode one video's memories into a memenc store (the `memenc encode` command).
+
+    video: a video file decord or PyAV reads, or a folder of frame images.
+    masks: a mask source (PNG folder, mask video, .npy/.npz, SA-V JSON); default: the
+        conventionally named source beside the video.
+    checkpoint / weights / variant / seed / image_size: the model (see `load_model`).
+    out: the store path (default `<video stem>.zarr` beside the video).
+    frames: "START:STOP:STEP" over source frame numbers. objects: ids or "1,2".
+    batch_size, device ("auto", "cpu", "cuda[:i]"), precision ("fp32", "bf16", "fp16"),
+    store_dtype ("float16", "float32"), chunk_frames (default: ~1–4 MB chunks).
+    overwrite: replace a store made with other settings. skip_unmasked: drop frames
+    without a mask instead of failing. progress: called with `Progress` reports.
+
+    Returns an `EncodeResult`. A complete store with the same settings is a no-op; an
+    in-progress one is resumed (only chunks without markers are computed). Raises
+    MemencError subclasses (VideoDecodeError, MaskError, CheckpointError, StoreError,
+    UsageError) with one-line messages naming the input and the problem.
+    """
+    t0 = time.monotonic()
+    video_path = Path(video)
+    dev = pick_device(device)
+    autocast_for(dev, precision)  # validate before any work
+    if store_dtype not in STORE_DTYPES:
+        raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
+    selection = parse_frames(frames)
+    object_ids = (
+        parse_objects(objects) if isinstance(objects, str) or objects is None else list(objects)
+    )
+
+    def on_download(done: int, total: int | None) -> None:
+        if progress:
+            progress(Progress(done, total or 0, time.monotonic() - t0, stage="download"))
+
+    with ExitStack() as stack:
+        source = stack.enter_context(
+            VideoSource(video_path, _model_size(image_size, variant), timeout_s=decode_timeout_s)
+        )
+        info = source.info
+        mask_path = Path(masks) if masks is not None else find_masks_beside(video_path)
+        mask_source = open_masks(
+            mask_path,
+            video_frame_count=info.frame_count,
+            video_width=info.width,
+            video_height=info.height,
+            objects=object_ids,
+        )
+        stack.callback(mask_source.close)
+        planned = plan_frames(info.frame_count, selection, mask_source, skip_unmasked)
+        model = load_model(
+            checkpoint,
+            variant=variant,
+            weights=weights,
+            seed=seed,
+            image_size=image_size,
+            device=dev,
+            progress=on_download,
+        )
+        if model.image_size != source.image_size:  # the checkpoint's variant decided S
+            source = stack.enter_context(
+                VideoSource(video_path, model.image_size, timeout_s=decode_timeout_s)
+            )
+        layout = store_layout(
+            model,
+            planned,
+            mask_source,
+            video_attrs=info.to_attrs(),
+            selection=selection,
+            store_dtype=store_dtype,
+            chunk_frames=chunk_frames,
+            precision=precision,
+        )
+        out_path = Path(out) if out is not None else video_path.with_suffix(".zarr")
+        # the lock is held from before the store is created or resumed until it is complete
+        with store_lock(out_path):
+            store = CacheStore.prepare(out_path, layout, overwrite=overwrite)
+            pending = store.pending_chunks()
+            already = store.status == "complete"
+            todo = sum(len(store.chunk_rows(c)) for c in pending)
+            done = 0
+            t_run = time.monotonic()
+
+            def on_batch(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(Progress(done, todo, time.monotonic() - t_run))
+
+            written = run_chunks(
+                store,
+                source,
+                mask_source,
+                model,
+                pending,
+                batch_size=batch_size,
+                precision=precision,
+                progress=on_batch,
+            )
+            store.finalize()
+            seconds = time.monotonic() - t0
+            run_s = time.monotonic() - t_run
+    return EncodeResult(
+        store=str(out_path),
+        video=str(video_path),
+        masks=str(mask_path),
+        frames=layout.num_frames,
+        objects=list(layout.object_ids),
+        chunks_total=layout.num_chunks,
+        chunks_written=written,
+        already_complete=already,
+        status=store.status,
+        device=str(dev),
+        precision=precision,
+        variant=model.variant.name,
+        weights=model.weights,
+        seconds=round(seconds, 3),
+        frames_per_second=round(todo / run_s, 3) if todo and run_s > 0 else 0.0,
+    )
+
+
+def _model_size(image_size: int | None, variant: str | None) -> int:
+    """The image size to decode at before the model is loaded (every released variant is
+    1024 unless --image-size says otherwise)."""
+    return int(image_size or 1024)
