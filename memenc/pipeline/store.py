@@ -47,6 +47,7 @@ import zarr.storage
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from memenc.errors import StoreError, StoreLockedError
+from memenc.pipeline.faults import kill_point
 
 try:  # POSIX only; without it local stores are not locked.
     import fcntl
@@ -937,8 +938,10 @@ class CacheStore:
             self._arrays["maskmem_features"][sel] = stored
             self._arrays["object_score_logits"][sel] = scores.astype(np.float32, copy=False)
             self._arrays["timestamp"][sel] = timestamps.astype(np.float64, copy=False)
+            kill_point("chunk-data", chunk)
             # The marker goes last: a chunk counts as written only once its data is.
             self._arrays["chunk_done"][chunk] = 1
+            kill_point("chunk-done", chunk)
         except OSError as exc:
             raise StoreError(
                 f"{self._loc}: writing chunk {chunk} failed: {_describe_os_error(exc)}"
@@ -961,6 +964,7 @@ class CacheStore:
             )
         if self.status == STATUS_COMPLETE:
             return
+        kill_point("before-complete")
         attrs = {**self._attrs, "status": STATUS_COMPLETE}
         try:
             with warnings.catch_warnings():

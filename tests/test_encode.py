@@ -1,0 +1,203 @@
+"""`memenc encode` end to end: stored numbers against the reference pipeline, frame
+bookkeeping, mask formats, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import media
+import numpy as np
+import oracle
+import pytest
+import torch
+import zarr
+
+from memenc import encode_video, open_cache
+from memenc.errors import StoreError
+
+S = 256
+T = 12
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A 12-frame 160×120 mp4 with objects 3 and 7 (7 only in even frames) and its
+    palette PNG masks beside it under the conventional name."""
+    d = tmp_path_factory.mktemp("clip")
+    labels = media.moving_labels(T, 120, 160)
+    video = media.write_video(d / "clip.mp4", media.scene_frames(labels))
+    media.write_png_labels(d / "clip_masks", labels)
+    return video, d / "clip_masks", labels
+
+
+@pytest.fixture(scope="module")
+def ref_and_ckpt(tmp_path_factory):
+    ref = oracle.reference_model("sam2.1_hiera_tiny", S)
+    path = oracle.save_checkpoint(ref, tmp_path_factory.mktemp("ck") / "tiny.pt")
+    return ref, path
+
+
+def reference_memories(ref, video: Path, labels: np.ndarray, frames: list[int]):
+    """The reference pipeline (REFERENCE.md): load_video_frames, then per frame and object
+    _encode_new_memory with logits 20·m − 10 of the mask resized as add_new_mask does."""
+    from sam2.utils.misc import load_video_frames
+
+    images, _, _ = load_video_frames(str(video), S, offload_video_to_cpu=True, compute_device="cpu")
+    feats, scores, pos = [], [], None
+    for f in frames:
+        _, vf, fs = oracle.reference_frame(ref, images[f])
+        row_f, row_s = [], []
+        for obj in media.IDS:
+            m = oracle.resize_binary(torch.from_numpy(labels[f] == obj), S)
+            score = 10.0 if m.any() else -10.0
+            mem, pos = oracle.reference_memory(ref, vf, fs, m * 20 - 10, score)
+            row_f.append(mem)
+            row_s.append(score)
+        feats.append(torch.stack(row_f))
+        scores.append(row_s)
+    return torch.stack(feats), torch.tensor(scores), pos
+
+
+def pyav_times(video: Path) -> list[float]:
+    with av.open(str(video)) as c:
+        return [float(fr.time) for fr in c.decode(video=0)]
+
+
+@pytest.mark.parametrize(("store_dtype", "rel_tol"), [("float32", 1e-5), ("float16", 1e-3)])
+def test_stored_memories_equal_the_reference(tmp_path, clip, ref_and_ckpt, store_dtype, rel_tol):
+    video, masks, labels = clip
+    ref, ckpt = ref_and_ckpt
+    result = encode_video(
+        video,
+        checkpoint=ckpt,
+        image_size=S,
+        out=tmp_path / "out.zarr",
+        frames="1:12:3",
+        precision="fp32",
+        store_dtype=store_dtype,
+        chunk_frames=3,
+        batch_size=2,  # batches that straddle chunks
+    )
+    assert result.status == "complete" and result.frames == 4 and result.chunks_total == 2
+    assert result.masks == str(masks)  # found beside the video
+    frames = [1, 4, 7, 10]
+    want_f, want_s, want_pos = reference_memories(ref, video, labels, frames)
+
+    cache = open_cache(tmp_path / "out.zarr")
+    assert cache.status == "complete" and cache.object_ids == [3, 7]
+    assert cache.frame_index.tolist() == frames
+    np.testing.assert_allclose(cache.timestamps, [pyav_times(video)[f] for f in frames], atol=1e-6)
+    got = torch.stack([torch.stack([cache.features(r, o) for o in (3, 7)]) for r in range(4)])
+    assert oracle.rel_l2(got, want_f) <= rel_tol
+    if store_dtype == "float32":
+        assert oracle.max_abs(got, want_f) <= 1e-4
+    z = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert z["maskmem_features"].dtype == np.dtype(store_dtype)
+    assert np.array_equal(z["object_score_logits"][:], want_s.numpy())
+    assert (want_s < 0).any()  # object 7 is absent from frames 1 and 7
+    assert oracle.rel_l2(cache.pos_enc, want_pos) <= 1e-6
+    tpos = ref.maskmem_tpos_enc.detach().reshape(7, 64)
+    assert torch.equal(torch.as_tensor(z["maskmem_tpos_enc"][:]), tpos)
+    assert (
+        cache.attrs["model"]["checkpoint_sha256"]
+        and cache.attrs["model"]["weights"] == "checkpoint"
+    )
+
+
+def test_complete_store_is_a_noop_and_other_settings_are_refused(tmp_path, clip):
+    video, _, _ = clip
+    kw = dict(weights="random", image_size=64, out=tmp_path / "s.zarr")
+    first = encode_video(video, **kw)
+    assert first.chunks_written == first.chunks_total and not first.already_complete
+    again = encode_video(video, **kw)
+    assert again.already_complete and again.chunks_written == 0
+    with pytest.raises(StoreError, match=r"s\.zarr.*other settings.*--overwrite"):
+        encode_video(video, **{**kw, "seed": 5})
+    redone = encode_video(video, **{**kw, "seed": 5}, overwrite=True)
+    assert redone.chunks_written == redone.chunks_total
+    assert open_cache(tmp_path / "s.zarr").attrs["model"]["seed"] == 5
+
+
+def test_mask_formats_give_the_same_features(tmp_path, clip):
+    """The same masks as PNGs, a mask video, .npy labels and SA-V JSON (every 4th frame
+    annotated) store the same features."""
+    video, masks, labels = clip
+    np.save(tmp_path / "labels.npy", labels)
+    media.write_label_video(tmp_path / "labels.mkv", labels)
+    (tmp_path / "clip_manual.json").write_text(json.dumps(media.sav_json(labels, step=4)))
+    kw = dict(weights="random", image_size=64, store_dtype="float32")
+    stores = {}
+    for name, path in [
+        ("png", masks),
+        ("video", tmp_path / "labels.mkv"),
+        ("npy", tmp_path / "labels.npy"),
+        ("json", tmp_path / "clip_manual.json"),
+    ]:
+        out = tmp_path / f"{name}.zarr"
+        encode_video(video, masks=path, out=out, **kw)
+        stores[name] = open_cache(out)
+    png = stores["png"]
+    assert png.frame_index.tolist() == list(range(T))
+    for name in ("video", "npy"):
+        assert stores[name].frame_index.tolist() == list(range(T))
+        for r in range(T):
+            for o in media.IDS:
+                assert torch.equal(stores[name].features(r, o), png.features(r, o)), (name, r, o)
+    sav = stores["json"]
+    assert sav.frame_index.tolist() == [0, 4, 8]  # only annotated frames, by default
+    for r, f in enumerate([0, 4, 8]):
+        for o in media.IDS:
+            assert torch.equal(sav.features(r, o), png.features(f, o))
+
+
+# ---- SIGKILL and resume -----------------------------------------------------------------
+
+
+def _run(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("MEMENC_TEST_KILL", None) if not env_extra else None
+    return subprocess.run(
+        [sys.executable, "-m", "memenc", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    z = zarr.open_group(str(path), mode="r")
+    return {k: z[k][:] for k in z.array_keys()}
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_rerun_completes_identically(tmp_path, clip):
+    video, _, _ = clip
+    common = ["encode", str(video), "--weights", "random", "--image-size", "64",
+              "--chunk-frames", "2", "--batch-size", "3", "--quiet"]  # fmt: skip
+    clean = tmp_path / "clean.zarr"
+    assert _run([*common, "-o", str(clean)]).returncode == 0
+    want = _arrays(clean)
+    assert want["chunk_done"].tolist() == [1] * 6
+
+    for point in ("chunk-done:0", "chunk-data:2", "chunk-data:5", "before-complete"):
+        out = tmp_path / f"{point.replace(':', '_')}.zarr"
+        killed = _run([*common, "-o", str(out)], {"MEMENC_TEST_KILL": point})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        interrupted = open_cache(out)
+        assert interrupted.status == "in_progress", point
+        done = _arrays(out)["chunk_done"]
+        assert done.sum() < 6 or point == "before-complete"
+        resumed = _run([*common, "-o", str(out)])
+        assert resumed.returncode == 0, resumed.stderr
+        got = _arrays(out)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert np.array_equal(got[k], want[k], equal_nan=True), (point, k)
+        assert open_cache(out).status == "complete"
