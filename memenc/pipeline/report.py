@@ -1,0 +1,237 @@
+"""A JSON-safe summary of a memenc store, for ``memenc inspect``.
+
+    info = describe_store("clip.zarr")
+    info["status"], info["chunks_done"], info["chunks_total"]
+    for a in info["arrays"]:
+        a["name"], a["shape"], a["dtype"], a["stored_bytes"]
+
+The store is opened read-only and nothing is created or changed, so a store that is
+still being written (status ``in_progress``) can be described while workers fill it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from memenc.errors import StoreError
+from memenc.pipeline.store import (
+    _SPECS,
+    ATTRS_KEY,
+    LOCK_FILE,
+    SCHEMA,
+    STATUS_COMPLETE,
+    STATUS_IN_PROGRESS,
+    _check_memenc_location,
+    _chunk_ranges,
+    _describe_os_error,
+    _json_safe,
+    _layout_from_group,
+    _Location,
+    _memenc_attrs,
+    _open_group,
+)
+
+__all__ = ["describe_store"]
+
+
+def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a memenc store without changing it.
+
+    Args:
+        path: the store (a directory, ``file://`` or fsspec URL).
+
+    Returns:
+        A dict that `json.dumps` accepts as it is:
+
+        - ``path``, ``status`` (``in_progress`` | ``complete``; ``creating`` for a creation
+          that was cut short), ``schema``, ``memenc_version``, ``fingerprint`` (``""`` when
+          the store has none).
+        - ``chunks_done``, ``chunks_total``: frame-chunks whose ``chunk_done`` marker is set,
+          out of all; ``chunks_pending``: the others as ranges (``"1-3, 7"``, ``""`` when
+          none). All three are None when ``chunk_done`` is missing or unreadable.
+        - ``num_frames``, ``frame_first``, ``frame_last`` (source frame numbers of the first
+          and last rows), ``object_ids``, ``chunk_frames``, ``store_dtype``; None where the
+          store does not say.
+        - ``arrays``: one dict per array, schema order first: ``name``,
+          ``dimension_names``, ``shape``, ``dtype``, ``chunks`` (chunk shape), ``codecs``
+          (names, e.g. ``["bytes", "zstd", "crc32c"]``), ``nbytes`` (uncompressed),
+          ``stored_bytes`` (its chunk files on disk) and ``stored_chunks`` (how many
+          chunk files exist); the last two are None for remote stores.
+        - ``size_on_disk``: bytes of every file in the store (metadata included); None
+          for remote stores.
+        - ``attrs``: the whole ``memenc`` group attribute.
+        - ``problems``: what makes the store unreadable by `memenc.open_cache` (another
+          schema version, an unfinished creation, arrays that do not match the schema);
+          empty for a healthy store.
+
+    Raises:
+        StoreError: the path does not exist, is an empty directory, a file, a directory or
+            Zarr group that is not a memenc store, or cannot be read.
+    """
+    loc = _Location(path)
+    kind = _check_memenc_location(loc)  # raises for files, other directories, other Zarr
+    if kind == "absent":
+        raise StoreError(f"{loc}: not a memenc store (no such file or directory)")
+    if kind == "empty":
+        raise StoreError(f"{loc}: not a memenc store (empty directory)")
+    group = _open_group(loc, "r")
+    attrs = _memenc_attrs(group)
+    if attrs is None:  # removed between the check and the open
+        raise StoreError(f"{loc}: not a memenc store (no '{ATTRS_KEY}' schema)")
+    attrs = _json_safe(attrs)
+
+    problems: list[str] = []
+    status = attrs.get("status")
+    if attrs.get("schema") != SCHEMA:
+        problems.append(f"schema {attrs.get('schema')!r} is not {SCHEMA!r}")
+    if status not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
+        problems.append(f"store creation did not finish (status {status!r})")
+    else:
+        try:
+            _layout_from_group(group, loc)
+        except StoreError as exc:
+            problems.append(str(exc).removeprefix(f"{loc}: "))
+
+    arrays = _arrays(group, loc, problems)
+    done, total, pending = _chunk_progress(group, problems)
+    frame_index = _read_small(group, "frame_index", problems)
+    object_ids = _read_small(group, "object_id", problems)
+    features = next((a for a in arrays if a["name"] == "maskmem_features"), None)
+
+    return {
+        "path": str(loc),
+        "status": status,
+        "schema": attrs.get("schema"),
+        "memenc_version": attrs.get("memenc_version"),
+        "fingerprint": str(attrs.get("fingerprint") or ""),
+        "chunks_done": done,
+        "chunks_total": total,
+        "chunks_pending": pending,
+        "num_frames": None if frame_index is None else len(frame_index),
+        "frame_first": int(frame_index[0])
+        if frame_index is not None and frame_index.size
+        else None,
+        "frame_last": int(frame_index[-1])
+        if frame_index is not None and frame_index.size
+        else None,
+        "object_ids": None if object_ids is None else [int(i) for i in object_ids],
+        "chunk_frames": attrs.get("chunk_frames"),
+        "store_dtype": attrs.get("store_dtype") or (features["dtype"] if features else None),
+        "arrays": arrays,
+        "size_on_disk": _tree_bytes(loc.local, problems) if loc.local is not None else None,
+        "attrs": attrs,
+        "problems": problems,
+    }
+
+
+def _arrays(group: zarr.Group, loc: _Location, problems: list[str]) -> list[dict[str, Any]]:
+    """One description per array of the group: the schema's arrays first, then others."""
+    try:
+        with warnings.catch_warnings():
+            # Listing a local store meets the lock file, "not a component of a Zarr
+            # hierarchy": expected.
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            names = list(group.array_keys())
+    except OSError as exc:
+        raise StoreError(f"{loc}: cannot list arrays: {_describe_os_error(exc)}") from exc
+    order = {name: i for i, name in enumerate(_SPECS)}
+    names.sort(key=lambda n: (order.get(n, len(order)), n))
+    out = []
+    for name in names:
+        try:
+            array = group[name]
+        except (OSError, KeyError, ValueError) as exc:
+            problems.append(f"array {name} cannot be opened: {exc}")
+            continue
+        info: dict[str, Any] = {
+            "name": name,
+            "dimension_names": _dimension_names(array),
+            "shape": [int(n) for n in array.shape],
+            "dtype": str(array.dtype),
+            "chunks": [int(n) for n in array.chunks],
+            "codecs": _codec_names(array),
+            "nbytes": int(math.prod(array.shape)) * np.dtype(str(array.dtype)).itemsize,
+            "stored_bytes": None,
+            "stored_chunks": None,
+        }
+        if loc.local is not None:
+            info["stored_bytes"], info["stored_chunks"] = _chunk_files(loc.local / name, problems)
+        out.append(info)
+    return out
+
+
+def _dimension_names(array: zarr.Array) -> list[str] | None:
+    names = getattr(array.metadata, "dimension_names", None)
+    return None if names is None else [str(n) for n in names]
+
+
+def _codec_names(array: zarr.Array) -> list[str]:
+    names = []
+    for codec in getattr(array.metadata, "codecs", ()):
+        try:
+            names.append(str(codec.to_dict()["name"]))
+        except (AttributeError, KeyError, TypeError):
+            names.append(type(codec).__name__)
+    return names
+
+
+def _chunk_files(folder: Path, problems: list[str]) -> tuple[int, int]:
+    """(bytes, count) of an array's chunk files: everything in its folder but zarr.json
+    and leftover ``*.partial`` temp files."""
+    total = count = 0
+    try:
+        for root, _dirs, files in os.walk(folder):
+            for name in files:
+                if name == "zarr.json" and root == str(folder):
+                    continue
+                if name.endswith(".partial"):
+                    continue
+                total += os.lstat(os.path.join(root, name)).st_size
+                count += 1
+    except OSError as exc:
+        problems.append(f"{folder}: cannot read: {_describe_os_error(exc)}")
+    return total, count
+
+
+def _tree_bytes(root: Path, problems: list[str]) -> int:
+    """Bytes of every file under root (the lock file aside), symlinks not followed."""
+    total = 0
+    try:
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                if name == LOCK_FILE and folder == str(root):
+                    continue
+                total += os.lstat(os.path.join(folder, name)).st_size
+    except OSError as exc:
+        problems.append(f"{root}: cannot read: {_describe_os_error(exc)}")
+    return total
+
+
+def _read_small(group: zarr.Group, name: str, problems: list[str]) -> np.ndarray | None:
+    """A small 1-D array's values, or None (with the reason in problems) when missing or
+    damaged."""
+    if name not in group:
+        return None
+    try:
+        return np.asarray(group[name][:])
+    except (OSError, ValueError, RuntimeError) as exc:
+        problems.append(f"{name} cannot be read: {exc}")
+        return None
+
+
+def _chunk_progress(
+    group: zarr.Group, problems: list[str]
+) -> tuple[int | None, int | None, str | None]:
+    """(done, total, pending ranges) from ``chunk_done``."""
+    markers = _read_small(group, "chunk_done", problems)
+    if markers is None:
+        return None, None, None
+    pending = [int(i) for i in np.flatnonzero(markers != 1)]
+    return int(markers.size - len(pending)), int(markers.size), _chunk_ranges(pending)
