@@ -1,0 +1,540 @@
+"""Video sources: the pixels SAM 2 gets, the true frames of files decord mis-reads, and
+bad inputs that fail fast with the path in the message.
+
+Every video is written here with PyAV. Frame k carries k in binary as six big black or
+white blocks, so a frame can be identified after compression and resizing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import av
+import decord
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from memenc.errors import UsageError, VideoDecodeError
+from memenc.pipeline import video as vid
+from memenc.pipeline.video import FrameBatch, VideoSource, parse_frames, probe_video
+
+W, H = 160, 120  # source frame size
+N = 40  # frames per test video
+FPS = 25
+BITS = 6
+
+# A bad input must be refused well within this (the probe's own limit is longer).
+QUICK_S = 20.0
+
+decord.logging.set_level(decord.logging.QUIET)  # this test process reads bad files too
+
+
+# -- synthetic media ----------------------------------------------------------------------
+
+
+def pattern(k: int, h: int = H, w: int = W) -> np.ndarray:
+    """RGB [h, w, 3]: gradients, with k in binary as BITS blocks across the middle band."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    img[..., 2] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    bw = w // BITS
+    for b in range(BITS):
+        img[h // 3 : 2 * h // 3, b * bw : (b + 1) * bw] = 255 if (k >> b) & 1 else 0
+    return img
+
+
+def ident(frame: np.ndarray | torch.Tensor) -> int:
+    """The number written by `pattern` into a frame [3, S, S] (any S)."""
+    f = np.asarray(frame)
+    s = f.shape[-1]
+    bits = [f[:, s // 2, int((b + 0.5) * s / BITS)].mean() > 127 for b in range(BITS)]
+    return sum(int(v) << b for b, v in enumerate(bits))
+
+
+def write_video(
+    path: Path,
+    n: int = N,
+    *,
+    fmt: str | None = None,
+    gop: int | None = None,
+    options: dict | None = None,
+) -> Path:
+    with av.open(str(path), "w", format=fmt, options=options or {}) as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.options = {"crf": "18"}
+        if gop:
+            s.codec_context.gop_size = gop
+        for k in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(pattern(k), format="rgb24")):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def remux(src: Path, dst: Path, *, fmt: str | None = None, shift_frames: int = 0) -> Path:
+    """Copy the packets into another container; shift_frames > 0 moves the first frames
+    before time 0, which the MP4 muxer writes as an edit list (what `ffmpeg -ss … -c copy`
+    produces)."""
+    with av.open(str(src)) as i, av.open(str(dst), "w", format=fmt) as o:
+        si = i.streams.video[0]
+        so = o.add_stream_from_template(si)
+        shift = shift_frames * int(1 / (si.average_rate * si.time_base))
+        for p in i.demux(si):
+            if p.size == 0:
+                continue
+            p.pts -= shift
+            p.dts -= shift
+            p.stream = so
+            o.mux(p)
+    return dst
+
+
+def pyav_times(path: Path) -> list[float]:
+    """What a player presents: PyAV's decoded frame times (edit lists applied)."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        start = s.start_time or 0
+        return [float((f.pts - start) * f.time_base) for f in c.decode(s)]
+
+
+def decord_frames(path: Path, size: int, frames: list[int]) -> np.ndarray:
+    """decord read as SAM 2 reads it, as uint8 [B, 3, S, S]."""
+    vr = decord.VideoReader(str(path), width=size, height=size)
+    return vr.get_batch(frames).asnumpy().transpose(0, 3, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("media")
+    mp4 = write_video(d / "clip.mp4")
+    long_gop = write_video(d / "long_gop.mp4", gop=100)
+    return {
+        "mp4": mp4,
+        "ts": remux(mp4, d / "clip.ts", fmt="mpegts"),
+        "cut": remux(long_gop, d / "cut.mp4", shift_frames=10),
+        "gop10_ts": write_video(d / "gop10.ts", fmt="mpegts", gop=10),
+        "mkv": remux(mp4, d / "clip.mkv"),
+        "avi": write_video(d / "clip.avi"),
+        "h264": remux(mp4, d / "clip.h264", fmt="h264"),
+    }
+
+
+# -- parse_frames, FrameBatch, VideoInfo --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        (None, slice(None)),
+        ("", slice(None)),
+        ("0:10", slice(0, 10)),
+        ("::4", slice(None, None, 4)),
+        ("10:", slice(10, None)),
+        (" -20 : -1 : 2 ", slice(-20, -1, 2)),
+        (":", slice(None)),
+    ],
+)
+def test_parse_frames(spec, want):
+    assert parse_frames(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["5", "1:2:3:4", "a:b", "0:10:0", "0:10:-1", "1.5:3"])
+def test_parse_frames_rejects_with_the_spec_named(spec):
+    with pytest.raises(UsageError, match=repr(spec).replace("[", r"\[")):
+        parse_frames(spec)
+
+
+def test_frame_batch_checks_shapes():
+    ok = FrameBatch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), np.arange(2), np.zeros(2))
+    assert len(ok) == 2
+    with pytest.raises(ValueError, match="uint8"):
+        FrameBatch(torch.zeros(2, 3, 8, 8), np.arange(2), np.zeros(2))
+    with pytest.raises(ValueError, match=r"\[B, 3, S, S\]"):
+        FrameBatch(torch.zeros(2, 3, 8, 9, dtype=torch.uint8), np.arange(2), np.zeros(2))
+    with pytest.raises(ValueError, match="frame_index"):
+        FrameBatch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), np.arange(3), np.zeros(2))
+    with pytest.raises(ValueError, match="timestamps"):
+        FrameBatch(
+            torch.zeros(2, 3, 8, 8, dtype=torch.uint8), np.arange(2), np.zeros(2, np.float32)
+        )
+
+
+# -- decord path ---------------------------------------------------------------------------
+
+
+def test_probe_normal_mp4(media):
+    info = probe_video(media["mp4"])
+    assert (info.backend, info.frame_count, info.width, info.height) == ("decord", N, W, H)
+    assert info.fps == FPS and info.codec == "h264" and info.container.startswith("mov,mp4")
+    st = os.stat(media["mp4"])
+    assert (info.size_bytes, info.mtime) == (st.st_size, st.st_mtime)
+    attrs = json.loads(json.dumps(info.to_attrs()))
+    assert attrs["frame_count"] == N and attrs["backend"] == "decord"
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_decord_path_is_exactly_decord_resized_in_the_decoder(media, size):
+    with VideoSource(media["mp4"], size) as src:
+        batch = src.read(list(range(N)))
+    assert batch.frames.dtype == torch.uint8 and batch.frames.shape == (N, 3, size, size)
+    want = decord_frames(media["mp4"], size, list(range(N)))
+    assert torch.equal(batch.frames, torch.from_numpy(want))
+    assert [ident(f) for f in batch.frames] == list(range(N))
+    np.testing.assert_array_equal(batch.frame_index, np.arange(N))
+
+
+def test_frames_equal_sam2_loader(media):
+    misc = pytest.importorskip("sam2.utils.misc")
+    size = 64
+    try:
+        images, h, w = misc.load_video_frames_from_video_file(
+            str(media["mp4"]), size, offload_video_to_cpu=True, compute_device=torch.device("cpu")
+        )
+    finally:
+        decord.bridge.set_bridge("native")  # SAM 2 switches decord to torch globally
+    with VideoSource(media["mp4"], size) as src:
+        ours = src.read(list(range(N))).frames
+        assert (src.info.height, src.info.width) == (h, w)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert torch.equal((ours.float() / 255.0 - mean) / std, images)
+
+
+def test_timestamps_are_pyav_frame_times(media):
+    with VideoSource(media["mp4"], 64) as src:
+        batch = src.read(list(range(N)))
+    assert batch.timestamps.dtype == np.float64
+    np.testing.assert_allclose(batch.timestamps, pyav_times(media["mp4"]), atol=1e-9)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_iter_batches_with_a_step(media, prefetch):
+    frames = list(range(3, N, 4))  # 3, 7, ..., 39: 10 frames
+    with VideoSource(media["mp4"], 64) as src:
+        batches = list(src.iter_batches(frames, batch_size=3, prefetch=prefetch))
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+    got = torch.cat([b.frames for b in batches])
+    assert torch.equal(got, torch.from_numpy(decord_frames(media["mp4"], 64, frames)))
+    np.testing.assert_array_equal(np.concatenate([b.frame_index for b in batches]), frames)
+    times = pyav_times(media["mp4"])
+    np.testing.assert_allclose(
+        np.concatenate([b.timestamps for b in batches]), [times[k] for k in frames]
+    )
+
+
+def test_abandoned_iteration_then_read(media):
+    with VideoSource(media["mp4"], 64) as src:
+        it = src.iter_batches(range(N), batch_size=4, prefetch=2)
+        first = next(it)
+        assert first.frame_index.tolist() == [0, 1, 2, 3]
+        again = src.read([30, 30, 31])  # requests still in flight for `it` are dropped
+        assert [ident(f) for f in again.frames] == [30, 30, 31]
+        with pytest.raises(RuntimeError, match="interrupted"):
+            next(it)
+        assert [ident(f) for f in src.read([5]).frames] == [5]
+
+
+def test_bounded_readahead_seeks_without_changing_frames(media, monkeypatch):
+    monkeypatch.setattr(vid, "_READAHEAD_BUDGET_BYTES", 0)  # seek whenever the child idles
+    with VideoSource(media["mp4"], 64) as src:
+        got = []
+        for b in src.iter_batches(range(N), batch_size=5, prefetch=0):
+            got.append(b.frames)
+    assert torch.equal(
+        torch.cat(got), torch.from_numpy(decord_frames(media["mp4"], 64, list(range(N))))
+    )
+
+
+def test_read_checks_frame_numbers(media):
+    with VideoSource(media["mp4"], 64) as src:
+        with pytest.raises(ValueError, match="out of range"):
+            src.read([N])
+        with pytest.raises(ValueError, match="sorted"):
+            src.read([3, 2])
+        assert len(src.read([])) == 0
+
+
+def test_closed_source_refuses_reads(media):
+    src = VideoSource(media["mp4"], 64)
+    proc = src._decoder.proc
+    src.close()
+    src.close()  # twice is fine
+    assert not proc.is_alive()
+    with pytest.raises(VideoDecodeError, match="closed"):
+        src.read([0])
+
+
+# -- files decord mis-reads: decoded with PyAV ---------------------------------------------
+
+
+def test_mpegts_gives_the_true_frames_and_matches_decord_pixels(media):
+    info = probe_video(media["ts"])
+    assert (info.backend, info.backend_reason, info.frame_count) == ("pyav", "mpegts container", N)
+    with VideoSource(media["ts"], 64) as src:
+        batch = src.read(list(range(N)))
+    assert [ident(f) for f in batch.frames] == list(range(N))
+    np.testing.assert_allclose(batch.timestamps, pyav_times(media["ts"]), atol=1e-9)
+    np.testing.assert_allclose(batch.timestamps, np.arange(N) / FPS, atol=1e-9)
+    # The same bitstream through decord (from the MP4) gives the same pixels.
+    want = torch.from_numpy(decord_frames(media["mp4"], 64, list(range(N))))
+    assert (batch.frames.int() - want.int()).abs().max().item() == 0
+
+
+def test_edit_list_cut_gives_the_presented_frames(media):
+    cut = media["cut"]
+    # decord shows frames shifted (and repeats the last) without an error: why we probe.
+    vr = decord.VideoReader(str(cut), width=64, height=64)
+    shown = [ident(f) for f in vr.get_batch(list(range(len(vr)))).asnumpy().transpose(0, 3, 1, 2)]
+    assert shown[:30] != list(range(30))
+    info = probe_video(cut)
+    assert (info.backend, info.backend_reason, info.frame_count) == ("pyav", "edit list", 30)
+    with VideoSource(cut, 64) as src:
+        batch = src.read(list(range(30)))
+    assert [ident(f) for f in batch.frames] == list(range(10, N))
+    np.testing.assert_allclose(batch.timestamps, pyav_times(cut), atol=1e-9)
+    np.testing.assert_allclose(batch.timestamps, np.arange(30) / FPS, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["mkv", "avi", "h264"])
+def test_other_containers_give_the_true_frames(media, kind):
+    with VideoSource(media[kind], 64) as src:
+        assert src.info.frame_count == N
+        batch = src.read(list(range(N)))
+    assert [ident(f) for f in batch.frames] == list(range(N))
+    same_bits = media["mp4"] if kind == "h264" else media[kind]  # decord refuses raw h264
+    want = torch.from_numpy(decord_frames(same_bits, 64, list(range(N))))
+    assert torch.equal(batch.frames, want)
+    if kind == "h264":  # no timestamps in a raw stream: index / fps
+        assert src.info.backend == "pyav"
+        np.testing.assert_allclose(batch.timestamps, np.arange(N) / FPS)
+
+
+def test_pyav_random_access_seeks_and_reopens(media):
+    with VideoSource(media["gop10_ts"], 64) as src:
+        assert src.info.backend == "pyav"
+        for frames in ([35], [5, 6], [21, 29, 30], [0], [39]):
+            assert [ident(f) for f in src.read(frames).frames] == frames
+
+
+def test_pyav_resize_matches_decord_pixel_for_pixel(media):
+    """The PyAV path on a file decord reads correctly: the same pixels (measured max 0)."""
+    path = str(media["mp4"])
+    probe = vid._probe_file(path, lambda: None)
+    for size in (64, 128, 100):
+        reader = vid._PyAVReader(path, probe, size)
+        out = np.zeros((N, 3, size, size), np.uint8)
+        reader.read(np.arange(N), out)
+        reader.close()
+        diff = np.abs(
+            out.astype(int) - decord_frames(media["mp4"], size, list(range(N))).astype(int)
+        )
+        assert diff.max() == 0, f"size {size}: max abs difference {diff.max()}"
+
+
+def test_rotated_video_matches_decord(tmp_path):
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.set_display_rotation(90)
+        for k in range(8):
+            for p in s.encode(av.VideoFrame.from_ndarray(pattern(k), format="rgb24")):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    want = decord_frames(path, 64, list(range(8)))
+    probe = vid._probe_file(str(path), lambda: None)
+    assert (probe.info["width"], probe.info["height"]) == (H, W)  # displayed size, like SAM 2
+    reader = vid._PyAVReader(str(path), probe, 64)
+    out = np.zeros((8, 3, 64, 64), np.uint8)
+    reader.read(np.arange(8), out)
+    reader.close()
+    assert np.array_equal(out, want)
+
+
+def test_truncated_file_counts_only_frames_that_decode(tmp_path):
+    whole = write_video(tmp_path / "whole.mp4", gop=10, options={"movflags": "faststart"})
+    data = whole.read_bytes()
+    cut = tmp_path / "truncated.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    assert len(decord.VideoReader(str(cut))) > 0  # decord opens it and over-promises
+    with VideoSource(cut, 64) as src:
+        n = src.info.frame_count
+        assert 0 < n < N
+        ids = [ident(f) for b in src.iter_batches(range(n), 8) for f in b.frames]
+    assert ids == sorted(ids) and len(set(ids)) == n and ids[0] == 0
+
+
+# -- bad inputs -------------------------------------------------------------------------------
+
+
+def _audio_only(path: Path) -> None:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        t = np.arange(16000, dtype=np.float32) / 16000
+        samples = (0.3 * np.sin(2 * np.pi * 440 * t))[None, :].astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+
+
+def make_bad(kind: str, d: Path, good: Path) -> tuple[Path, str]:
+    """A bad input of the given kind, and a pattern its error message must match."""
+    p = d / f"{kind}.mp4"
+    if kind == "missing":
+        return p, "no such file"
+    if kind == "empty_folder":
+        p.mkdir()
+        return p, "no frames"
+    if kind == "zero_bytes":
+        p.write_bytes(b"")
+        return p, "empty file"
+    if kind == "text":
+        p.write_text("this is not a video\n" * 50)
+        return p, "not a readable video"
+    if kind == "png":
+        Image.fromarray(pattern(1)).save(p, format="PNG")
+        return p, r"not a video \(image file"
+    if kind == "audio_only":
+        _audio_only(p)
+        return p, "no video stream"
+    if kind == "random_bytes":
+        p.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+        return p, "not a readable video"
+    if kind == "cut_before_index":  # moov at the end, cut off
+        data = good.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+        return p, "not a readable video"
+    if kind == "header_only":
+        data = good.read_bytes()
+        p.write_bytes(data[:200])
+        return p, "not a readable video|no video frames|no frame decodes"
+    raise AssertionError(kind)
+
+
+BAD = [
+    "missing",
+    "empty_folder",
+    "zero_bytes",
+    "text",
+    "png",
+    "audio_only",
+    "random_bytes",
+    "cut_before_index",
+    "header_only",
+]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_fails_fast_naming_the_path(kind, tmp_path, media):
+    path, problem = make_bad(kind, tmp_path, media["mp4"])
+    for attempt in (lambda: probe_video(path), lambda: VideoSource(path, 64)):
+        t0 = time.monotonic()
+        with pytest.raises(VideoDecodeError) as err:
+            attempt()
+        assert time.monotonic() - t0 < QUICK_S
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: ") and "\n" not in msg
+        assert re.search(problem, msg), msg
+
+
+# -- a decoder that crashes or hangs ------------------------------------------------------------
+
+
+def test_killed_decoder_is_an_error_not_a_crash(media):
+    src = VideoSource(media["mp4"], 64)
+    assert [ident(f) for f in src.read([0, 1]).frames] == [0, 1]
+    proc = src._decoder.proc
+    os.kill(proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(VideoDecodeError, match=r"decoder crashed \(signal 9") as err:
+        src.read([2])
+    assert time.monotonic() - t0 < QUICK_S
+    assert str(err.value).startswith(str(media["mp4"]))
+    assert not proc.is_alive()
+    with pytest.raises(VideoDecodeError, match="closed"):
+        src.read([3])
+
+
+@pytest.mark.parametrize(
+    "fault, problem",
+    [
+        ("read:segv", r"decoder crashed \(signal 11"),
+        ("read:exit", r"decoder exited unexpectedly \(exit code 3\)"),
+        ("read:hang", r"decoder timed out after 1s"),
+    ],
+)
+def test_decoder_fault_during_read(media, monkeypatch, fault, problem):
+    monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+    src = VideoSource(media["mp4"], 64, timeout_s=1.0)
+    proc = src._decoder.proc
+    t0 = time.monotonic()
+    with pytest.raises(VideoDecodeError, match=problem) as err:
+        list(src.iter_batches(range(N), 8))
+    assert time.monotonic() - t0 < QUICK_S
+    assert str(err.value).startswith(f"{media['mp4']}: ")
+    assert not proc.is_alive()
+
+
+def test_probe_that_hangs_times_out(media, monkeypatch):
+    monkeypatch.setattr(vid, "_CHILD_FAULT", "probe:hang")
+    t0 = time.monotonic()
+    with pytest.raises(VideoDecodeError, match="timed out after 1s"):
+        probe_video(media["mp4"], timeout_s=1.0)
+    assert time.monotonic() - t0 < QUICK_S
+
+
+# -- image folders ------------------------------------------------------------------------------
+
+
+def test_image_folder_sorted_by_number_and_resized_like_sam2(tmp_path):
+    misc = pytest.importorskip("sam2.utils.misc")
+    d = tmp_path / "frames"
+    d.mkdir()
+    order = [0, 1, 2, 9, 10, 11]  # "10.jpg" sorts before "2.jpg" by name
+    for i, k in enumerate(order):
+        ext = ".png" if i % 2 else ".jpg"
+        Image.fromarray(pattern(k, 90, 130)).save(d / f"{k}{ext}")
+    (d / "notes.txt").write_text("ignored")
+    with VideoSource(d, 64) as src:
+        info = src.info
+        batch = src.read(list(range(len(order))))
+    assert (info.backend, info.frame_count, info.width, info.height) == ("images", 6, 130, 90)
+    assert info.fps == 0.0 and info.container == "images"
+    assert [ident(f) for f in batch.frames] == order
+    np.testing.assert_array_equal(batch.timestamps, np.arange(6, dtype=np.float64))
+    for i, k in enumerate(order):
+        ext = ".png" if i % 2 else ".jpg"
+        ref, _, _ = misc._load_img_as_tensor(str(d / f"{k}{ext}"), 64)
+        assert torch.equal(batch.frames[i].double() / 255.0, ref)
+
+
+def test_image_folder_without_numbers_sorts_by_name(tmp_path):
+    for k in (2, 10, 1):
+        Image.fromarray(pattern(k, 64, 64)).save(tmp_path / f"frame_{k}.png")
+    with VideoSource(tmp_path, 32) as src:
+        # frame_1, frame_10, frame_2: by name, as the stems are not all integers
+        assert [ident(f) for f in src.read([0, 1, 2]).frames] == [1, 10, 2]
+
+
+def test_bad_image_names_its_frame_and_the_source_goes_on(tmp_path):
+    for k in range(4):
+        Image.fromarray(pattern(k, 64, 64)).save(tmp_path / f"{k:05d}.jpg")
+    (tmp_path / "00002.jpg").write_bytes(b"not a jpeg")
+    with VideoSource(tmp_path, 32) as src:
+        with pytest.raises(VideoDecodeError, match=r"frame 2 \(00002\.jpg\)") as err:
+            src.read([1, 2, 3])
+        assert str(err.value).startswith(str(tmp_path))
+        assert [ident(f) for f in src.read([0, 3]).frames] == [0, 3]
