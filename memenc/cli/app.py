@@ -230,8 +230,9 @@ def inspect(
         print(json.dumps(info, default=str))
         return
     table = Table(title=f"{info['path']}  [{info['status']}]")
-    for col in ("array", "dims", "shape", "dtype", "chunks", "on disk"):
-        table.add_column(col)
+    table.add_column("array", no_wrap=True)
+    for col in ("dims", "shape", "dtype", "chunks", "on disk"):
+        table.add_column(col, overflow="fold")
     for a in info["arrays"]:
         table.add_row(
             a["name"],
