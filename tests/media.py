@@ -150,3 +150,21 @@ def sav_json(labels: np.ndarray, step: int) -> dict:
         "masklet_id": list(IDS),
         "video_frame_count": int(labels.shape[0]),
     }
+
+
+def remux(src: Path, dst: Path, *, fmt: str | None = None, shift_frames: int = 0) -> Path:
+    """Copy a video's packets into another container (`fmt`, e.g. "mpegts"). With
+    shift_frames > 0 the first frames get negative times, which the MP4 muxer writes as an
+    edit list: what `ffmpeg -ss … -c copy` makes, and what players skip."""
+    with av.open(str(src)) as i, av.open(str(dst), "w", format=fmt) as o:
+        si = i.streams.video[0]
+        so = o.add_stream_from_template(si)
+        shift = shift_frames * int(1 / (si.average_rate * si.time_base))
+        for p in i.demux(si):
+            if p.size == 0:
+                continue
+            p.pts -= shift
+            p.dts -= shift
+            p.stream = so
+            o.mux(p)
+    return dst

@@ -65,8 +65,12 @@ def reference_memories(ref, video: Path, labels: np.ndarray, frames: list[int]):
 
 
 def pyav_times(video: Path) -> list[float]:
+    """What a player presents: PyAV's frame times (edit lists applied), in seconds from the
+    stream's start time."""
     with av.open(str(video)) as c:
-        return [float(fr.time) for fr in c.decode(video=0)]
+        s = c.streams.video[0]
+        start = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+        return [float(fr.time) - start for fr in c.decode(video=0)]
 
 
 @pytest.mark.parametrize(("store_dtype", "rel_tol"), [("float32", 1e-5), ("float16", 1e-3)])
@@ -201,3 +205,42 @@ def test_sigkill_at_several_points_then_rerun_completes_identically(tmp_path, cl
         for k in want:
             assert np.array_equal(got[k], want[k], equal_nan=True), (point, k)
         assert open_cache(out).status == "complete"
+
+
+# ---- files decord gets wrong: each stored row comes from the right frame ------------------
+
+
+@pytest.mark.parametrize("kind", ["mpegts", "edit-list"])
+def test_ts_and_edit_list_cuts_store_the_presented_frames(tmp_path, monkeypatch, kind):
+    n = 30
+    frames = np.stack([media.frame_pattern(t, 120, 160) for t in range(n)])
+    src = media.write_video(tmp_path / "src.mp4", frames, options={"crf": "10", "g": "5"})
+    if kind == "mpegts":
+        video = media.remux(src, tmp_path / "clip.ts", fmt="mpegts")
+        first = 0
+    else:
+        video = media.remux(src, tmp_path / "clip.mp4", shift_frames=10)
+        first = 10  # the player starts at coded frame 10
+    presented = pyav_times(video)
+    assert len(presented) == n - first
+    np.save(tmp_path / "labels.npy", np.ones((n - first, 120, 160), np.uint8))
+
+    from memenc.encoders.model import MemencModel
+
+    seen: list[int] = []
+    original = MemencModel.image_features
+
+    def spy(self, batch):
+        seen.extend(media.decode_pattern(f.permute(1, 2, 0).numpy()) for f in batch)
+        return original(self, batch)
+
+    monkeypatch.setattr(MemencModel, "image_features", spy)
+    result = encode_video(video, masks=tmp_path / "labels.npy", weights="random", image_size=128,
+                          out=tmp_path / "s.zarr", frames="::2")  # fmt: skip
+    rows = list(range(0, n - first, 2))
+    assert result.frames == len(rows)
+    cache = open_cache(tmp_path / "s.zarr")
+    assert cache.frame_index.tolist() == rows
+    assert cache.attrs["source_video"]["frame_count"] == n - first
+    np.testing.assert_allclose(cache.timestamps, [presented[r] for r in rows], atol=1e-6)
+    assert seen == [first + r for r in rows]
