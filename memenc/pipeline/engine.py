@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memenc.encoders import MemencModel, load_model
+from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, load_model
 from memenc.errors import MaskError, UsageError
 from memenc.pipeline.masks import MaskSource, find_masks_beside, open_masks, parse_objects
 from memenc.pipeline.store import (
@@ -418,9 +418,10 @@ def encode_video(
             progress(Progress(done, total or 0, time.monotonic() - t0, stage="download"))
 
     with ExitStack() as stack:
-        source = stack.enter_context(
-            VideoSource(video_path, _model_size(image_size, variant), timeout_s=decode_timeout_s)
-        )
+        # the video is opened (and probed) before the model is loaded, so a bad video fails
+        # fast; every released variant runs at 1024 unless --image-size says otherwise
+        size = image_size or VARIANTS[DEFAULT_VARIANT].image_size
+        source = stack.enter_context(VideoSource(video_path, size, timeout_s=decode_timeout_s))
         info = source.info
         mask_path = Path(masks) if masks is not None else find_masks_beside(video_path)
         mask_source = open_masks(
@@ -441,10 +442,6 @@ def encode_video(
             device=dev,
             progress=on_download,
         )
-        if model.image_size != source.image_size:  # the checkpoint's variant decided S
-            source = stack.enter_context(
-                VideoSource(video_path, model.image_size, timeout_s=decode_timeout_s)
-            )
         layout = store_layout(
             model,
             planned,
@@ -501,9 +498,3 @@ def encode_video(
         seconds=round(seconds, 3),
         frames_per_second=round(todo / run_s, 3) if todo and run_s > 0 else 0.0,
     )
-
-
-def _model_size(image_size: int | None, variant: str | None) -> int:
-    """The image size to decode at before the model is loaded (every released variant is
-    1024 unless --image-size says otherwise)."""
-    return int(image_size or 1024)
