@@ -374,6 +374,31 @@ def test_truncated_file_counts_only_frames_that_decode(tmp_path):
     assert ids == sorted(ids) and len(set(ids)) == n and ids[0] == 0
 
 
+def test_damaged_frame_names_the_frame_and_the_source_goes_on(tmp_path):
+    good = write_video(tmp_path / "good.mp4", gop=10, options={"movflags": "faststart"})
+    with av.open(str(good)) as c:
+        s = c.streams.video[0]
+        key20 = next(p for p in c.demux(s) if p.is_keyframe and p.pts == 20 * 512)
+        pos, size = key20.pos, key20.size
+    data = bytearray(good.read_bytes())
+    data[pos : pos + size] = bytes(size)  # the keyframe of frames 20-29 is gone
+    bad = tmp_path / "damaged.mp4"
+    bad.write_bytes(bytes(data))
+    with VideoSource(bad, 64) as src:
+        assert src.info.frame_count == N  # the index is intact; the damage shows on decode
+        got = []
+        with pytest.raises(VideoDecodeError, match=r"frame \d+") as err:
+            for b in src.iter_batches(range(N), 8):
+                got += [ident(f) for f in b.frames]
+        assert got == list(range(len(got))) and len(got) >= 8
+        msg = str(err.value)
+        assert msg.startswith(f"{bad}: ") and "\n" not in msg
+        assert 10 <= int(re.search(r"frame (\d+)", msg).group(1)) <= 29
+        # Other frames still read, before and after the damage.
+        assert [ident(f) for f in src.read(range(30, N)).frames] == list(range(30, N))
+        assert [ident(f) for f in src.read(range(8)).frames] == list(range(8))
+
+
 # -- bad inputs -------------------------------------------------------------------------------
 
 
@@ -447,6 +472,7 @@ def test_bad_input_fails_fast_naming_the_path(kind, tmp_path, media):
         assert time.monotonic() - t0 < QUICK_S
         msg = str(err.value)
         assert msg.startswith(f"{path}: ") and "\n" not in msg
+        assert msg.count(str(path)) == 1, msg
         assert re.search(problem, msg), msg
 
 

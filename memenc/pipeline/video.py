@@ -45,13 +45,16 @@ import mmap
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
+import stat
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -213,9 +216,16 @@ class _Failure(Exception):
     """A problem with the input, reported to the parent as one line."""
 
 
+# decord prefixes its messages with "[hh:mm:ss] /source/file.cc:123: " (sometimes
+# twice) and the file name in brackets.
+_DECORD_NOISE = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: |\[[^\]]*\] ?")
+
+
 def _short(e: BaseException) -> str:
-    """One line for an exception from a decoder library."""
-    text = " ".join(str(e).split()) or type(e).__name__
+    """One line for an exception from a decoder library, without the file name."""
+    strerror = getattr(e, "strerror", None)  # PyAV: the message without the file name
+    text = strerror if isinstance(strerror, str) and strerror else str(e)
+    text = " ".join(_DECORD_NOISE.sub("", text).split()) or type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -275,7 +285,7 @@ class _Resizer:
                     width=frame.width,
                     height=frame.height,
                     format=frame.format.name,
-                    time_base=frame.time_base or 1,
+                    time_base=frame.time_base or Fraction(1, 1000),
                 )
             ]
             nodes += [
@@ -307,9 +317,13 @@ class _DecordReader:
         try:
             batch = self.vr.get_batch(frames.tolist()).asnumpy()  # [B, S, S, 3]
         except errors as e:
-            # Name the first frame that fails on its own.
+            # Name the first frame that fails on its own, from a clean decoder state
+            # each time (after a failure decord's position is unreliable). With frame
+            # threads and B-frames, a damaged packet also fails a few frames before it.
             for k in frames.tolist():
                 try:
+                    with contextlib.suppress(*errors):
+                        self.vr.seek(0)
                     self.vr.get_batch([k])
                 except errors as e1:
                     raise _Failure(f"frame {k}: decord: {_short(e1)}") from None
@@ -476,11 +490,24 @@ class _ProbeResult:
     files: list[str] | None = None
 
 
+def _frame_number(name: str) -> int | None:
+    try:
+        return int(os.path.splitext(name)[0])
+    except ValueError:
+        return None
+
+
 def _list_images(folder: str) -> list[str]:
-    names = [n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
-    stems = [os.path.splitext(n)[0] for n in names]
-    if names and all(s.strip().lstrip("+-").isdigit() for s in stems):
-        names.sort(key=lambda n: (int(os.path.splitext(n)[0]), n))
+    """Frame files: by integer stem when every stem is one (as SAM 2 sorts), else by name."""
+    names = [
+        n
+        for n in os.listdir(folder)
+        if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES
+        and os.path.isfile(os.path.join(folder, n))
+    ]
+    numbers = [_frame_number(n) for n in names]
+    if all(k is not None for k in numbers):
+        names = [n for _, n in sorted(zip(numbers, names))]
     else:
         names.sort()
     return [os.path.join(folder, n) for n in names]
@@ -795,6 +822,9 @@ def _child_main(
         except _Failure as e:
             conn.send(("error", str(e)))
             return
+        except Exception as e:  # a library raised something unexpected: still one line
+            conn.send(("error", f"probe failed ({type(e).__name__}: {_short(e)})"))
+            return
         conn.send(("info", probe.info, probe.timestamps))
         if reader is None:
             return
@@ -812,7 +842,8 @@ def _child_main(
                 _, buf_path, nbytes = msg
                 view = None
                 if buf is not None:
-                    buf.close()
+                    with contextlib.suppress(BufferError):
+                        buf.close()
                 with open(buf_path, "r+b") as f:
                     buf = mmap.mmap(f.fileno(), nbytes)
                 view = np.frombuffer(buf, np.uint8).reshape(-1, 3, image_size, image_size)
@@ -825,6 +856,10 @@ def _child_main(
                     reader.read(frames, view[first_slot : first_slot + len(frames)])
                 except _Failure as e:
                     conn.send(("error", rid, str(e)))
+                except Exception as e:  # unexpected, from a library: report, keep serving
+                    first, last = frames[0], frames[-1]
+                    problem = f"frames {first}-{last}: {type(e).__name__}: {_short(e)}"
+                    conn.send(("error", rid, problem))
                 else:
                     conn.send(("done", rid))
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -952,8 +987,6 @@ def _stat(path: str) -> os.stat_result:
         raise VideoDecodeError(f"{path}: cannot read ({e.strerror or e})") from None
     if os.path.isdir(path):
         return st
-    import stat
-
     if not stat.S_ISREG(st.st_mode):
         raise VideoDecodeError(f"{path}: not a regular file")
     if st.st_size == 0:
@@ -1183,7 +1216,8 @@ class VideoSource:
         return self._decoder
 
     def _ensure_buffer(self, frames: int) -> None:
-        if self._buffer is not None and self._buffer.frames >= frames:
+        """A frame buffer for ``frames`` frames (reused unless much too big or too small)."""
+        if self._buffer is not None and frames <= self._buffer.frames <= 4 * frames:
             return
         decoder = self._live()
         if self._buffer is not None:
