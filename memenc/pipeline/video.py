@@ -35,7 +35,10 @@ its lifetime, so the decoder opens once; frames come back through a shared-memor
 buffer. Every wait for the child has a deadline (``timeout_s``; a long probe sends
 heartbeats, so the deadline measures a stall, not the size of the file). A child
 that stalls is killed; one that dies is reported. Either way the parent raises
-`VideoDecodeError` naming the file and carries on.
+`VideoDecodeError` naming the file and carries on. As with any multiprocessing code, a
+script that uses this module must guard its entry point (``if __name__ == "__main__":``),
+because the child process imports the main module. Decoder processes cannot be started
+from a daemonic process (Dask workers: set ``distributed.worker.daemon`` to False).
 """
 
 from __future__ import annotations
@@ -1137,9 +1140,14 @@ class VideoSource:
             VideoDecodeError: a frame does not decode, or the decoder died or stalled.
         """
         frames = self._check_frames(frame_numbers)
+        self._live()
+        if len(frames) == 0:
+            s = self.image_size
+            empty = torch.zeros((0, 3, s, s), dtype=torch.uint8)
+            return FrameBatch(empty, frames, np.zeros(0, np.float64))
         self._generation += 1
         self._drain()
-        self._ensure_buffer(max(len(frames), 1))
+        self._ensure_buffer(len(frames))
         rid = self._send_read(0, frames)
         return self._receive(rid, 0, frames, time.monotonic())
 
