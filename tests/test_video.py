@@ -19,6 +19,7 @@ import decord
 import numpy as np
 import pytest
 import torch
+from media import remux
 from PIL import Image
 
 from memenc.errors import UsageError, VideoDecodeError
@@ -78,24 +79,6 @@ def write_video(
         for p in s.encode(None):
             c.mux(p)
     return path
-
-
-def remux(src: Path, dst: Path, *, fmt: str | None = None, shift_frames: int = 0) -> Path:
-    """Copy the packets into another container; shift_frames > 0 moves the first frames
-    before time 0, which the MP4 muxer writes as an edit list (what `ffmpeg -ss … -c copy`
-    produces)."""
-    with av.open(str(src)) as i, av.open(str(dst), "w", format=fmt) as o:
-        si = i.streams.video[0]
-        so = o.add_stream_from_template(si)
-        shift = shift_frames * int(1 / (si.average_rate * si.time_base))
-        for p in i.demux(si):
-            if p.size == 0:
-                continue
-            p.pts -= shift
-            p.dts -= shift
-            p.stream = so
-            o.mux(p)
-    return dst
 
 
 def pyav_times(path: Path) -> list[float]:

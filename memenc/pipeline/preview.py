@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from memenc.errors import MemencError, StoreError, UsageError
 from memenc.pipeline.reader import MemoryCache
 from memenc.pipeline.store import _describe_os_error
+from memenc.pipeline.video import list_images
 
 __all__ = ["CAPTION_HEIGHT", "PANEL_GAP", "render_preview"]
 
@@ -58,7 +58,6 @@ _OBJECT_COLOURS = (
     (255, 160, 32),
     (160, 96, 255),
 )
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class _Unavailable(Exception):
@@ -219,17 +218,12 @@ def _rotate(rgb: np.ndarray, rotation: int) -> np.ndarray:
 
 def _frame_from_folder(folder: str, frame: int) -> np.ndarray:
     try:
-        names = [n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in _IMAGE_SUFFIXES]
+        files = list_images(folder)  # the encoder's own ordering
     except OSError as exc:
         raise _Unavailable(f"{folder}: cannot list ({_describe_os_error(exc)})") from exc
-    stems = [os.path.splitext(n)[0] for n in names]
-    if names and all(re.fullmatch(r"[+-]?\d+", s.strip()) for s in stems):
-        names.sort(key=lambda n: (int(os.path.splitext(n)[0]), n))
-    else:
-        names.sort()
-    if not 0 <= frame < len(names):
-        raise _Unavailable(f"{folder}: no image for frame {frame} ({len(names)} images)")
-    file = os.path.join(folder, names[frame])
+    if not 0 <= frame < len(files):
+        raise _Unavailable(f"{folder}: no image for frame {frame} ({len(files)} images)")
+    file = files[frame]
     try:
         with Image.open(file) as image:
             return np.asarray(image.convert("RGB"))

@@ -500,7 +500,7 @@ def _frame_number(name: str) -> int | None:
         return None
 
 
-def _list_images(folder: str) -> list[str]:
+def list_images(folder: str) -> list[str]:
     """Frame files: by integer stem when every stem is one (as SAM 2 sorts), else by name."""
     names = [
         n
@@ -520,7 +520,7 @@ def _probe_images(folder: str) -> _ProbeResult:
     from PIL import Image
 
     try:
-        files = _list_images(folder)
+        files = list_images(folder)
     except OSError as e:
         raise _Failure(f"cannot list folder ({_short(e)})") from None
     if not files:
