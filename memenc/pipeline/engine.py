@@ -169,7 +169,8 @@ def store_layout(
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
     h = w = model.feat_size
     o = len(masks.object_ids)
-    f = chunk_frames or default_chunk_frames(o, h, w, store_dtype)
+    # default: ~1–4 MB chunks, but no chunk longer than the video
+    f = chunk_frames or min(default_chunk_frames(o, h, w, store_dtype), len(frames))
     if f < 1:
         raise UsageError(f"--chunk-frames must be at least 1, got {f}")
     v = model.variant
