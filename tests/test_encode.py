@@ -244,3 +244,24 @@ def test_ts_and_edit_list_cuts_store_the_presented_frames(tmp_path, monkeypatch,
     assert cache.attrs["source_video"]["frame_count"] == n - first
     np.testing.assert_allclose(cache.timestamps, [presented[r] for r in rows], atol=1e-6)
     assert seen == [first + r for r in rows]
+
+
+def test_bf16_compute_stays_within_1e_2_of_the_reference(tmp_path, clip, ref_and_ckpt):
+    video, _, labels = clip
+    ref, ckpt = ref_and_ckpt
+    encode_video(video, checkpoint=ckpt, image_size=S, out=tmp_path / "bf16.zarr",
+                 frames="0:4", precision="bf16", store_dtype="float32")  # fmt: skip
+    want, _, _ = reference_memories(ref, video, labels, [0, 1, 2, 3])
+    cache = open_cache(tmp_path / "bf16.zarr")
+    assert cache.attrs["precision"] == "bf16"
+    got = torch.stack([torch.stack([cache.features(r, o) for o in (3, 7)]) for r in range(4)])
+    assert 0 < oracle.rel_l2(got, want) <= 1e-2  # bf16 really ran (not bit-equal), within bounds
+
+
+def test_fp16_on_the_cpu_is_refused(tmp_path, clip):
+    from memenc.errors import UsageError
+
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        encode_video(clip[0], weights="random", image_size=64, out=tmp_path / "x.zarr",
+                     precision="fp16", device="cpu")  # fmt: skip
+    assert not (tmp_path / "x.zarr").exists()
