@@ -791,6 +791,9 @@ def _child_main(
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines
+    # numpy arrays from get_batch, whatever bridge a preloaded __main__ may have chosen
+    # (SAM 2's loader, for one, switches decord to its torch bridge globally)
+    decord.bridge.set_bridge("native")
     del av  # imported early so a broken install fails here; PyAV ignores FFmpeg logs
 
     last_beat = time.monotonic()
