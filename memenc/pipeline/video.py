@@ -58,12 +58,17 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from memenc.errors import UsageError, VideoDecodeError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where the parent builds tensors: the forkserver preloads this
+# module, and a decoder child without torch is ~200 MB smaller.
 
 __all__ = [
     "FrameBatch",
@@ -155,6 +160,8 @@ class FrameBatch:
     timestamps: np.ndarray
 
     def __post_init__(self) -> None:
+        import torch
+
         f = self.frames
         if not isinstance(f, torch.Tensor) or f.dtype != torch.uint8:
             raise ValueError(f"FrameBatch.frames must be a uint8 tensor, got {_describe(f)}")
@@ -1145,6 +1152,8 @@ class VideoSource:
         frames = self._check_frames(frame_numbers)
         self._live()
         if len(frames) == 0:
+            import torch
+
             s = self.image_size
             empty = torch.zeros((0, 3, s, s), dtype=torch.uint8)
             return FrameBatch(empty, frames, np.zeros(0, np.float64))
@@ -1273,6 +1282,8 @@ class VideoSource:
             self._fail()
             raise
         assert self._buffer is not None
+        import torch
+
         n = len(frames)
         pixels = torch.from_numpy(self._buffer.view[slot : slot + n].copy())
         return FrameBatch(pixels, frames.copy(), self._timestamps[frames].astype(np.float64))
