@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -254,3 +255,28 @@ def test_open_cache_for_sam2_layout(tmp_path, clip):
         4,
         4,
     )
+
+
+def test_second_writer_is_refused_with_a_clear_message(tmp_path, clip):
+    """Another process holds the store's lock: encode exits 1 naming the store and the pid,
+    and writes nothing into it."""
+    video, _ = clip
+    out = tmp_path / "s.zarr"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from memenc.pipeline.store import store_lock\n"
+         f"with store_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = invoke("encode", video, "--weights", "random", "--image-size", "64", "-o", out)
+        assert r.exit_code == 1
+        line = stderr_line(r)
+        assert "s.zarr" in line and f"pid {holder.pid}" in line, line
+        assert sorted(p.name for p in out.iterdir()) == [".memenc.lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    r = invoke("encode", video, "--weights", "random", "--image-size", "64", "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr  # free again once the holder is gone
