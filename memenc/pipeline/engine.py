@@ -16,8 +16,10 @@ the same code can fill disjoint chunk ranges in other processes or on other mach
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -118,6 +120,23 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas for this process (no-op elsewhere).
+
+    glibc gives each thread that allocates under contention an arena of its own and rarely
+    returns their memory; with the decode, compute and writer threads that added ~100 MB
+    of RSS and made it drift (measured at S=256: 557–599 MB, 460–474 MB with 2 arenas).
+    Applies to arenas created from now on; MALLOC_ARENA_MAX in the environment wins.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 # ---------------------------------------------------------------------------- planning
@@ -404,6 +423,7 @@ def encode_video(
     UsageError) with one-line messages naming the input and the problem.
     """
     t0 = time.monotonic()
+    limit_malloc_arenas()
     video_path = Path(video)
     dev = pick_device(device)
     autocast_for(dev, precision)  # validate before any work
