@@ -339,7 +339,8 @@ class _DecordReader:
                     raise _Failure(f"frame {k}: decord: {_short(e1)}") from None
             raise _Failure(f"frames {frames[0]}-{frames[-1]}: decord: {_short(e)}") from None
         out[...] = batch.transpose(0, 3, 1, 2)  # [B, S, S, 3] -> [B, 3, S, S]
-        self._baseline = _rss_bytes()
+        if self._baseline is None:  # growth is measured from the first batch, so it cannot creep
+            self._baseline = _rss_bytes()
         self._capped = False
 
     def idle(self) -> None:
