@@ -100,7 +100,7 @@ _DECORD_FAULT_TOL = 1e-9
 # away, and the next batch then decodes again from the previous keyframe, so a
 # small budget trades CPU for memory. Linux only (read from /proc); elsewhere the
 # child seeks whenever it goes idle.
-_READAHEAD_BUDGET_BYTES = 64 * 2**20
+_READAHEAD_BUDGET_BYTES = 32 * 2**20
 
 # Timestamps from decord and from the probe agree within this many frame periods.
 _TIMESTAMP_TOLERANCE_FRAMES = 0.25
