@@ -280,3 +280,16 @@ def test_second_writer_is_refused_with_a_clear_message(tmp_path, clip):
         holder.wait(timeout=60)
     r = invoke("encode", video, "--weights", "random", "--image-size", "64", "-o", out, "-q")
     assert r.exit_code == 0, r.stderr  # free again once the holder is gone
+
+
+def test_store_records_absolute_paths_so_cwd_does_not_matter(tmp_path, clip, monkeypatch):
+    video, _ = clip
+    monkeypatch.chdir(video.parent)
+    out = tmp_path / "s.zarr"
+    args = ["encode", video.name, "--weights", "random", "--image-size", "64", "-o", out, "--json"]
+    assert invoke(*args).exit_code == 0
+    info = json.loads(invoke("inspect", out, "--json").stdout)
+    assert info["attrs"]["source_video"]["path"] == str(video.resolve())
+    monkeypatch.chdir(tmp_path)  # same video by its absolute path, from elsewhere: a no-op
+    again = json.loads(invoke(*[str(video) if a == video.name else a for a in args]).stdout)
+    assert again["already_complete"]

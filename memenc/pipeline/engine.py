@@ -466,7 +466,8 @@ def encode_video(
             model,
             planned,
             mask_source,
-            video_attrs=info.to_attrs(),
+            # absolute, so the fingerprint and `preview` do not depend on the working folder
+            video_attrs={**info.to_attrs(), "path": str(video_path.resolve())},
             selection=selection,
             store_dtype=store_dtype,
             chunk_frames=chunk_frames,
