@@ -23,15 +23,12 @@ import torch
 from memenc.errors import StoreError
 from memenc.pipeline.store import (
     ATTRS_KEY,
-    SCHEMA,
     STATUS_COMPLETE,
     STATUS_IN_PROGRESS,
-    _check_memenc_location,
     _describe_os_error,
     _layout_from_group,
     _Location,
-    _memenc_attrs,
-    _open_group,
+    _open_existing,
 )
 
 __all__ = ["MemoryCache", "open_cache"]
@@ -73,16 +70,7 @@ class MemoryCache:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         loc = _Location(path)
-        kind = _check_memenc_location(loc)
-        if kind in ("absent", "empty"):
-            raise StoreError(f"{loc}: no memenc store here")
-        group = _open_group(loc, "r")
-        attrs = _memenc_attrs(group) or {}
-        if attrs.get("schema") != SCHEMA:
-            raise StoreError(
-                f"{loc}: store schema {attrs.get('schema')!r} is not {SCHEMA!r} "
-                "(made by another memenc version)"
-            )
+        group, attrs = _open_existing(loc, "r")
         self.status: str = str(attrs.get("status"))
         if self.status not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
             raise StoreError(f"{loc}: store creation did not finish (status {self.status!r})")

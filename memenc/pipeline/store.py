@@ -497,6 +497,23 @@ def _memenc_attrs(group: zarr.Group) -> dict[str, Any] | None:
     return None
 
 
+def _open_existing(loc: _Location, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
+    """Open a store memenc made, read-only (`mode` "r") or for chunk writes ("r+"), and
+    return its group and ``memenc`` attributes. Raises StoreError when there is no store,
+    the path is something else, or its schema is not this version's."""
+    kind = _check_memenc_location(loc)
+    if kind in ("absent", "empty"):
+        raise StoreError(f"{loc}: no memenc store here")
+    group = _open_group(loc, mode)
+    attrs = _memenc_attrs(group) or {}
+    if attrs.get("schema") != SCHEMA:
+        raise StoreError(
+            f"{loc}: store schema {attrs.get('schema')!r} is not {SCHEMA!r} "
+            "(made by another memenc version)"
+        )
+    return group, attrs
+
+
 def _check_memenc_location(loc: _Location) -> str:
     """Return the location's kind, refusing anything that is not absent/empty/a memenc store."""
     kind = loc.kind()
@@ -807,13 +824,7 @@ class CacheStore:
                 schema version.
         """
         loc = _Location(path)
-        kind = _check_memenc_location(loc)
-        if kind in ("absent", "empty"):
-            raise StoreError(f"{loc}: no memenc store here (create it with prepare first)")
-        group = _open_group(loc, "r+")
-        attrs = _memenc_attrs(group) or {}
-        if attrs.get("schema") != SCHEMA:
-            raise StoreError(f"{loc}: unsupported store schema {attrs.get('schema')!r}")
+        group, attrs = _open_existing(loc, "r+")
         status = attrs.get("status")
         if status != STATUS_IN_PROGRESS:
             raise StoreError(f"{loc}: store is {status!r}, not in_progress; nothing to write")
