@@ -200,11 +200,12 @@ def store_layout(
         "checkpoint_sha256": model.checkpoint_sha256,
         "seed": model.seed if model.weights == "random" else None,
     }
+    mask_attrs = masks.to_attrs()
     settings = {
         "video": {k: video_attrs.get(k) for k in ("path", "size_bytes", "mtime", "frame_count")},
         "frames": list(map(int, frames)),
         "model": model_attrs,
-        "masks": masks.to_attrs(),
+        "masks": mask_attrs,
         "memory": {
             "sigmoid_scale": v.sigmoid_scale,
             "sigmoid_bias": v.sigmoid_bias,
@@ -218,7 +219,7 @@ def store_layout(
         "source_video": video_attrs,
         "frame_selection": {"spec": _slice_text(selection), "frames": len(frames)},
         "model": model_attrs,
-        "masks": masks.to_attrs(),
+        "masks": mask_attrs,
         "memory": settings["memory"],
         "precision": precision,
         "storage_dtype": store_dtype,
@@ -265,6 +266,22 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 
 
 _DONE = object()
+
+
+class _ChunkBuffer:
+    """Host arrays for one frame-chunk, filled row by row as batches finish."""
+
+    def __init__(self, rows: int, row_shape: tuple[int, ...]) -> None:
+        self.features = np.empty((rows, *row_shape), np.float32)  # [n, O, 64, h, w]
+        self.scores = np.empty((rows, row_shape[0]), np.float32)  # [n, O]
+        self.timestamps = np.empty(rows, np.float64)
+        self.missing = rows
+
+    def put(self, k: int, features: np.ndarray, scores: np.ndarray, timestamp: float) -> bool:
+        """Fill row k; True once every row is filled."""
+        self.features[k], self.scores[k], self.timestamps[k] = features, scores, timestamp
+        self.missing -= 1
+        return self.missing == 0
 
 
 def run_chunks(
@@ -333,9 +350,7 @@ def run_chunks(
     for t in threads:
         t.start()
 
-    # per chunk: host buffers being filled, and how many rows are still missing
-    o, (h, w) = layout.num_objects, layout.feat_hw
-    buffers: dict[int, list] = {}
+    buffers: dict[int, _ChunkBuffer] = {}  # chunks being filled, by chunk index
     written = 0
     try:
         while (item := _get(decoded, stop)) is not _DONE:
@@ -343,24 +358,15 @@ def run_chunks(
             with autocast:
                 pix = model.image_features(batch.frames)
                 out = model.encode_memory(pix, m)
-            feats = out.features.float().cpu().numpy()
+            feats = out.features.float().cpu().numpy()  # one device->host copy per batch
             scores = out.object_score_logits.float().cpu().numpy()
             for i, r in enumerate(batch_rows):
                 c = r // layout.chunk_frames
                 if c not in buffers:
-                    n = len(store.chunk_rows(c))
-                    buffers[c] = [
-                        np.empty((n, o, 64, h, w), np.float32),
-                        np.empty((n, o), np.float32),
-                        np.empty(n, np.float64),
-                        n,
-                    ]
+                    buffers[c] = _ChunkBuffer(len(store.chunk_rows(c)), feats.shape[1:])
                 buf = buffers[c]
-                k = r - c * layout.chunk_frames
-                buf[0][k], buf[1][k], buf[2][k] = feats[i], scores[i], batch.timestamps[i]
-                buf[3] -= 1
-                if buf[3] == 0:
-                    _put(finished, (c, buf[0], buf[1], buf[2]), stop)
+                if buf.put(r - c * layout.chunk_frames, feats[i], scores[i], batch.timestamps[i]):
+                    _put(finished, (c, buf.features, buf.scores, buf.timestamps), stop)
                     del buffers[c]
                     written += 1
             if progress:
