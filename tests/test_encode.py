@@ -265,3 +265,20 @@ def test_fp16_on_the_cpu_is_refused(tmp_path, clip):
         encode_video(clip[0], weights="random", image_size=64, out=tmp_path / "x.zarr",
                      precision="fp16", device="cpu")  # fmt: skip
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_frame_without_mask_is_an_error_unless_skipped(tmp_path, clip):
+    video, masks, _ = clip
+    holes = tmp_path / "holes"
+    holes.mkdir()
+    for png in masks.iterdir():
+        if png.name != "00005.png":
+            (holes / png.name).write_bytes(png.read_bytes())
+    kw = dict(masks=holes, weights="random", image_size=64)
+    from memenc.errors import MaskError
+
+    with pytest.raises(MaskError, match=r"holes: no mask for frame 5;.*--skip-unmasked"):
+        encode_video(video, out=tmp_path / "a.zarr", **kw)
+    assert not (tmp_path / "a.zarr").exists()
+    encode_video(video, out=tmp_path / "b.zarr", skip_unmasked=True, **kw)
+    assert open_cache(tmp_path / "b.zarr").frame_index.tolist() == [f for f in range(T) if f != 5]
