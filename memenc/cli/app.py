@@ -1,12 +1,18 @@
 """`memenc` commands: encode, inspect, preview.
 
 Errors: a `MemencError` prints one line `memenc: error: …` on stderr and exits with its
-code (1, or 2 for usage errors); MEMENC_DEBUG=1 shows the traceback instead. Progress
-bars appear only on a terminal and never with --quiet or --json.
+code 1; usage errors (from the parser or from memenc's own checks) print the command's
+usage line and one `Error:` line, and exit 2. MEMENC_DEBUG=1 shows the traceback instead.
+Progress bars appear only when stderr (where they are drawn) is a terminal, and never
+with --quiet or --json.
+
+Only `typer` is imported, never `click` directly: Typer 0.29+ vendors its own copy
+(`typer._click`) and no longer installs `click`.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sys
@@ -14,7 +20,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -25,23 +30,35 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand
 
 from memenc.errors import MemencError, UsageError
 
+# The parser's own exception classes, taken from Typer so that they are the ones its parser
+# raises whether it vendors click (0.29+) or uses the `click` package (older releases):
+# BadParameter derives from UsageError, which derives from ClickException.
+_ParserUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_ParserException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_PASS_THROUGH = (_ParserException, typer.Exit, typer.Abort)
 
-class _ErrorMappingGroup(TyperGroup):
-    """Runs a command and turns a `MemencError` into one line on stderr and its exit code
-    (any other exception: one line too, marked as an internal error). MEMENC_DEBUG=1
-    prints the traceback as well."""
 
-    def invoke(self, ctx: click.Context):
+class _ErrorMappingCommand(TyperCommand):
+    """Runs a command and maps what it raises: memenc's `UsageError` becomes the parser's
+    usage error (usage line + one `Error:` line, exit 2); another `MemencError` one line
+    on stderr and its exit code; running out of GPU memory one line suggesting a smaller
+    --batch-size (exit 1); anything else one line marked as an internal error (exit 1).
+    MEMENC_DEBUG=1 prints the traceback as well."""
+
+    def invoke(self, ctx: typer.Context):
         debug = os.environ.get("MEMENC_DEBUG") == "1"
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except _PASS_THROUGH:
             raise
+        except UsageError as e:
+            if debug:
+                traceback.print_exc()
+            raise _ParserUsageError(" ".join(str(e).split()), ctx=ctx) from e
         except MemencError as e:
             if debug:
                 traceback.print_exc()
@@ -53,11 +70,30 @@ class _ErrorMappingGroup(TyperGroup):
         except Exception as e:
             if debug:
                 traceback.print_exc()
+            if _is_out_of_memory(e):
+                batch = ctx.params.get("batch_size")
+                _error_line(
+                    f"memenc: error: out of GPU memory ({_first_line(e)}); "
+                    f"try a smaller --batch-size (this run: {batch}) or --image-size"
+                )
+                ctx.exit(1)
             _error_line(
                 f"memenc: internal error: {type(e).__name__}: {e} "
                 "(set MEMENC_DEBUG=1 for the traceback)"
             )
             ctx.exit(1)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or the RuntimeError older torch raises for it."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 def _error_line(text: str) -> None:
@@ -66,13 +102,14 @@ def _error_line(text: str) -> None:
 
 
 app = typer.Typer(
-    cls=_ErrorMappingGroup,
     name="memenc",
     help="Precompute SAM 2 memory caches (memory features + position encodings) for videos "
     "into chunked Zarr stores.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain parser errors: the usage line and one `Error:` line, not a boxed panel
+    rich_markup_mode=None,
 )
 
 out_console = Console()
@@ -84,10 +121,38 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on st
 
 
 def _progress_wanted(quiet: bool, as_json: bool) -> bool:
-    return not (quiet or as_json) and sys.stdout.isatty()
+    """The bar is drawn on stderr, so it is shown when stderr is a terminal."""
+    return not (quiet or as_json) and sys.stderr.isatty()
 
 
-@app.command()
+class Weights(str, enum.Enum):
+    checkpoint = "checkpoint"
+    random = "random"
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class StoreDtype(str, enum.Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+def _image_size(value: Optional[int]) -> Optional[int]:
+    """--image-size: the library's rule (a positive multiple of 32), checked while parsing."""
+    from memenc.pipeline.engine import check_image_size
+
+    try:
+        check_image_size(value)
+    except UsageError as e:
+        raise typer.BadParameter(str(e).removeprefix("--image-size ")) from None
+    return value
+
+
+@app.command(cls=_ErrorMappingCommand)
 def encode(
     video: Annotated[Path, typer.Argument(help="A video file, or a folder of frame images.")],
     masks: Annotated[
@@ -99,11 +164,14 @@ def encode(
     ] = None,
     checkpoint: Annotated[
         Optional[str],
-        typer.Option(help="Checkpoint file, or an official name (sam2.1_hiera_tiny, ...)."),
+        typer.Option(
+            help="Checkpoint file, or an official name (sam2.1_hiera_tiny, ...). "
+            "Default: $MEMENC_CHECKPOINT, else sam2.1_hiera_base_plus (downloaded once)."
+        ),
     ] = None,
     weights: Annotated[
-        str, typer.Option(help="'checkpoint', or 'random' for seeded random weights.")
-    ] = "checkpoint",
+        Weights, typer.Option(help="'checkpoint', or 'random' for seeded random weights.")
+    ] = Weights.checkpoint,
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
     variant: Annotated[
         Optional[str], typer.Option(help="Force the model variant (default: detected).")
@@ -113,20 +181,24 @@ def encode(
         typer.Option("-o", "--out", help="Output store (default: <video stem>.zarr beside it)."),
     ] = None,
     image_size: Annotated[
-        Optional[int], typer.Option(help="Model image size S (default 1024).")
+        Optional[int],
+        typer.Option(
+            help="Model image size S, a positive multiple of 32 (default 1024).",
+            callback=_image_size,
+        ),
     ] = None,
     frames: Annotated[
         Optional[str], typer.Option(help="Source frames START:STOP:STEP (Python slice).")
     ] = None,
     objects: Annotated[Optional[str], typer.Option(help="Object ids to keep, e.g. 1,2.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Frames per batch.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Frames per batch.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="Compute precision: fp32, bf16 or fp16.")] = "fp32",
+    precision: Annotated[Precision, typer.Option(help="Compute precision.")] = Precision.fp32,
     store_dtype: Annotated[
-        str, typer.Option(help="Stored feature dtype: float16 or float32.")
-    ] = "float16",
+        StoreDtype, typer.Option(help="Stored feature dtype.")
+    ] = StoreDtype.float16,
     chunk_frames: Annotated[
-        Optional[int], typer.Option(help="Frames per chunk (default: ~1-4 MB chunks).")
+        Optional[int], typer.Option(min=1, help="Frames per chunk (default: ~1-4 MB chunks).")
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing store made with other settings.")
@@ -135,7 +207,8 @@ def encode(
         bool, typer.Option(help="Encode only frames that have a mask instead of failing.")
     ] = False,
     decode_timeout: Annotated[
-        float, typer.Option(help="Seconds a decoder may take for one batch before it is killed.")
+        float,
+        typer.Option(help="Seconds a decoder may take for one batch before it is killed."),
     ] = 120.0,
     quiet: Quiet = False,
     as_json: Json = False,
@@ -143,15 +216,13 @@ def encode(
     """Encode a video's SAM 2 memories into a Zarr store (resumable)."""
     from memenc.pipeline.engine import encode_video
 
-    if (checkpoint is None) == (weights == "checkpoint"):
-        raise UsageError("give either --checkpoint PATH|NAME or --weights random")
     show = _progress_wanted(quiet, as_json)
     with _ProgressView(show) as view:
         result = encode_video(
             video,
             masks=masks,
             checkpoint=checkpoint,
-            weights=weights,
+            weights=weights.value,
             variant=variant,
             seed=seed,
             out=out,
@@ -160,8 +231,8 @@ def encode(
             objects=objects,
             batch_size=batch_size,
             device=device,
-            precision=precision,
-            store_dtype=store_dtype,
+            precision=precision.value,
+            store_dtype=store_dtype.value,
             chunk_frames=chunk_frames,
             overwrite=overwrite,
             skip_unmasked=skip_unmasked,
@@ -217,50 +288,43 @@ class _ProgressView:
         self.bar.update(self.tasks[p.stage], completed=p.done, total=p.total or None, rate=rate)
 
 
-@app.command()
+@app.command(cls=_ErrorMappingCommand)
 def inspect(
     store: Annotated[str, typer.Argument(help="A memenc store (path or URL).")],
-    as_json: Json = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole record (all attributes) as JSON.")
+    ] = False,
 ) -> None:
-    """Show a store's arrays, chunks, completion, attributes and size on disk."""
-    from memenc.pipeline.report import describe_store
+    """Summarise a store: video, model, masks, objects, frames, status, chunks, size, arrays."""
+    from memenc.pipeline.report import _human_bytes, describe_store, summary_lines
 
     info = describe_store(store)
     if as_json:
         print(json.dumps(info, default=str))
         return
-    table = Table(title=f"{info['path']}  [{info['status']}]")
-    table.add_column("array", no_wrap=True)
-    for col in ("dims", "shape", "dtype", "chunks", "on disk"):
-        table.add_column(col, overflow="fold")
-    for a in info["arrays"]:
-        table.add_row(
+    print(info["path"])
+    summary = summary_lines(info)
+    width = max(len(label) for label, _ in summary)
+    for label, text in summary:
+        print(f"  {label:<{width}}  {text}")
+    print()
+    rows = [("array", "dims", "shape", "dtype", "chunks", "on disk")] + [
+        (
             a["name"],
-            ", ".join(a.get("dimension_names") or []),
-            " × ".join(map(str, a["shape"])),
+            ",".join(a.get("dimension_names") or []),
+            "×".join(map(str, a["shape"])),
             str(a["dtype"]),
-            " × ".join(map(str, a["chunks"])),
-            _size(a.get("stored_bytes")),
+            "×".join(map(str, a["chunks"])),
+            _human_bytes(a.get("stored_bytes")),
         )
-    out_console.print(table)
-    out_console.print(
-        f"chunks done: {info['chunks_done']}/{info['chunks_total']}   "
-        f"size on disk: {_size(info.get('size_on_disk'))}   fingerprint: {info['fingerprint'][:16]}…"
-    )
-    out_console.print_json(data=info["attrs"], default=str)
+        for a in info["arrays"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:  # plain print: a table that never wraps or truncates
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-@app.command()
+@app.command(cls=_ErrorMappingCommand)
 def preview(
     store: Annotated[str, typer.Argument(help="A memenc store.")],
     frame: Annotated[int, typer.Option(help="Source frame number.")],

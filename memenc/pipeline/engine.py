@@ -386,6 +386,41 @@ def run_chunks(
 
 # ---------------------------------------------------------------------------- the command
 
+# The checkpoint used when none is given: SAM 2's training configs use base_plus.
+DEFAULT_CHECKPOINT = "sam2.1_hiera_base_plus"
+IMAGE_SIZE_STEP = 32
+
+
+def choose_checkpoint(
+    checkpoint: str | os.PathLike | None, weights: str
+) -> str | os.PathLike | None:
+    """The checkpoint a run uses: the one given; with none and `weights="checkpoint"`,
+    $MEMENC_CHECKPOINT when set, else the official `DEFAULT_CHECKPOINT` (downloaded once).
+    Raises UsageError for unknown `weights` or a checkpoint given with random weights."""
+    if weights not in ("checkpoint", "random"):
+        raise UsageError(f"--weights {weights!r}: choose checkpoint or random")
+    if weights == "random":
+        if checkpoint is not None:
+            raise UsageError("--checkpoint and --weights random exclude each other; give one")
+        return None
+    if checkpoint is not None:
+        return checkpoint
+    return os.environ.get("MEMENC_CHECKPOINT") or DEFAULT_CHECKPOINT
+
+
+def check_image_size(image_size: int | None) -> None:
+    """Raise UsageError unless `image_size` is None (the variant's 1024) or a positive
+    multiple of 32: the patch embedding has stride 4 and Hiera's first windows are 8×8
+    (the window position embedding is tiled over the S/4 grid), and the FPN doubles the
+    stride-32 map back onto the stride-16 one."""
+    if image_size is None:
+        return
+    if image_size < IMAGE_SIZE_STEP or image_size % IMAGE_SIZE_STEP:
+        raise UsageError(
+            f"--image-size {image_size}: not a size the model takes; it takes a positive "
+            f"multiple of {IMAGE_SIZE_STEP} (e.g. 256, 512, 1024)"
+        )
+
 
 def encode_video(
     video: str | os.PathLike,
@@ -414,7 +449,9 @@ def encode_video(
     video: a video file decord or PyAV reads, or a folder of frame images.
     masks: a mask source (PNG folder, mask video, .npy/.npz, SA-V JSON); default: the
         conventionally named source beside the video.
-    checkpoint / weights / variant / seed / image_size: the model (see `load_model`).
+    checkpoint / weights / variant / seed / image_size: the model (see `load_model`);
+        with no checkpoint and weights="checkpoint", $MEMENC_CHECKPOINT or the official
+        sam2.1_hiera_base_plus. image_size: a positive multiple of 32 (default 1024).
     out: the store path (default `<video stem>.zarr` beside the video).
     frames: "START:STOP:STEP" over source frame numbers. objects: ids or "1,2".
     batch_size, device ("auto", "cpu", "cuda[:i]"), precision ("fp32", "bf16", "fp16"),
@@ -422,22 +459,32 @@ def encode_video(
     overwrite: replace a store made with other settings. skip_unmasked: drop frames
     without a mask instead of failing. progress: called with `Progress` reports.
 
-    Returns an `EncodeResult`. A complete store with the same settings is a no-op; an
+    Every argument is checked first (UsageError) before a decoder starts or a store is
+    touched. Returns an `EncodeResult`. A complete store with the same settings is a no-op; an
     in-progress one is resumed (only chunks without markers are computed). Raises
     MemencError subclasses (VideoDecodeError, MaskError, CheckpointError, StoreError,
     UsageError) with one-line messages naming the input and the problem.
     """
     t0 = time.monotonic()
-    limit_malloc_arenas()
-    video_path = Path(video)
+    # every argument is checked before anything starts: no decoder, no store, no download
+    checkpoint = choose_checkpoint(checkpoint, weights)
+    check_image_size(image_size)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    if chunk_frames is not None and chunk_frames < 1:
+        raise UsageError(f"--chunk-frames {chunk_frames}: must be at least 1")
+    if not decode_timeout_s > 0:
+        raise UsageError(f"--decode-timeout {decode_timeout_s}: must be more than 0 seconds")
     dev = pick_device(device)
-    autocast_for(dev, precision)  # validate before any work
+    autocast_for(dev, precision)
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
     selection = parse_frames(frames)
     object_ids = (
         parse_objects(objects) if isinstance(objects, str) or objects is None else list(objects)
     )
+    limit_malloc_arenas()
+    video_path = Path(video)
 
     def on_download(done: int, total: int | None) -> None:
         if progress:
