@@ -52,14 +52,21 @@ def download_official(name: str, progress: ProgressFn | None = None, timeout: fl
     `memenc_home()/checkpoints/` on first use.
 
     The file is streamed into a temporary `.partial` file beside the target and renamed
-    into place only once every byte announced by the server has arrived, so an interrupted
-    download leaves no file behind that a later run could take for a checkpoint.
-    Raises CheckpointError on network errors or a short download.
+    into place only once it is whole: every byte the server announced (`Content-Length`)
+    has arrived or, when the server announces no length, the file loads as a checkpoint.
+    Its sha256, computed while it streams, is written beside it (`<name>.pt.sha256`) and
+    checked on every later use; a cached file that no longer matches (or has no record)
+    is downloaded again. Raises CheckpointError on network errors (the message says how
+    to pass a local file instead) or an incomplete download.
     """
     variant = VARIANTS[name.removesuffix(".pt")]
     target = memenc_home() / "checkpoints" / f"{variant.name}.pt"
+    record = _sha256_record(target)
     if target.is_file():
-        return target
+        if _cached_file_intact(target, record):
+            return target
+        target.unlink(missing_ok=True)  # damaged or unrecorded: fetch it again
+        record.unlink(missing_ok=True)
     url = official_url(variant)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,27 +75,59 @@ def download_official(name: str, progress: ProgressFn | None = None, timeout: fl
             f"{target.parent}: cannot create the checkpoint cache: {e.strerror}"
         ) from e
     tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    tmp_record = record.with_name(f"{record.name}.{os.getpid()}.partial")
     try:
+        digest = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
             total = resp.headers.get("Content-Length")
             total = int(total) if total is not None else None
             done = 0
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
+                digest.update(chunk)
                 done += len(chunk)
                 if progress:
                     progress(done, total)
             if total is not None and done != total:
                 raise CheckpointError(f"{url}: download interrupted after {done} of {total} bytes")
+        if total is None:
+            # nothing says how long the file is: it must at least load as a checkpoint
+            try:
+                read_state_dict(tmp)
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"{url}: the download ({done} bytes, no Content-Length) is not a complete "
+                    "checkpoint; the connection was probably cut"
+                ) from e
+        tmp_record.write_text(f"{digest.hexdigest()}  {target.name}\n")
+        os.replace(tmp_record, record)
         os.replace(tmp, target)
     except CheckpointError:
         raise
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise CheckpointError(f"{url}: download of {variant.name} failed: {reason}") from e
+        raise CheckpointError(
+            f"{url}: download of {variant.name} failed: {reason}; without network, pass a "
+            f"checkpoint file you have: --checkpoint FILE (or set MEMENC_CHECKPOINT=FILE)"
+        ) from e
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_record.unlink(missing_ok=True)
     return target
+
+
+def _sha256_record(target: Path) -> Path:
+    """The file beside a cached checkpoint that holds its sha256 (`sha256sum` format)."""
+    return target.with_name(f"{target.name}.sha256")
+
+
+def _cached_file_intact(target: Path, record: Path) -> bool:
+    """Whether a cached download still has the sha256 recorded when it completed."""
+    try:
+        expected = record.read_text().split()[0]
+    except (OSError, IndexError):
+        return False
+    return sha256_file(target) == expected
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike, progress: ProgressFn | None = None) -> Path:
