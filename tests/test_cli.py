@@ -57,8 +57,23 @@ def test_encode_json_summary_and_inspect(tmp_path, clip):
     assert r.exit_code == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["status"] == "complete" and info["chunks_done"] == info["chunks_total"]
+    assert info["attrs"]["model"]["weights"] == "random"  # the whole record is under --json
     r = invoke("inspect", out)
-    assert r.exit_code == 0 and "maskmem_features" in r.stdout and "complete" in r.stdout
+    assert r.exit_code == 0, r.stderr
+    rows = dict(
+        ln.strip().split("  ", 1) for ln in r.stdout.splitlines()[1:10] if ln.startswith("  ")
+    )
+    assert str(video.resolve()) in rows["video"] and f"{T} frames" in rows["video"]
+    assert rows["model"].strip() == "sam2.1_hiera_tiny at 64 px, random weights, seed 0"
+    assert str(video.parent / "clip_masks") in rows["masks"]
+    assert rows["objects"].strip() == "3, 7"
+    assert rows["frames"].strip().startswith(f"{T} (source frames 0…{T - 1}")
+    assert rows["storage"].strip().startswith("float16")
+    assert rows["status"].strip() == "complete"
+    assert rows["chunks done"].strip().startswith(f"{info['chunks_total']}/")
+    assert "maskmem_features" in r.stdout
+    # a summary, not the raw attribute record
+    assert "{" not in r.stdout and "fingerprint" not in r.stdout and "sigmoid" not in r.stdout
 
 
 def test_preview_writes_a_picture(tmp_path, clip):
@@ -79,14 +94,146 @@ def test_preview_writes_a_picture(tmp_path, clip):
     assert img.width > img.height > 0
 
 
-def test_usage_errors_exit_2(clip):
+def usage_error_line(result) -> str:
+    """A usage error: exit 2, the command's usage line, and exactly one `Error:` line."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("Usage: "), result.stderr
+    errors = [ln for ln in lines if ln.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+# argv after `encode VIDEO` -> the option the one error line must name
+BAD_OPTIONS = {
+    "unknown option": (["--bogus"], "--bogus"),
+    "unknown option value-like": (["--image-sise", "256"], "--image-sise"),
+    "image size 0": (["--image-size", "0"], "--image-size"),
+    "image size 100": (["--image-size", "100"], "--image-size"),
+    "image size negative": (["--image-size", "-64"], "--image-size"),
+    "image size not a number": (["--image-size", "big"], "--image-size"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size"),
+    "chunk frames 0": (["--chunk-frames", "0"], "--chunk-frames"),
+    "frames malformed": (["--frames", "a:b"], "--frames"),
+    "frames step 0": (["--frames", "0:4:0"], "--frames"),
+    "frames one part": (["--frames", "5"], "--frames"),
+    "objects malformed": (["--objects", "1,,2"], "--objects"),
+    "objects not ids": (["--objects", "cat"], "--objects"),
+    "device unknown": (["--device", "tpu"], "--device"),
+    "device cuda index beyond": (["--device", "cuda:99"], "--device"),
+    "precision": (["--precision", "fp8"], "--precision"),
+    "store dtype": (["--store-dtype", "int8"], "--store-dtype"),
+    "weights": (["--weights", "pretrained"], "--weights"),
+    "decode timeout 0": (["--decode-timeout", "0"], "--decode-timeout"),
+    "checkpoint with random weights": (["--checkpoint", "x.pt"], "--checkpoint"),
+}
+
+
+def test_bad_options_are_usage_errors_before_any_side_effect(tmp_path, clip, monkeypatch):
+    """Each bad option: exit 2, one line naming it; no decoder started, no model loaded,
+    no store created."""
+    import memenc.pipeline.engine as engine
+
+    started = []
+
+    def spy(name):
+        def record(*args, **kwargs):
+            started.append(name)
+            raise AssertionError(f"{name} started for a usage error")
+
+        return record
+
+    monkeypatch.setattr(engine, "VideoSource", spy("VideoSource"))
+    monkeypatch.setattr(engine, "load_model", spy("load_model"))
+    monkeypatch.setattr(engine, "store_lock", spy("store_lock"))
     video, _ = clip
-    r = invoke("encode", video)  # neither --checkpoint nor --weights random
-    assert r.exit_code == 2 and "--checkpoint" in stderr_line(r)
-    r = invoke("encode", video, "--weights", "random", "--frames", "a:b")
-    assert r.exit_code == 2 and "a:b" in stderr_line(r)
-    r = invoke("encode", video, "--weights", "random", "--precision", "fp8")
-    assert r.exit_code == 2 and "fp8" in stderr_line(r)
+    for name, (argv, option) in BAD_OPTIONS.items():
+        out = tmp_path / "out.zarr"
+        r = invoke("encode", video, "--weights", "random", "-o", out, *argv)
+        line = usage_error_line(r)
+        assert option in line, (name, line)
+        assert not out.exists(), name
+        assert started == [], (name, started)
+    # the image size rule is stated
+    r = invoke("encode", video, "--weights", "random", "--image-size", "100")
+    assert "multiple of 32" in usage_error_line(r)
+
+
+def test_bad_options_in_the_library_raise_before_the_decoder(tmp_path, clip, monkeypatch):
+    """encode_video checks its arguments before VideoSource opens (library callers too)."""
+    import memenc.pipeline.engine as engine
+    from memenc.errors import UsageError
+
+    monkeypatch.setattr(engine, "VideoSource", None)  # calling it would be a TypeError
+    video, _ = clip
+    bad = [
+        {"image_size": 100},
+        {"image_size": 0},
+        {"batch_size": 0},
+        {"chunk_frames": 0},
+        {"frames": "0:4:0"},
+        {"objects": "x"},
+        {"device": "tpu"},
+        {"precision": "fp8"},
+        {"store_dtype": "int8"},
+        {"weights": "random", "checkpoint": "x.pt"},
+        {"weights": "nope"},
+    ]
+    for kwargs in bad:
+        args = {"weights": "random", **kwargs}
+        with pytest.raises(UsageError):
+            engine.encode_video(video, out=tmp_path / "o.zarr", **args)
+        assert not (tmp_path / "o.zarr").exists()
+
+
+def test_weights_random_with_checkpoint_is_a_usage_error(clip):
+    video, _ = clip
+    r = invoke("encode", video, "--weights", "random", "--checkpoint", "sam2.1_hiera_tiny")
+    line = usage_error_line(r)
+    assert "--checkpoint" in line and "--weights" in line
+
+
+def test_progress_bar_follows_stderr_not_stdout(monkeypatch):
+    """The bar is drawn on stderr: a terminal there (stdout piped) shows it, and a piped
+    stderr (stdout a terminal) hides it."""
+    import memenc.cli.app as cli
+
+    class Stream:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    monkeypatch.setattr(cli.sys, "stdout", Stream(False))
+    monkeypatch.setattr(cli.sys, "stderr", Stream(True))
+    assert cli._progress_wanted(quiet=False, as_json=False)
+    assert not cli._progress_wanted(quiet=True, as_json=False)
+    monkeypatch.setattr(cli.sys, "stdout", Stream(True))
+    monkeypatch.setattr(cli.sys, "stderr", Stream(False))
+    assert not cli._progress_wanted(quiet=False, as_json=False)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB (GPU 0; 7.8 GiB total)"),
+    ],
+)
+def test_out_of_gpu_memory_is_one_line_suggesting_a_smaller_batch(clip, monkeypatch, error):
+    import memenc.pipeline.engine as engine
+
+    def raise_oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(engine, "encode_video", raise_oom)
+    video, _ = clip
+    r = invoke("encode", video, "--weights", "random", "--batch-size", "8")
+    assert r.exit_code == 1, r.stderr
+    line = stderr_line(r)
+    assert line.startswith("memenc: error: out of GPU memory"), line
+    assert "smaller --batch-size" in line and "8" in line and "internal error" not in line
 
 
 def test_debug_env_shows_the_traceback(tmp_path):

@@ -38,7 +38,7 @@ from memenc.pipeline.store import (
     _open_group,
 )
 
-__all__ = ["describe_store"]
+__all__ = ["describe_store", "summary_lines"]
 
 
 def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -123,12 +123,106 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         else None,
         "object_ids": None if object_ids is None else [int(i) for i in object_ids],
         "chunk_frames": attrs.get("chunk_frames"),
-        "store_dtype": attrs.get("store_dtype") or (features["dtype"] if features else None),
+        "store_dtype": attrs.get("storage_dtype")
+        or attrs.get("store_dtype")
+        or (features["dtype"] if features else None),
         "arrays": arrays,
         "size_on_disk": _tree_bytes(loc.local, problems) if loc.local is not None else None,
         "attrs": attrs,
         "problems": problems,
     }
+
+
+def summary_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The human summary `memenc inspect` prints: (label, text) rows for the video, the
+    model, the masks, objects, frames, storage dtype, status, chunks and size, from a
+    `describe_store` result. Fields the store does not record read "-"."""
+    attrs = info.get("attrs") or {}
+    video = attrs.get("source_video") or {}
+    model = attrs.get("model") or {}
+    masks = attrs.get("masks") or {}
+    selection = attrs.get("frame_selection") or {}
+
+    def size(v: dict) -> str:
+        return f"{v['width']}×{v['height']}" if v.get("width") and v.get("height") else ""
+
+    video_text = " ".join(
+        x
+        for x in (
+            str(video.get("path") or "-"),
+            f"({', '.join(p for p in (size(video), _fps(video), _count(video)) if p)})"
+            if video
+            else "",
+        )
+        if x
+    )
+    if model.get("weights") == "random":
+        weights = f"random weights, seed {model.get('seed')}"
+    elif model.get("checkpoint"):
+        sha = model.get("checkpoint_sha256") or ""
+        weights = f"checkpoint {model['checkpoint']}" + (f" (sha256 {sha[:12]}…)" if sha else "")
+    else:
+        weights = "-"
+    model_text = (
+        f"{model.get('variant', '-')} at {model.get('image_size', '-')} px, {weights}"
+        if model
+        else "-"
+    )
+    masks_text = (
+        f"{masks.get('path', '-')} ({masks.get('kind', '?')}"
+        + (", logits" if masks.get("is_logits") else "")
+        + ")"
+        if masks
+        else "-"
+    )
+    objects = info.get("object_ids")
+    n = info.get("num_frames")
+    frames_text = "-" if n is None else f"{n}"
+    if n:
+        frames_text += f" (source frames {info['frame_first']}…{info['frame_last']}"
+        spec = selection.get("spec")
+        frames_text += f", selection {spec})" if spec and spec.strip(":") else ")"
+    done, total = info.get("chunks_done"), info.get("chunks_total")
+    chunks_text = "-" if total is None else f"{done}/{total}"
+    if info.get("chunks_pending"):
+        chunks_text += f" (pending: {info['chunks_pending']})"
+    if info.get("chunk_frames"):
+        chunks_text += f", {info['chunk_frames']} frames each"
+    rows = [
+        ("video", video_text),
+        ("model", model_text),
+        ("masks", masks_text),
+        ("objects", "-" if objects is None else ", ".join(map(str, objects)) or "none"),
+        ("frames", frames_text),
+        ("storage", f"{info.get('store_dtype') or '-'}, computed in {attrs.get('precision', '-')}"),
+        ("status", str(info.get("status"))),
+        ("chunks done", chunks_text),
+        ("size on disk", _human_bytes(info.get("size_on_disk"))),
+    ]
+    rows += [("problem", p) for p in info.get("problems") or []]
+    return rows
+
+
+def _fps(video: dict) -> str:
+    fps = video.get("fps")
+    return f"{fps:g} fps" if isinstance(fps, (int, float)) else ""
+
+
+def _count(video: dict) -> str:
+    n = video.get("frame_count")
+    return f"{n} frames" if n is not None else ""
+
+
+def _human_bytes(n: int | None) -> str:
+    """1536 -> '1.5 KB'; None -> '-'."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
 
 
 def _arrays(group: zarr.Group, loc: _Location, problems: list[str]) -> list[dict[str, Any]]:
