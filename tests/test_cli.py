@@ -124,6 +124,7 @@ BAD_OPTIONS = {
     "precision": (["--precision", "fp8"], "--precision"),
     "store dtype": (["--store-dtype", "int8"], "--store-dtype"),
     "weights": (["--weights", "pretrained"], "--weights"),
+    "variant": (["--variant", "huge"], "--variant"),
     "decode timeout 0": (["--decode-timeout", "0"], "--decode-timeout"),
     "checkpoint with random weights": (["--checkpoint", "x.pt"], "--checkpoint"),
 }
@@ -178,6 +179,7 @@ def test_bad_options_in_the_library_raise_before_the_decoder(tmp_path, clip, mon
         {"store_dtype": "int8"},
         {"weights": "random", "checkpoint": "x.pt"},
         {"weights": "nope"},
+        {"variant": "huge"},
     ]
     for kwargs in bad:
         args = {"weights": "random", **kwargs}

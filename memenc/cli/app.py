@@ -88,7 +88,7 @@ def _is_out_of_memory(e: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError, or the RuntimeError older torch raises for it."""
     if type(e).__name__ == "OutOfMemoryError":
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    return isinstance(e, RuntimeError) and "CUDA out of memory" in str(e)
 
 
 def _first_line(e: BaseException) -> str:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, load_model
-from memenc.errors import MaskError, UsageError
+from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, get_variant, load_model
+from memenc.errors import CheckpointError, MaskError, UsageError
 from memenc.pipeline.masks import MaskSource, find_masks_beside, open_masks, parse_objects
 from memenc.pipeline.store import (
     CacheStore,
@@ -468,6 +468,11 @@ def encode_video(
     t0 = time.monotonic()
     # every argument is checked before anything starts: no decoder, no store, no download
     checkpoint = choose_checkpoint(checkpoint, weights)
+    if variant is not None:
+        try:
+            get_variant(variant)
+        except CheckpointError as e:
+            raise UsageError(f"--variant: {e}") from None
     check_image_size(image_size)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
