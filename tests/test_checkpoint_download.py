@@ -161,34 +161,36 @@ def test_encode_without_checkpoint_fetches_the_default_once(
     _, ckpt = ref_checkpoint("sam2.1_hiera_base_plus", 256)
     body = Path(ckpt).read_bytes()
     url_path = "/092824/sam2.1_hiera_base_plus.pt"
+    out = tmp_path / "run.zarr"
     with Server({url_path: body}) as srv:
-        env = {"MEMENC_CHECKPOINT_BASE_URL": srv.url}
-        for n in (1, 2):
-            out = tmp_path / f"run{n}.zarr"
-            r = runner.invoke(
-                app,
-                ["encode", str(short_clip), "--image-size", "256", "-o", str(out), "--json"],
-                env=env,
-            )
-            assert r.exit_code == 0, r.stderr
-            summary = json.loads(r.stdout)
-            assert summary["variant"] == "sam2.1_hiera_base_plus"
-            assert summary["weights"] == "checkpoint" and summary["frames"] == 3
-            model = json.loads((out / "zarr.json").read_text())["attributes"]["memenc"]["model"]
-            assert model["checkpoint"] == str(home / "checkpoints/sam2.1_hiera_base_plus.pt")
-            assert model["checkpoint_sha256"] == hashlib.sha256(body).hexdigest()
-        assert srv.requests == [url_path]  # downloaded once, reused by the second run
+        r = runner.invoke(
+            app,
+            ["encode", str(short_clip), "--image-size", "256", "-o", str(out), "--json"],
+            env={"MEMENC_CHECKPOINT_BASE_URL": srv.url},
+        )
+        assert r.exit_code == 0, r.stderr
+        summary = json.loads(r.stdout)
+        assert summary["variant"] == "sam2.1_hiera_base_plus"
+        assert summary["weights"] == "checkpoint" and summary["frames"] == 3
+        model = json.loads((out / "zarr.json").read_text())["attributes"]["memenc"]["model"]
+        cached_path = home / "checkpoints/sam2.1_hiera_base_plus.pt"
+        assert model["checkpoint"] == str(cached_path)
+        assert model["checkpoint_sha256"] == hashlib.sha256(body).hexdigest()
+        # the next run finds it in $MEMENC_HOME and asks the server nothing
+        assert download_official("sam2.1_hiera_base_plus") == cached_path
+        assert srv.requests == [url_path]
 
 
 def test_memenc_checkpoint_env_names_the_default(tmp_path, home, short_clip, ref_checkpoint):
-    _, ckpt = ref_checkpoint("sam2.1_hiera_base_plus", 256)
+    _, ckpt = ref_checkpoint("sam2.1_hiera_tiny", 256)
     out = tmp_path / "env.zarr"
     r = runner.invoke(
         app,
-        ["encode", str(short_clip), "--image-size", "256", "-o", str(out), "-q"],
+        ["encode", str(short_clip), "--image-size", "256", "-o", str(out), "--json"],
         env={"MEMENC_CHECKPOINT": str(ckpt), "MEMENC_CHECKPOINT_BASE_URL": "http://127.0.0.1:9"},
     )
     assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["variant"] == "sam2.1_hiera_tiny"  # not the base_plus default
     model = json.loads((out / "zarr.json").read_text())["attributes"]["memenc"]["model"]
     assert model["checkpoint"] == str(ckpt) and cached(home) == []
 
