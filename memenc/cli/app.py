@@ -1,16 +1,21 @@
 """`memenc` commands: encode, inspect, preview.
 
 Errors: a `MemencError` prints one line `memenc: error: …` on stderr and exits with its
-code (1, or 2 for usage errors); MEMENC_DEBUG=1 shows the traceback instead. Progress
+code (1, or 2 for usage errors); MEMENC_DEBUG=1 shows the traceback instead. A
+`MemencWarning` (a damaged video whose decodable frames are encoded) prints one line
+`memenc: warning: …` on stderr and the command goes on. Progress
 bars appear only on a terminal and never with --quiet or --json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,7 +33,7 @@ from rich.progress import (
 from rich.table import Table
 from typer.core import TyperGroup
 
-from memenc.errors import MemencError, UsageError
+from memenc.errors import MemencError, MemencWarning, UsageError
 
 
 class _ErrorMappingGroup(TyperGroup):
@@ -63,6 +68,23 @@ class _ErrorMappingGroup(TyperGroup):
 def _error_line(text: str) -> None:
     """One line on stderr: newlines in messages (e.g. from native libraries) are folded."""
     print(" ".join(text.split()), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Print each `MemencWarning` raised inside as one line ``memenc: warning: …``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", MemencWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, MemencWarning):
+                _error_line(f"memenc: warning: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 app = typer.Typer(
@@ -146,7 +168,7 @@ def encode(
     if (checkpoint is None) == (weights == "checkpoint"):
         raise UsageError("give either --checkpoint PATH|NAME or --weights random")
     show = _progress_wanted(quiet, as_json)
-    with _ProgressView(show) as view:
+    with _ProgressView(show) as view, _warnings_as_lines():
         result = encode_video(
             video,
             masks=masks,
