@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memenc.errors import MaskError, UsageError
+from memenc.errors import MaskError, UsageError, VideoDecodeError
 from memenc.pipeline import video as vid
 from memenc.pipeline.masks import (
     MaskSource,
@@ -649,3 +649,38 @@ def test_mask_video_decoder_that_hangs_or_crashes_fails_in_time(paths, monkeypat
     assert time.monotonic() - t0 < 20
     message = str(info.value)
     assert message.startswith(f"{paths['video']}: ") and "\n" not in message
+
+
+# --------------------------------------------------------------------------- a damaged video
+
+
+def test_masks_for_more_frames_than_a_damaged_video_decodes_name_the_video(tmp_path, labels):
+    """The video promises 20 frames, 12 decode: masks for 12 fit; masks for more are
+    refused naming the video as damaged, with both counts and the masks' own."""
+    video = str(tmp_path / "clip.mp4")
+    damaged = {**VIDEO, "video_path": video, "video_frame_count_declared": 20}
+    longer = np.concatenate([labels, labels[:8]])  # 20 frames
+    fit = {
+        "npy": _save_npy(tmp_path / "fit.npy", labels),
+        "video": write_mask_video(tmp_path / "fit.mkv", labels),
+        "png": write_png_folder(tmp_path / "fit_pngs", labels),
+    }
+    for name, path in fit.items():
+        assert open_masks(path, **damaged).object_ids == [3, 7], name
+    bad = {
+        _save_npy(tmp_path / "all.npy", longer): "masks for 20 frames",
+        write_mask_video(tmp_path / "all.mkv", longer): "the mask video has 20 frames",
+        write_png_folder(tmp_path / "all_pngs", longer) / "00019.png": "mask for frame 19",
+    }
+    for path, claim in bad.items():
+        with pytest.raises(VideoDecodeError) as info:
+            open_masks(path.parent if path.suffix == ".png" else path, **damaged)
+        assert str(info.value) == (
+            f"{video}: only 12 of 20 frames decode; the file is truncated or damaged "
+            f"({path}: {claim})"
+        )
+        # the same masks against a whole 12-frame video: the masks disagree, both named
+        with pytest.raises(MaskError) as info:
+            open_masks(path.parent if path.suffix == ".png" else path, video_path=video, **VIDEO)
+        message = str(info.value)
+        assert message.startswith(f"{path}: {claim}") and f"the video {video} has 12" in message

@@ -23,7 +23,9 @@ Backends (DESIGN.md §3, RELIABILITY.md "decord"):
 
 The frame count and timestamps are those a player presents: the frames PyAV's
 demuxer does not discard (edit lists applied), ordered by presentation time, minus
-frames at the end that do not decode (a truncated file). Timestamps are seconds
+frames at the end that do not decode or lost a neighbour (a truncated file). What the
+file promises (its index, stated length or frame packets) is kept as
+``frame_count_declared``, so a damaged file can be named as such. Timestamps are seconds
 from the stream's start (the first presented frame of an MP4 is at 0.0); streams
 without timestamps (raw ``.h264``) get ``index / fps``; image folders get the
 0-based frame index.
