@@ -765,14 +765,20 @@ def _promised_frames(
     """The frame count a container states, and whether it is exact (a sample count)
     rather than derived from a stated length in seconds; None when it states neither.
 
-    MP4/MOV: the sample table's count (less the frames an edit list hides), or for a
-    fragmented file, which has none, the samples its fragments list. Matroska: the
+    MP4/MOV: the sample table's count (less the frames an edit list hides; when the
+    demuxer drops them without marking them, the edit list's length in frames), or for
+    a fragmented file, which has none, the samples its fragments list. Matroska: the
     per-track ``NUMBER_OF_FRAMES`` or ``DURATION`` tag (mkvmerge, FFmpeg). AVI: the
     stream header's length. MPEG-TS and raw streams state nothing: FFmpeg's duration
     for them is estimated from what is there.
     """
     if stream.frames and stream.frames > discarded:
-        return int(stream.frames) - discarded, True
+        count = int(stream.frames) - discarded
+        if stream.duration and stream.time_base and fps > 0:
+            shown = int(round(float(stream.duration * stream.time_base) * fps))
+            if shown < count - 1:  # an edit list hides frames the demuxer drops unmarked
+                return shown, False
+        return count, True
     if fps <= 0:
         return None
     if fmt == "matroska,webm":
