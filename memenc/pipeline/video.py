@@ -135,8 +135,8 @@ class VideoInfo:
     frames a player presents that decode; ``frame_count_declared`` the number the
     file promises (its index, stated length, or frame packets), larger than
     ``frame_count`` when the file is truncated or damaged at the end; ``fps`` is the
-    container's average rate (0.0 for a frame folder). ``backend`` names the decoder that reads the frames
-    and ``backend_reason`` why it was chosen.
+    container's average rate (0.0 for a frame folder). ``backend`` names the decoder
+    that reads the frames and ``backend_reason`` why it was chosen.
     """
 
     path: str
