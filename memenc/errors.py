@@ -39,3 +39,9 @@ class StoreError(MemencError):
 
 class StoreLockedError(StoreError):
     """Another process holds the store's write lock."""
+
+
+class MemencWarning(UserWarning):
+    """Something the user should know that does not stop the run (a damaged video
+    whose decodable frames are encoded). Raised through `warnings.warn`; the CLI prints
+    it as one line ``memenc: warning: …`` on stderr."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from pathlib import Path
 
 import av
@@ -12,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from memenc.errors import MaskError, UsageError
+from memenc.errors import MaskError, UsageError, VideoDecodeError
+from memenc.pipeline import video as vid
 from memenc.pipeline.masks import (
     MaskSource,
     conventional_mask_paths,
@@ -571,3 +573,114 @@ def test_find_masks_beside_lists_the_places_it_looked(tmp_path):
     ]
     for place in conventional_mask_paths(video):
         assert str(place) in message
+
+
+# --------------------------------------------------------------------------- mask videos
+
+
+def _write_video_as(path: Path, frames: np.ndarray, codec: str, pix_fmt: str, fmt: str) -> Path:
+    """Label frames [T, H, W] in a lossless video of the given pixel format (``fmt`` is how
+    the frames are handed to the encoder)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=24)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = pix_fmt
+        for frame in frames:
+            if fmt == "rgb24":
+                data = np.repeat(frame[..., None], 3, axis=-1).astype(np.uint8)
+                video_frame = av.VideoFrame.from_ndarray(data, format="rgb24")
+            elif fmt == "pal8":
+                palette = np.array([[i * 37 % 256, 0, 255 - i, 255] for i in range(256)], np.uint8)
+                indices = frame.astype(np.uint8)
+                video_frame = av.VideoFrame.from_ndarray((indices, palette), format="pal8")
+            else:
+                video_frame = av.VideoFrame.from_ndarray(frame.astype(np.uint16), format=fmt)
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("codec", "pix_fmt", "fmt", "scale"),
+    [
+        ("ffv1", "bgr0", "rgb24", 1),  # RGB with equal channels: one channel
+        ("png", "pal8", "pal8", 1),  # palette indices, whatever the colours
+        ("ffv1", "gray16le", "gray16le", 1000),  # 16-bit ids beyond 255
+    ],
+)
+def test_mask_video_label_values_are_exact(tmp_path, labels, codec, pix_fmt, fmt, scale):
+    values = labels.astype(np.int64) * scale
+    name = "m.mov" if codec == "png" else "m.mkv"  # Matroska takes no PNG frames
+    path = _write_video_as(tmp_path / name, values, codec, pix_fmt, fmt)
+    source = open_masks(path, **VIDEO)
+    assert source.object_ids == [3 * scale, 7 * scale]
+    assert torch.equal(source.read(range(T)), expected_masks(values, [3 * scale, 7 * scale]))
+
+
+def test_colour_mask_video_is_refused(tmp_path, labels):
+    path = tmp_path / "colour.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=24)
+        stream.width, stream.height, stream.pix_fmt = W, H, "bgr0"
+        for frame in labels:
+            rgb = np.stack([frame, frame, frame * 0], axis=-1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    with pytest.raises(MaskError, match=r"colour\.mkv: frame 0 is in colour"):
+        open_masks(path, **VIDEO)
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("mask-probe:hang", "mask decoder timed out after 1s"),
+        ("mask-read:hang", "mask decoder timed out after 1s"),
+        ("mask-read:segv", r"mask decoder crashed \(signal 11"),
+    ],
+)
+def test_mask_video_decoder_that_hangs_or_crashes_fails_in_time(paths, monkeypatch, fault, problem):
+    monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+    t0 = time.monotonic()
+    with (
+        pytest.raises(MaskError, match=problem) as info,
+        open_masks(paths["video"], timeout_s=1.0, **VIDEO) as source,
+    ):
+        source.read([0, 1])
+    assert time.monotonic() - t0 < 20
+    message = str(info.value)
+    assert message.startswith(f"{paths['video']}: ") and "\n" not in message
+
+
+# --------------------------------------------------------------------------- a damaged video
+
+
+def test_masks_for_more_frames_than_a_damaged_video_decodes_name_the_video(tmp_path, labels):
+    """The video promises 20 frames, 12 decode: masks for 12 fit; masks for more are
+    refused naming the video as damaged, with both counts and the masks' own."""
+    video = str(tmp_path / "clip.mp4")
+    damaged = {**VIDEO, "video_path": video, "video_frame_count_declared": 20}
+    longer = np.concatenate([labels, labels[:8]])  # 20 frames
+    fit = {
+        "npy": _save_npy(tmp_path / "fit.npy", labels),
+        "video": write_mask_video(tmp_path / "fit.mkv", labels),
+        "png": write_png_folder(tmp_path / "fit_pngs", labels),
+    }
+    for name, path in fit.items():
+        assert open_masks(path, **damaged).object_ids == [3, 7], name
+    bad = {
+        _save_npy(tmp_path / "all.npy", longer): "masks for 20 frames",
+        write_mask_video(tmp_path / "all.mkv", longer): "the mask video has 20 frames",
+        write_png_folder(tmp_path / "all_pngs", longer) / "00019.png": "mask for frame 19",
+    }
+    for path, claim in bad.items():
+        with pytest.raises(VideoDecodeError) as info:
+            open_masks(path.parent if path.suffix == ".png" else path, **damaged)
+        assert str(info.value) == (
+            f"{video}: only 12 of 20 frames decode; the file is truncated or damaged "
+            f"({path}: {claim})"
+        )
+        # the same masks against a whole 12-frame video: the masks disagree, both named
+        with pytest.raises(MaskError) as info:
+            open_masks(path.parent if path.suffix == ".png" else path, video_path=video, **VIDEO)
+        message = str(info.value)
+        assert message.startswith(f"{path}: {claim}") and f"the video {video} has 12" in message

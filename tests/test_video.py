@@ -24,7 +24,13 @@ from PIL import Image
 
 from memenc.errors import UsageError, VideoDecodeError
 from memenc.pipeline import video as vid
-from memenc.pipeline.video import FrameBatch, VideoSource, parse_frames, probe_video
+from memenc.pipeline.video import (
+    FrameBatch,
+    VideoSource,
+    parse_frames,
+    probe_video,
+    read_frame,
+)
 
 W, H = 160, 120  # source frame size
 N = 40  # frames per test video
@@ -549,3 +555,91 @@ def test_bad_image_names_its_frame_and_the_source_goes_on(tmp_path):
             src.read([1, 2, 3])
         assert str(err.value).startswith(str(tmp_path))
         assert [ident(f) for f in src.read([0, 3]).frames] == [0, 3]
+
+
+# -- review findings: the idle seek, a failed start ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError, decord.DECORDError, decord.DECORDLimitReachedError]
+)
+def test_decord_error_in_the_idle_seek_is_not_raised(media, capfd, error):
+    decord.bridge.set_bridge("native")
+    vr = decord.VideoReader(str(media["mp4"]), width=64, height=64)
+
+    class RefusesSeek:  # decord's reader, with a seek that fails
+        def get_batch(self, frames):
+            return vr.get_batch(frames)
+
+        def seek(self, index):
+            raise error("seek refused")
+
+    reader = vid._DecordReader(RefusesSeek(), budget=-1)  # any read-ahead is over budget
+    out = np.zeros((2, 3, 64, 64), np.uint8)
+    reader.read(np.arange(2), out)
+    reader.idle()  # seeks to stop the read-ahead; decord refuses
+    assert reader._capped  # does not retry on every idle tick
+    reader.read(np.array([2, 3]), out)
+    assert [ident(f) for f in out] == [2, 3]
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "error, problem",
+    [
+        (OSError(11, "Resource temporarily unavailable"), "cannot start a decoder process"),
+        (AssertionError("daemonic processes are not allowed"), "distributed.worker.daemon"),
+    ],
+)
+def test_failed_decoder_start_closes_both_pipe_ends(media, monkeypatch, error, problem):
+    real = vid._mp_context()
+    made = []
+
+    class FailingStart:  # the real context, whose processes fail to start
+        def Pipe(self, duplex=True):
+            ends = real.Pipe(duplex)
+            made.extend(ends)
+            return ends
+
+        def Process(self, **kwargs):
+            proc = real.Process(**kwargs)
+
+            def start():
+                raise error
+
+            proc.start = start
+            return proc
+
+    monkeypatch.setattr(vid, "_mp_context", lambda: FailingStart())
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VideoDecodeError, match=problem) as err:
+        VideoSource(media["mp4"], 64)
+    assert str(err.value).startswith(f"{media['mp4']}: ")
+    assert len(made) == 2 and all(end.closed for end in made)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+# -- one frame at its own size, for preview -----------------------------------------------------
+
+
+def test_read_frame_gives_the_frame_at_its_displayed_size(media, tmp_path):
+    for name in ("mp4", "ts", "cut"):
+        n = probe_video(media[name]).frame_count
+        for k in (0, 7, n - 1):
+            rgb = read_frame(media[name], k)
+            assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
+            want = k + (10 if name == "cut" else 0)  # the edit list hides 10 frames
+            assert np.abs(rgb.astype(int) - pattern(want)).mean() < 6, (name, k)
+    with pytest.raises(VideoDecodeError, match=r"clip\.mp4: no frame 40 \(the video has 40"):
+        read_frame(media["mp4"], N)
+    for k in range(3):
+        Image.fromarray(pattern(k, 30, 50)).save(tmp_path / f"{k:05d}.png")
+    assert np.array_equal(read_frame(tmp_path, 2), pattern(2, 30, 50))
+
+
+def test_read_frame_that_hangs_times_out(media, monkeypatch):
+    monkeypatch.setattr(vid, "_CHILD_FAULT", "read:hang")
+    t0 = time.monotonic()
+    with pytest.raises(VideoDecodeError, match=r"clip\.mp4: decoder timed out after 1s"):
+        read_frame(media["mp4"], 3, timeout_s=1.0)
+    assert time.monotonic() - t0 < QUICK_S

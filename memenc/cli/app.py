@@ -3,8 +3,9 @@
 Errors: a `MemencError` prints one line `memenc: error: …` on stderr and exits with its
 code 1; usage errors (from the parser or from memenc's own checks) print the command's
 usage line and one `Error:` line, and exit 2. MEMENC_DEBUG=1 shows the traceback instead.
-Progress bars appear only when stderr (where they are drawn) is a terminal, and never
-with --quiet or --json.
+A `MemencWarning` (a damaged video whose decodable frames are encoded) prints one line
+`memenc: warning: …` on stderr and the command goes on. Progress bars appear only when
+stderr (where they are drawn) is a terminal, and never with --quiet or --json.
 
 Only `typer` is imported, never `click` directly: Typer 0.29+ vendors its own copy
 (`typer._click`) and no longer installs `click`.
@@ -12,11 +13,14 @@ Only `typer` is imported, never `click` directly: Typer 0.29+ vendors its own co
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,7 +36,7 @@ from rich.progress import (
 )
 from typer.core import TyperCommand
 
-from memenc.errors import MemencError, UsageError
+from memenc.errors import MemencError, MemencWarning, UsageError
 
 # The parser's own exception classes, taken from Typer so that they are the ones its parser
 # raises whether it vendors click (0.29+) or uses the `click` package (older releases):
@@ -99,6 +103,23 @@ def _first_line(e: BaseException) -> str:
 def _error_line(text: str) -> None:
     """One line on stderr: newlines in messages (e.g. from native libraries) are folded."""
     print(" ".join(text.split()), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Print each `MemencWarning` raised inside as one line ``memenc: warning: …``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", MemencWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, MemencWarning):
+                _error_line(f"memenc: warning: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 app = typer.Typer(
@@ -217,7 +238,7 @@ def encode(
     from memenc.pipeline.engine import encode_video
 
     show = _progress_wanted(quiet, as_json)
-    with _ProgressView(show) as view:
+    with _ProgressView(show) as view, _warnings_as_lines():
         result = encode_video(
             video,
             masks=masks,

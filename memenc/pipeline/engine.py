@@ -22,6 +22,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, get_variant, load_model
-from memenc.errors import CheckpointError, MaskError, UsageError
+from memenc.errors import CheckpointError, MaskError, MemencWarning, UsageError
 from memenc.pipeline.masks import MaskSource, find_masks_beside, open_masks, parse_objects
 from memenc.pipeline.store import (
     CacheStore,
@@ -41,7 +42,7 @@ from memenc.pipeline.store import (
     fingerprint,
     store_lock,
 )
-from memenc.pipeline.video import VideoSource, parse_frames
+from memenc.pipeline.video import VideoInfo, VideoSource, parse_frames
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("float16", "float32")
@@ -422,6 +423,22 @@ def check_image_size(image_size: int | None) -> None:
         )
 
 
+def _warn_if_damaged(info: VideoInfo) -> None:
+    """A video that promises more frames than decode, with masks that fit the frames
+    that do: those are encoded, and a `MemencWarning` says what is skipped (the store's
+    ``source_video`` attributes hold both counts)."""
+    m, n = info.frame_count, info.frame_count_declared
+    if n > m:
+        skipped = f"frame {m}" if n - m == 1 else f"frames {m}-{n - 1}"
+        warnings.warn(
+            MemencWarning(
+                f"{info.path}: only {m} of {n} frames decode (the file is truncated or "
+                f"damaged); encoding those {m}, {skipped} skipped"
+            ),
+            stacklevel=3,
+        )
+
+
 def encode_video(
     video: str | os.PathLike,
     *,
@@ -463,7 +480,10 @@ def encode_video(
     touched. Returns an `EncodeResult`. A complete store with the same settings is a no-op; an
     in-progress one is resumed (only chunks without markers are computed). Raises
     MemencError subclasses (VideoDecodeError, MaskError, CheckpointError, StoreError,
-    UsageError) with one-line messages naming the input and the problem.
+    UsageError) with one-line messages naming the input and the problem. A video that
+    decodes fewer frames than it promises is encoded when the masks fit the frames
+    that decode, with a `MemencWarning` (through `warnings`); otherwise it is a
+    VideoDecodeError naming the video as damaged.
     """
     t0 = time.monotonic()
     # every argument is checked before anything starts: no decoder, no store, no download
@@ -508,8 +528,12 @@ def encode_video(
             video_width=info.width,
             video_height=info.height,
             objects=object_ids,
+            video_path=video_path,
+            video_frame_count_declared=info.frame_count_declared,
+            timeout_s=decode_timeout_s,
         )
         stack.callback(mask_source.close)
+        _warn_if_damaged(info)
         planned = plan_frames(info.frame_count, selection, mask_source, skip_unmasked)
         model = load_model(
             checkpoint,

@@ -16,7 +16,8 @@ Formats (DESIGN.md §5):
   Label values are taken from grey or palette-index frames as they are, from RGB
   frames whose channels are equal, and otherwise from the frame converted to grey.
   The codec is expected to be lossless (ffv1, png, utvideo, ...): a lossy codec
-  turns edges into stray values, which would read as extra object ids.
+  turns edges into stray values, which would read as extra object ids. Decoded in a
+  child process with a deadline, like the video (`memenc.pipeline.video.LabelVideo`).
 - ``npy`` / ``npz``: ``[T, H, W]`` integer (or bool) labels; ``[T, O, H, W]`` bool
   masks; ``[T, O, H, W]`` float logits (``is_logits``). Per-object arrays have ids
   ``1..O`` unless an ``.npz`` holds an ``object_ids`` array. An ``.npz`` uses the
@@ -42,14 +43,14 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from memenc.errors import MaskError, UsageError
+from memenc.errors import MaskError, MemencError, UsageError, VideoDecodeError
 
 __all__ = [
     "ASPECT_TOLERANCE",
@@ -153,6 +154,9 @@ def open_masks(
     video_width: int,
     video_height: int,
     objects: list[int] | None = None,
+    video_path: str | os.PathLike[str] | None = None,
+    video_frame_count_declared: int | None = None,
+    timeout_s: float = 60.0,
 ) -> MaskSource:
     """Open a mask source and check that it fits the video.
 
@@ -160,12 +164,19 @@ def open_masks(
     SA-V ``.json``; the format is detected from the suffix, else from the first
     bytes), the video's frame count and size, and optionally the object ids to
     keep (in the order they should appear; None keeps every object, sorted).
+    ``video_path`` names the video in messages; ``video_frame_count_declared`` is the
+    frame count the video file promises (`VideoInfo.frame_count_declared`), when more
+    than the ``video_frame_count`` frames that decode. ``timeout_s`` bounds each wait
+    for a mask video's decoder.
 
     Returns a `MaskSource`. Raises `MaskError` ("<path>: <problem>") when the path
     is missing, unreadable or of an unknown format, when the masks' frame count or
     aspect ratio does not fit the video, when an array has the wrong dtype or
     shape, or when a requested object id does not exist (the message lists the ids
-    that do). Raises `UsageError` when `objects` is empty or repeats an id.
+    that do). When the video is damaged (fewer frames decode than it promises) and
+    the masks do not fit the frames that decode, raises `VideoDecodeError` naming
+    the video as damaged, with both counts and the masks' own. Raises `UsageError`
+    when `objects` is empty or repeats an id.
     """
     if min(video_frame_count, video_width, video_height) < 1:
         raise ValueError(
@@ -180,11 +191,17 @@ def open_masks(
             raise UsageError(f"--objects repeats an id: {objects}")
     source_path = Path(path)
     kind = _detect_kind(source_path)
-    video = _VideoInfo(video_frame_count, video_width, video_height)
+    video = _VideoInfo(
+        video_frame_count,
+        video_width,
+        video_height,
+        None if video_path is None else os.fspath(video_path),
+        video_frame_count_declared,
+    )
     if kind == "png":
         return PngFolderMasks(source_path, video, objects)
     if kind == "video":
-        return MaskVideo(source_path, video, objects)
+        return MaskVideo(source_path, video, objects, timeout_s=timeout_s)
     if kind in ("npy", "npz"):
         return ArrayMasks(source_path, video, objects, kind=kind)
     return SavJsonMasks(source_path, video, objects)
@@ -219,10 +236,32 @@ def _detect_kind(path: Path) -> str:
 class _VideoInfo:
     """What the mask source is checked against."""
 
-    def __init__(self, frame_count: int, width: int, height: int) -> None:
+    def __init__(
+        self,
+        frame_count: int,
+        width: int,
+        height: int,
+        path: str | None = None,
+        declared: int | None = None,
+    ) -> None:
         self.frame_count = frame_count
         self.width = width
         self.height = height
+        self.path = path
+        self.declared = max(declared or frame_count, frame_count)
+        # how messages name the video
+        self.name = "the video" if path is None else f"the video {path}"
+
+    def count_error(self, claim: str, mismatch: str) -> MemencError:
+        """The error for masks whose frames do not fit the video's: ``claim`` says what
+        the masks hold ("<mask path>: masks for 90 frames"), ``mismatch`` the message
+        when the video is whole. A damaged video is named as such, not the masks."""
+        if self.declared > self.frame_count:
+            return VideoDecodeError(
+                f"{self.path or 'the video'}: only {self.frame_count} of {self.declared} "
+                f"frames decode; the file is truncated or damaged ({claim})"
+            )
+        return MaskError(mismatch)
 
 
 def _check_aspect(where: object, width: int, height: int, video: _VideoInfo) -> None:
@@ -474,9 +513,11 @@ class PngFolderMasks(MaskSource):
             raise MaskError(f"{folder}: no .png mask files in this folder")
         last = max(self._files)
         if last >= video.frame_count:
-            raise MaskError(
-                f"{self._files[last]}: mask for frame {last}, but the video has "
-                f"{video.frame_count} frames (0..{video.frame_count - 1})"
+            claim = f"{self._files[last]}: mask for frame {last}"
+            raise video.count_error(
+                claim,
+                f"{claim}, but {video.name} has {video.frame_count} frames "
+                f"(0..{video.frame_count - 1})",
             )
         # Read every PNG once for its size and labels; keep none of them.
         values: set[int] = set()
@@ -528,131 +569,73 @@ class PngFolderMasks(MaskSource):
 
 
 class MaskVideo(MaskSource):
-    """A label video decoded with PyAV; see the module docstring.
+    """A label video, decoded in a child process; see the module docstring.
 
     Open decodes the whole video once (to count frames and collect ids). `read`
     decodes forward from where the previous read stopped and restarts from the
     beginning when asked for an earlier frame, so reading in increasing order costs
-    one pass; only the requested frames are kept.
+    one pass; only the requested frames are kept. Every wait for the decoder has
+    ``timeout_s`` as the limit on a stall: a decoder that hangs or crashes is a
+    `MaskError` naming the file.
     """
 
     kind = "video"
 
-    def __init__(self, file: Path, video: _VideoInfo, objects: list[int] | None) -> None:
+    def __init__(
+        self,
+        file: Path,
+        video: _VideoInfo,
+        objects: list[int] | None,
+        *,
+        timeout_s: float = 60.0,
+    ) -> None:
+        from memenc.pipeline.video import LabelVideo
+
         self.path = str(file)
         self._frame_count = video.frame_count
-        self._decoder: Iterator[np.ndarray] | None = None
-        self._next_frame = 0
-        values: set[int] = set()
-        count = 0
-        size: tuple[int, int] | None = None
-        for labels in self._decode():
-            if size is None:
-                size = labels.shape
-                _check_aspect(file, size[1], size[0], video)
-            elif labels.shape != size:
-                raise MaskError(
-                    f"{file}: frame {count} is {labels.shape[1]}x{labels.shape[0]}, "
-                    f"frame 0 is {size[1]}x{size[0]}"
-                )
-            values |= _nonzero_values(f"{file}: frame {count}", labels)
-            count += 1
-        if size is None:
-            raise MaskError(f"{file}: the mask video has no frames")
-        if count != video.frame_count:
-            raise MaskError(
-                f"{file}: the mask video has {count} frames, the video has {video.frame_count}"
-            )
-        self.height, self.width = size
-        self.object_ids, self._label_values = _label_objects(file, values, objects)
+        self._timeout_s = float(timeout_s)
+        self._labels: LabelVideo | None = LabelVideo(self.path, timeout_s=self._timeout_s)
+        try:
+            count, size = self._labels.frame_count, (self._labels.height, self._labels.width)
+            _check_aspect(file, size[1], size[0], video)
+            if count != video.frame_count:
+                claim = f"{file}: the mask video has {count} frames"
+                raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
+            self.height, self.width = size
+            values = set(self._labels.values)
+            self.object_ids, self._label_values = _label_objects(file, values, objects)
+        except BaseException:
+            self.close()
+            raise
         self._stat = _file_stat(file)
 
-    def _decode(self) -> Iterator[np.ndarray]:
-        """Yield every frame's labels [H, W], in order."""
-        import av
-
-        try:
-            container = av.open(self.path, metadata_errors="ignore")
-        except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-            raise MaskError(
-                f"{self.path}: unknown mask format (not a folder of PNGs, .npy, .npz, SA-V .json "
-                f"or a video PyAV can decode: {e})"
-            ) from e
-        index = 0
-        try:
-            format_name = container.format.name
-            if format_name.endswith("_pipe") or format_name == "image2":
-                raise MaskError(f"{self.path}: a single image, not a mask video")
-            if not container.streams.video:
-                raise MaskError(f"{self.path}: no video stream")
-            stream = container.streams.video[0]
-            for frame in container.decode(stream):
-                yield _video_frame_labels(self.path, index, frame)
-                index += 1
-        except (av.FFmpegError, OSError, ValueError) as e:
-            raise MaskError(
-                f"{self.path}: cannot decode the mask video at frame {index} ({e})"
-            ) from e
-        finally:
-            container.close()
-
     def _read_sorted(self, frames: list[int]) -> np.ndarray:
-        if self._decoder is None or frames[0] < self._next_frame:
-            self.close()
-            self._decoder = self._decode()
-        out = np.empty((len(frames), len(self.object_ids), self.height, self.width), dtype=np.bool_)
+        from memenc.pipeline.video import LabelVideo
+
+        if self._labels is None:  # closed, pickled, or after an error: a fresh decoder
+            self._labels = LabelVideo(self.path, timeout_s=self._timeout_s, scan=False)
         try:
-            for row, frame in enumerate(frames):
-                labels = None
-                while self._next_frame <= frame:
-                    labels = next(self._decoder, None)
-                    if labels is None:
-                        raise MaskError(
-                            f"{self.path}: frame {frame}: the mask video ended after frame "
-                            f"{self._next_frame - 1}"
-                        )
-                    self._next_frame += 1
-                assert labels is not None
-                if labels.shape != (self.height, self.width):
-                    raise MaskError(f"{self.path}: frame {frame} changed size since open")
-                out[row] = _labels_to_masks(labels[None], self._label_values)[0]
-        except BaseException:
-            self.close()  # the decoder's position is unknown now
+            labels = self._labels.read(frames)  # [n, H, W]
+        except MaskError:
+            self.close()  # its position is unknown now; the next read starts afresh
             raise
-        return out
+        if labels.shape[1:] != (self.height, self.width):
+            self.close()
+            raise MaskError(f"{self.path}: frame {frames[0]} changed size since open")
+        return _labels_to_masks(labels, self._label_values)
 
     def close(self) -> None:
-        if self._decoder is not None:
-            self._decoder.close()  # type: ignore[attr-defined]  # a generator
-        self._decoder = None
-        self._next_frame = 0
+        if self._labels is not None:
+            self._labels.close()
+        self._labels = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_decoder"] = None
-        state["_next_frame"] = 0
+        state["_labels"] = None
         return state
 
     def _extra_attrs(self) -> dict[str, Any]:
         return {"label_values": list(self._label_values), **self._stat}
-
-
-def _video_frame_labels(path: str, index: int, frame: Any) -> np.ndarray:
-    """A decoded PyAV frame as labels [H, W]."""
-    name = frame.format.name
-    if name in ("gray", "gray8", "gray16le", "gray16be"):
-        return frame.to_ndarray()
-    if name == "pal8":
-        return frame.to_ndarray()[0]  # (indices, palette)
-    if frame.format.is_rgb:
-        rgb = frame.to_ndarray(format="rgb24")
-        red = rgb[..., 0]
-        if not (np.array_equal(red, rgb[..., 1]) and np.array_equal(red, rgb[..., 2])):
-            raise MaskError(
-                f"{path}: frame {index} is in colour; a mask video must hold grey label values"
-            )
-        return red
-    return frame.to_ndarray(format="gray")
 
 
 # --------------------------------------------------------------------------- arrays
@@ -820,9 +803,8 @@ class ArrayMasks(MaskSource):
                 f"{where}: shape {list(shape)}; expected [T, H, W] labels or [T, O, H, W] masks"
             )
         if shape[0] != video.frame_count:
-            raise MaskError(
-                f"{where}: masks for {shape[0]} frames, the video has {video.frame_count}"
-            )
+            claim = f"{where}: masks for {shape[0]} frames"
+            raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
         self.height, self.width = shape[-2], shape[-1]
         _check_aspect(where, self.width, self.height, video)
         self.is_logits = self._layout == "logits"
@@ -1050,10 +1032,8 @@ class SavJsonMasks(MaskSource):
             if json_frames is None or json_frames < 1:
                 raise MaskError(f"{file}: 'video_frame_count' must be a positive integer")
             if json_frames != video.frame_count:
-                raise MaskError(
-                    f"{file}: annotated for a video of {json_frames} frames, the video has "
-                    f"{video.frame_count}"
-                )
+                claim = f"{file}: annotated for a video of {json_frames} frames"
+                raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
         total = json_frames or video.frame_count
         step = math.floor(total / annotations + 0.5)
         if step < 1 or (annotations - 1) * step >= video.frame_count:

@@ -5,7 +5,8 @@
 The PNG holds three panels side by side, each ``panel_height`` pixels high and as wide
 as the source video's aspect ratio makes it, with a caption strip below:
 
-    (a) the source video frame, decoded from the path in the store's attributes;
+    (a) the source video frame, decoded from the path in the store's attributes (in a
+        child process with a deadline, as the encoder decodes);
     (b) the object's mask for that frame (from the store's mask source) in the object's
         colour over the dimmed frame;
     (c) the first three principal components of the object's memory features at that
@@ -33,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from memenc.errors import MemencError, StoreError, UsageError
 from memenc.pipeline.reader import MemoryCache
 from memenc.pipeline.store import _describe_os_error
-from memenc.pipeline.video import list_images
+from memenc.pipeline.video import read_frame
 
 __all__ = ["CAPTION_HEIGHT", "PANEL_GAP", "render_preview"]
 
@@ -71,6 +72,7 @@ def render_preview(
     object_id: int | None = None,
     *,
     panel_height: int = 256,
+    timeout_s: float = 60.0,
 ) -> Path:
     """Write a PNG of one stored frame: video frame, mask, and memory features.
 
@@ -80,6 +82,8 @@ def render_preview(
         out: the PNG to write (replaced if it exists; its folder must exist).
         object_id: the object to show; None for the store's first object.
         panel_height: height of each panel in pixels (at least 16).
+        timeout_s: the limit on a stall of the decoders (video frame, mask video); a
+            decoder that stalls is killed and its panel says so.
 
     Returns:
         ``out`` as a Path. The image is ``3 * panel_width + 2 * PANEL_GAP`` wide and
@@ -119,7 +123,7 @@ def render_preview(
     picture: np.ndarray | None = None
     video_error = ""
     try:
-        picture = _decode_frame(video.get("path"), frame)
+        picture = _decode_frame(video.get("path"), frame, timeout_s)
     except _Unavailable as exc:
         video_error = str(exc)
 
@@ -130,7 +134,9 @@ def render_preview(
     mask: np.ndarray | None = None
     mask_error = ""
     try:
-        mask = _read_mask(masks.get("path"), frame, object_id, video, width, height, cache)
+        mask = _read_mask(
+            masks.get("path"), frame, object_id, video, width, height, cache, timeout_s
+        )
     except _Unavailable as exc:
         mask_error = str(exc)
     if (width is None or height is None) and mask is not None:
@@ -178,57 +184,22 @@ def render_preview(
 # --------------------------------------------------------------------------- panel (a)
 
 
-def _decode_frame(path: Any, frame: int) -> np.ndarray:
+def _decode_frame(path: Any, frame: int, timeout_s: float) -> np.ndarray:
     """Source frame ``frame`` as uint8 RGB [H, W, 3], rotated for display.
 
-    Video files are decoded with PyAV from the start, counting the frames it presents
-    (the numbering memenc's decoder uses); a folder of frame images is sorted as the
-    encoder sorts it. Raises `_Unavailable` with the reason on any failure.
+    Decoded like every other frame memenc reads: in a child process with a deadline
+    (`memenc.pipeline.video.read_frame`), numbered as the encoder numbers frames, so a
+    video file or frame folder gives the frame the store holds. Raises `_Unavailable`
+    with the reason on any failure.
     """
     if not isinstance(path, str) or not path:
         raise _Unavailable("the store records no video path")
-    if os.path.isdir(path):
-        return _frame_from_folder(path, frame)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise _Unavailable(f"{path}: no such file")
-    import av
-
     try:
-        with av.open(path, metadata_errors="ignore") as container:
-            if not container.streams.video:
-                raise _Unavailable(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for i, decoded in enumerate(container.decode(stream)):
-                if i == frame:
-                    rgb = decoded.to_ndarray(format="rgb24")
-                    return _rotate(rgb, int(round(getattr(decoded, "rotation", 0) or 0)))
-            raise _Unavailable(f"{path}: the video ends before frame {frame}")
-    except _Unavailable:
-        raise
-    except (av.FFmpegError, OSError, ValueError, IndexError, RuntimeError, EOFError) as exc:
-        raise _Unavailable(f"{path}: cannot decode ({exc})") from exc
-
-
-def _rotate(rgb: np.ndarray, rotation: int) -> np.ndarray:
-    """Apply a display rotation as the encoder's decoder does (90 = counter-clockwise)."""
-    k = {90: 1, 180: 2, 270: -1}.get(rotation % 360, 0)
-    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
-
-
-def _frame_from_folder(folder: str, frame: int) -> np.ndarray:
-    try:
-        files = list_images(folder)  # the encoder's own ordering
-    except OSError as exc:
-        raise _Unavailable(f"{folder}: cannot list ({_describe_os_error(exc)})") from exc
-    if not 0 <= frame < len(files):
-        raise _Unavailable(f"{folder}: no image for frame {frame} ({len(files)} images)")
-    file = files[frame]
-    try:
-        with Image.open(file) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise _Unavailable(f"{file}: cannot read ({exc})") from exc
+        return read_frame(path, frame, timeout_s=timeout_s)
+    except MemencError as exc:
+        raise _Unavailable(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- panel (b)
@@ -242,9 +213,10 @@ def _read_mask(
     width: int | None,
     height: int | None,
     cache: MemoryCache,
+    timeout_s: float,
 ) -> np.ndarray:
     """The object's mask at ``frame`` as bool [H, W] (logits: ``> 0``); `_Unavailable`
-    with the reason on any failure."""
+    with the reason on any failure. A mask video decodes under the deadline."""
     from memenc.pipeline.masks import open_masks
 
     if not isinstance(path, str) or not path:
@@ -261,6 +233,7 @@ def _read_mask(
             video_width=width,
             video_height=height,
             objects=[object_id],
+            timeout_s=timeout_s,
         ) as source:
             data = source.read([frame])[0, 0].numpy()
     except (MemencError, OSError, ValueError) as exc:

@@ -23,7 +23,9 @@ Backends (DESIGN.md §3, RELIABILITY.md "decord"):
 
 The frame count and timestamps are those a player presents: the frames PyAV's
 demuxer does not discard (edit lists applied), ordered by presentation time, minus
-frames at the end that do not decode (a truncated file). Timestamps are seconds
+frames at the end that do not decode or lost a neighbour (a truncated file). What the
+file promises (its index, stated length or frame packets) is kept as
+``frame_count_declared``, so a damaged file can be named as such. Timestamps are seconds
 from the stream's start (the first presented frame of an MP4 is at 0.0); streams
 without timestamps (raw ``.h264``) get ``index / fps``; image folders get the
 0-based frame index.
@@ -51,6 +53,7 @@ import os
 import re
 import signal
 import stat
+import struct
 import tempfile
 import threading
 import time
@@ -72,10 +75,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FrameBatch",
+    "LabelVideo",
     "VideoInfo",
     "VideoSource",
     "parse_frames",
     "probe_video",
+    "read_frame",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -108,6 +113,9 @@ _TIMESTAMP_TOLERANCE_FRAMES = 0.25
 # The child sends a heartbeat at most this often during a long probe.
 _HEARTBEAT_S = 0.5
 
+# image_size that asks a decoder child for frames at their own size (`read_frame`).
+_NATIVE = 0
+
 # Test hook: "<stage>:<action>", stage in {"probe", "read"}, action in {"crash",
 # "segv", "hang", "exit"}. Passed to each new child; None in normal use.
 _CHILD_FAULT: str | None = None
@@ -124,9 +132,11 @@ class VideoInfo:
 
     ``width``/``height`` are the displayed size of the original frames (after the
     container's rotation, as SAM 2 reports it); ``frame_count`` is the number of
-    frames a player presents that decode; ``fps`` is the container's average rate
-    (0.0 for a frame folder). ``backend`` names the decoder that reads the frames
-    and ``backend_reason`` why it was chosen.
+    frames a player presents that decode; ``frame_count_declared`` the number the
+    file promises (its index, stated length, or frame packets), larger than
+    ``frame_count`` when the file is truncated or damaged at the end; ``fps`` is the
+    container's average rate (0.0 for a frame folder). ``backend`` names the decoder
+    that reads the frames and ``backend_reason`` why it was chosen.
     """
 
     path: str
@@ -136,6 +146,7 @@ class VideoInfo:
     height: int
     fps: float
     frame_count: int
+    frame_count_declared: int
     codec: str
     container: str
     backend: str
@@ -261,8 +272,9 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _filter_chain(rotation: int, size: int) -> list[tuple[str, str]]:
-    """The filters decord puts between decoder and output for a given rotation."""
+def _filter_chain(rotation: int, size: int | None) -> list[tuple[str, str]]:
+    """The filters decord puts between decoder and output for a given rotation (no
+    ``scale`` when ``size`` is None: frames at their displayed size)."""
     rot = rotation % 360
     chain: list[tuple[str, str]] = []
     if rot == 90:  # counter-clockwise display rotation
@@ -271,20 +283,27 @@ def _filter_chain(rotation: int, size: int) -> list[tuple[str, str]]:
         chain.append(("transpose", "1"))
     elif rot == 180:
         chain += [("transpose", "1"), ("transpose", "1")]
-    chain += [("scale", f"{size}:{size}"), ("format", "rgb24")]
+    if size is not None:
+        chain.append(("scale", f"{size}:{size}"))
+    chain.append(("format", "rgb24"))
     return chain
 
 
 class _Resizer:
-    """PyAV frame -> ``[3, S, S]`` uint8 through the filter chain decord uses."""
+    """PyAV frame -> ``[3, S, S]`` uint8 through the filter chain decord uses (with
+    ``size`` None, `convert` gives the frame at its displayed size)."""
 
-    def __init__(self, size: int, rotation: int) -> None:
+    def __init__(self, size: int | None, rotation: int) -> None:
         self.size = size
         self.rotation = rotation
         self._key: tuple[Any, ...] | None = None
         self._graph: Any = None
 
     def __call__(self, frame: Any, out: np.ndarray) -> None:
+        out[...] = self.convert(frame).transpose(2, 0, 1)  # [S, S, 3] -> [3, S, S]
+
+    def convert(self, frame: Any) -> np.ndarray:
+        """The frame through the chain, as uint8 RGB ``[H, W, 3]``."""
         import av
 
         key = (frame.width, frame.height, frame.format.name)
@@ -307,8 +326,7 @@ class _Resizer:
             graph.configure()
             self._graph, self._key = graph, key
         self._graph.push(frame)
-        rgb = self._graph.pull().to_ndarray()  # [S, S, 3]
-        out[...] = rgb.transpose(2, 0, 1)
+        return self._graph.pull().to_ndarray()
 
 
 class _DecordReader:
@@ -349,7 +367,15 @@ class _DecordReader:
             return
         rss = _rss_bytes()
         if rss is None or self._baseline is None or rss - self._baseline > self.budget:
-            self.vr.seek(0)  # a seek to anywhere but the current position stops read-ahead
+            import decord
+
+            # A seek to anywhere but the current position stops read-ahead. If decord
+            # refuses it, the next read starts from a clean state anyway (see `read`);
+            # nothing to report, and no traceback on the child's stderr.
+            with contextlib.suppress(
+                RuntimeError, decord.DECORDError, decord.DECORDLimitReachedError
+            ):
+                self.vr.seek(0)
             self._capped = True
 
 
@@ -360,7 +386,7 @@ class _PyAVReader:
     request past the next keyframe seeks (only when frame timestamps identify frames).
     """
 
-    def __init__(self, path: str, probe: _ProbeResult, size: int) -> None:
+    def __init__(self, path: str, probe: _ProbeResult, size: int | None) -> None:
         self.path = path
         self.probe = probe
         self.resize = _Resizer(size, probe.rotation)
@@ -427,15 +453,22 @@ class _PyAVReader:
             if j and target == frames[j - 1]:
                 out[j] = out[j - 1]
                 continue
-            seekable = self.probe.index_of is not None
-            key = self._keyframe_before(target) if seekable else 0
-            # Reposition when behind the target, or when a keyframe lies between the
-            # current position and the target (seeking skips decoding up to it).
-            if self._frames is None or target < self._next or key > self._next:
-                self._open(seek_index=key if key > 0 else None)
-            self._read_one(target, out[j])
+            self.resize(self._frame(target), out[j])
 
-    def _read_one(self, target: int, out: np.ndarray) -> None:
+    def read_native(self, target: int) -> np.ndarray:
+        """Frame ``target`` at its displayed size, uint8 RGB ``[H, W, 3]``."""
+        return self.resize.convert(self._frame(target))
+
+    def _frame(self, target: int) -> Any:
+        seekable = self.probe.index_of is not None
+        key = self._keyframe_before(target) if seekable else 0
+        # Reposition when behind the target, or when a keyframe lies between the
+        # current position and the target (seeking skips decoding up to it).
+        if self._frames is None or target < self._next or key > self._next:
+            self._open(seek_index=key if key > 0 else None)
+        return self._read_one(target)
+
+    def _read_one(self, target: int) -> Any:
         import av
 
         assert self._frames is not None
@@ -457,8 +490,7 @@ class _PyAVReader:
                 raise _Failure(f"frame {target}: {_short(e)}") from None
             self._next = k + 1
             if k == target:
-                self.resize(frame, out)
-                return
+                return frame
             if k > target:
                 detail = f" ({self._damage})" if self._damage else ""
                 raise _Failure(f"frame {target}: does not decode{detail}")
@@ -470,21 +502,27 @@ class _PyAVReader:
 class _ImageReader:
     """Frames from image files, resized like SAM 2's ``_load_img_as_tensor``."""
 
-    def __init__(self, files: list[str], size: int) -> None:
+    def __init__(self, files: list[str], size: int | None) -> None:
         self.files = files
         self.size = size
 
     def read(self, frames: np.ndarray, out: np.ndarray) -> None:
+        for j, k in enumerate(frames.tolist()):
+            out[j] = self.read_native(k).transpose(2, 0, 1)  # [S, S, 3] -> [3, S, S]
+
+    def read_native(self, k: int) -> np.ndarray:
+        """Image ``k`` as uint8 RGB ``[H, W, 3]``, resized to S×S unless size is None."""
         from PIL import Image
 
-        for j, k in enumerate(frames.tolist()):
-            try:
-                with Image.open(self.files[k]) as img:
-                    rgb = np.asarray(img.convert("RGB").resize((self.size, self.size)))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                name = os.path.basename(self.files[k])
-                raise _Failure(f"frame {k} ({name}): {_short(e)}") from None
-            out[j] = rgb.transpose(2, 0, 1)  # [S, S, 3] -> [3, S, S]
+        try:
+            with Image.open(self.files[k]) as img:
+                rgb = img.convert("RGB")
+                if self.size is not None:
+                    rgb = rgb.resize((self.size, self.size))
+                return np.asarray(rgb)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            name = os.path.basename(self.files[k])
+            raise _Failure(f"frame {k} ({name}): {_short(e)}") from None
 
     def idle(self) -> None:
         pass
@@ -548,6 +586,7 @@ def _probe_images(folder: str) -> _ProbeResult:
         height=height,
         fps=0.0,
         frame_count=n,
+        frame_count_declared=n,
         codec=codec,
         container="images",
         backend="images",
@@ -581,7 +620,7 @@ def _probe_file(path: str, heartbeat: Callable[[], None]) -> _ProbeResult:
         # "discard"), and which are keyframes. Reads the file but decodes nothing.
         pts: list[int | None] = []
         keys: list[bool] = []
-        discarded = 0
+        discarded = corrupt = 0
         truncated = ""
         try:
             for packet in container.demux(stream):
@@ -589,13 +628,16 @@ def _probe_file(path: str, heartbeat: Callable[[], None]) -> _ProbeResult:
                     continue  # flush packet at the end
                 if packet.is_discard:
                     discarded += 1
-                elif not packet.is_corrupt:
+                elif packet.is_corrupt:
+                    corrupt += 1
+                else:
                     pts.append(packet.pts)
                     keys.append(bool(packet.is_keyframe))
                 heartbeat()
         except (av.FFmpegError, ValueError) as e:
             truncated = _short(e)
         start_time = stream.start_time
+        promised = _promised_frames(container, stream, fmt, fps, discarded)
 
     if not pts:
         raise _Failure("no video frames" + (f" ({truncated})" if truncated else ""))
@@ -628,6 +670,10 @@ def _probe_file(path: str, heartbeat: Callable[[], None]) -> _ProbeResult:
                 keep = table < missing.min()
                 table, is_key = table[keep], is_key[keep]
                 n = len(table)
+            hole = _hole_in_tail(table, is_key)
+            if hole is not None:  # frames lost before the last ones that decode
+                table, is_key = table[:hole], is_key[:hole]
+                n = hole
     if not pts_ok:
         last_key = max((i for i, k in enumerate(keys) if k), default=0)  # in decode order
         expected = len(keys) - last_key
@@ -637,8 +683,18 @@ def _probe_file(path: str, heartbeat: Callable[[], None]) -> _ProbeResult:
             n -= expected - len(decoded)
         else:
             n = min(n, _count_decodable(path, heartbeat))  # cannot seek: decode it all
+        hole = _hole_in_tail(table[:n], is_key[:n]) if has_pts else None
+        if hole is not None:
+            n = hole
     if n == 0:
         raise _Failure("no frame decodes")
+    # What the file promises: every frame packet it holds, or more where its index or
+    # its stated length says so. More than decodes: the file is truncated or damaged.
+    declared = max(len(pts) + corrupt, n)
+    if promised is not None:
+        count, exact = promised
+        if exact or count > n + 1:  # a length in seconds is good to about a frame
+            declared = max(declared, count)
 
     if has_pts and pts_ok:
         origin = start_time if start_time is not None else int(table[0])
@@ -670,12 +726,123 @@ def _probe_file(path: str, heartbeat: Callable[[], None]) -> _ProbeResult:
         height=height,
         fps=fps,
         frame_count=int(n),
+        frame_count_declared=int(declared),
         codec=codec,
         container=fmt,
         backend="pyav",
         backend_reason=reason,
     )
     return _ProbeResult(info, timestamps, table[:n], key_index, index_of, rotation)
+
+
+def _hole_in_tail(table: np.ndarray, is_key: np.ndarray) -> int | None:
+    """Where the last GOP of a constant-rate stream skips presentation times: the index
+    of the first frame after the hole, else None.
+
+    A file cut inside a group of B-frames keeps the P-frame they precede in decode order
+    and loses them: it presents ..., 22, 23, 27. Numbering by presentation order would
+    call frame 27 frame 24, so the video ends at the hole. Only for a stream whose
+    frames before the last keyframe are evenly spaced (a variable-rate stream may skip
+    times on purpose); ``table`` holds the presented pts in order.
+    """
+    if len(table) < 4:
+        return None
+    keys = np.flatnonzero(is_key)
+    last_key = int(keys.max()) if len(keys) else 0
+    body = np.diff(table[:last_key])
+    if len(body) < 2:
+        return None
+    step = int(np.median(body))
+    if step <= 0 or int(np.abs(body - step).max()) > 1:  # 1 tick: rounded time bases
+        return None
+    gaps = np.diff(table[max(last_key - 1, 0) :]) > step + step // 2
+    return max(last_key - 1, 0) + 1 + int(np.argmax(gaps)) if gaps.any() else None
+
+
+def _promised_frames(
+    container: Any, stream: Any, fmt: str, fps: float, discarded: int
+) -> tuple[int, bool] | None:
+    """The frame count a container states, and whether it is exact (a sample count)
+    rather than derived from a stated length in seconds; None when it states neither.
+
+    MP4/MOV: the sample table's count (less the frames an edit list hides; when the
+    demuxer drops them without marking them, the edit list's length in frames), or for
+    a fragmented file, which has none, the samples its fragments list. Matroska: the
+    per-track ``NUMBER_OF_FRAMES`` or ``DURATION`` tag (mkvmerge, FFmpeg). AVI: the
+    stream header's length. MPEG-TS and raw streams state nothing: FFmpeg's duration
+    for them is estimated from what is there.
+    """
+    if stream.frames and stream.frames > discarded:
+        count = int(stream.frames) - discarded
+        if stream.duration and stream.time_base and fps > 0:
+            shown = int(round(float(stream.duration * stream.time_base) * fps))
+            if shown < count - 1:  # an edit list hides frames the demuxer drops unmarked
+                return shown, False
+        return count, True
+    if fps <= 0:
+        return None
+    if fmt == "matroska,webm":
+        tags = {str(k).upper(): str(v) for k, v in (stream.metadata or {}).items()}
+        if tags.get("NUMBER_OF_FRAMES", "").isdigit():
+            return int(tags["NUMBER_OF_FRAMES"]), True
+        m = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", tags.get("DURATION", "").strip())
+        if m:
+            seconds = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+            return int(round(seconds * fps)), False
+        return None
+    if fmt == "mov,mp4,m4a,3gp,3g2,mj2":
+        listed = _mp4_fragment_samples(container.name, stream.id)
+        if listed > discarded:
+            return listed - discarded, True
+    return None
+
+
+def _mp4_fragment_samples(path: str, track_id: int) -> int:
+    """How many samples the movie fragments of an MP4 list for one track: the sum of
+    ``sample_count`` over the ``moof/traf/trun`` boxes whose ``tfhd`` names the track.
+    Reads the top-level box headers and each whole ``moof``; stops where the box
+    structure ends (a truncated or zeroed tail)."""
+
+    def boxes(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+        pos = 0
+        while pos + 8 <= len(data):
+            size, kind = struct.unpack_from(">I4s", data, pos)
+            if size < 8 or pos + size > len(data):
+                return
+            yield kind, data[pos + 8 : pos + size]
+            pos += size
+
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            pos = 0
+            while pos + 8 <= end:
+                f.seek(pos)
+                head = f.read(16)
+                size, kind = struct.unpack_from(">I4s", head)
+                header = 8
+                if size == 1 and len(head) == 16:
+                    size, header = struct.unpack_from(">Q", head, 8)[0], 16
+                if size < header or pos + size > end:
+                    break  # zeros, garbage, or a box cut short: nothing more is listed
+                if kind == b"moof":
+                    f.seek(pos + header)
+                    for kind2, traf in boxes(f.read(size - header)):
+                        if kind2 != b"traf":
+                            continue
+                        track, count = None, 0
+                        for kind3, body in boxes(traf):
+                            if kind3 == b"tfhd" and len(body) >= 8:
+                                track = struct.unpack_from(">I", body, 4)[0]
+                            elif kind3 == b"trun" and len(body) >= 8:
+                                count += struct.unpack_from(">I", body, 4)[0]
+                        if track == track_id:
+                            total += count
+                pos += size
+    except OSError:
+        return 0
+    return total
 
 
 def _decode_first(path: str, heartbeat: Callable[[], None]) -> tuple[tuple[int, int] | None, int]:
@@ -790,6 +957,9 @@ def _child_main(
 ) -> None:
     """Decoder process: probe, then (when image_size is given) serve read requests.
 
+    ``image_size`` 0 (`_NATIVE`) serves single frames at their displayed size instead,
+    through the pipe (``("frame", rid, k)`` -> ``("frame", rid, rgb)``).
+
     Messages to the parent: ``("alive",)`` heartbeats, ``("info", dict, timestamps)``
     or ``("error", text)`` for the probe, then ``("ok",)`` per buffer mapping and
     ``("done", rid)`` / ``("error", rid, text)`` per read.
@@ -816,18 +986,19 @@ def _child_main(
     try:
         _apply_fault("probe", fault)
         try:
+            size = None if image_size == _NATIVE else image_size
             if os.path.isdir(path):
                 probe = _probe_images(path)
-                reader: Any = (
-                    None if image_size is None else _ImageReader(probe.files or [], image_size)
-                )
+                reader: Any = None if image_size is None else _ImageReader(probe.files or [], size)
             else:
                 probe = _probe_file(path, heartbeat)
                 vr = None
-                if probe.info["backend_reason"] == "":
+                if probe.info["backend_reason"] == "" and image_size != _NATIVE:
                     vr = _check_decord(path, probe, image_size)
                 reader = None
-                if image_size is not None:
+                if image_size == _NATIVE:
+                    reader = _PyAVReader(path, probe, None)
+                elif image_size is not None:
                     if vr is not None:
                         reader = _DecordReader(vr, readahead_budget)
                     else:
@@ -862,6 +1033,15 @@ def _child_main(
                     buf = mmap.mmap(f.fileno(), nbytes)
                 view = np.frombuffer(buf, np.uint8).reshape(-1, 3, image_size, image_size)
                 conn.send(("ok",))
+            elif kind == "frame":
+                _, rid, k = msg
+                _apply_fault("read", fault)
+                try:
+                    conn.send(("frame", rid, reader.read_native(k)))
+                except _Failure as e:
+                    conn.send(("error", rid, str(e)))  # names the frame
+                except Exception as e:
+                    conn.send(("error", rid, f"frame {k}: {type(e).__name__}: {_short(e)}"))
             elif kind == "read":
                 _, rid, first_slot, frames = msg
                 _apply_fault("read", fault)
@@ -878,6 +1058,141 @@ def _child_main(
                     conn.send(("done", rid))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent went away
+
+
+def _frame_labels(index: int, frame: Any) -> np.ndarray:
+    """A decoded mask-video frame as labels [H, W], pixel values exact: grey frames and
+    palette indices as they are, RGB frames whose channels are equal by one channel,
+    anything else (YUV) converted to grey."""
+    name = frame.format.name
+    if name in ("gray", "gray8", "gray16le", "gray16be"):
+        return frame.to_ndarray()
+    if name == "pal8":
+        return frame.to_ndarray()[0]  # (indices, palette)
+    if frame.format.is_rgb:
+        rgb = frame.to_ndarray(format="rgb24")
+        red = rgb[..., 0]
+        if not (np.array_equal(red, rgb[..., 1]) and np.array_equal(red, rgb[..., 2])):
+            raise _Failure(f"frame {index} is in colour; a mask video must hold grey label values")
+        return red
+    return frame.to_ndarray(format="gray")
+
+
+def _iter_labels(path: str) -> Iterator[np.ndarray]:
+    """Every frame of a mask video as labels [H, W], in order; `_Failure` on a problem."""
+    import av
+
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise _Failure(
+            "unknown mask format (not a folder of PNGs, .npy, .npz, SA-V .json or a video "
+            f"PyAV can decode: {_short(e)})"
+        ) from None
+    index = 0
+    try:
+        format_name = container.format.name
+        if format_name.endswith("_pipe") or format_name == "image2":
+            raise _Failure("a single image, not a mask video")
+        if not container.streams.video:
+            raise _Failure("no video stream")
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            yield _frame_labels(index, frame)
+            index += 1
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise _Failure(f"cannot decode the mask video at frame {index} ({_short(e)})") from None
+    finally:
+        container.close()
+
+
+def _scan_labels(path: str, heartbeat: Callable[[], None]) -> dict[str, Any]:
+    """Decode a whole mask video: frame count, size, and the non-zero label values."""
+    count = 0
+    size: tuple[int, ...] | None = None
+    values: set[int] = set()
+    for labels in _iter_labels(path):
+        if size is None:
+            size = labels.shape
+        elif labels.shape != size:
+            raise _Failure(
+                f"frame {count} is {labels.shape[1]}x{labels.shape[0]}, "
+                f"frame 0 is {size[1]}x{size[0]}"
+            )
+        if labels.dtype == np.uint8:
+            found = np.flatnonzero(np.bincount(labels.ravel(), minlength=256)[1:]) + 1
+        else:
+            found = np.unique(labels)
+        values.update(int(v) for v in found if v != 0)
+        count += 1
+        heartbeat()
+    if size is None:
+        raise _Failure("the mask video has no frames")
+    return {"frames": count, "height": size[0], "width": size[1], "values": sorted(values)}
+
+
+def _label_child_main(
+    conn: multiprocessing.connection.Connection, path: str, scan: bool, fault: str | None
+) -> None:
+    """Mask decoder process: (when ``scan``) decode the whole video once and report
+    ``("info", dict)``, then serve ``("read", rid, frames)`` with ``("labels", rid,
+    uint8/uint16 [n, H, W])``, decoding forward and restarting for an earlier frame.
+    Errors are ``("error", text)`` / ``("error", rid, text)``; heartbeats as the video
+    decoder's, during the scan and long reads."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    last_beat = time.monotonic()
+
+    def heartbeat() -> None:
+        nonlocal last_beat
+        if time.monotonic() - last_beat > _HEARTBEAT_S:
+            conn.send(("alive",))
+            last_beat = time.monotonic()
+
+    try:
+        _apply_fault("mask-probe", fault)
+        try:
+            info = _scan_labels(path, heartbeat) if scan else None
+        except _Failure as e:
+            conn.send(("error", str(e)))
+            return
+        except Exception as e:
+            conn.send(("error", f"cannot decode the mask video ({type(e).__name__}: {_short(e)})"))
+            return
+        conn.send(("info", info))
+        frames_iter: Iterator[np.ndarray] | None = None
+        position = 0  # index of the frame frames_iter yields next
+        while True:
+            msg = conn.recv()
+            if msg[0] == "close":
+                return
+            _, rid, frames = msg
+            _apply_fault("mask-read", fault)
+            out = []
+            try:
+                for frame in frames:
+                    if frames_iter is None or frame < position:
+                        frames_iter, position = _iter_labels(path), 0
+                    labels = None
+                    while position <= frame:
+                        labels = next(frames_iter, None)
+                        if labels is None:
+                            frames_iter = None
+                            raise _Failure(
+                                f"frame {frame}: the mask video ended after frame {position - 1}"
+                            )
+                        position += 1
+                        heartbeat()
+                    out.append(labels)
+            except _Failure as e:
+                frames_iter = None  # its position is unknown now
+                conn.send(("error", rid, str(e)))
+            except Exception as e:
+                frames_iter = None
+                conn.send(("error", rid, f"{type(e).__name__}: {_short(e)}"))
+            else:
+                conn.send(("labels", rid, np.stack(out) if out else None))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return
 
 
 # --------------------------------------------------------------------------------------
@@ -910,24 +1225,38 @@ class _DecoderGone(VideoDecodeError):
 class _Decoder:
     """The parent's handle on one decoder process: messages with deadlines."""
 
-    def __init__(self, path: str, image_size: int | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        timeout_s: float,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        what: str = "decoder",
+    ) -> None:
+        """Start ``target(child_conn, *args)`` in a decoder process. ``what`` names the
+        process in messages ("decoder", "mask decoder")."""
         self.path = path
         self.timeout_s = timeout_s
+        self.what = what
         ctx = _mp_context()
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(
-            target=_child_main,
-            args=(child_conn, path, image_size, _CHILD_FAULT, _READAHEAD_BUDGET_BYTES),
-            name="memenc-decoder",
-            daemon=True,
-        )
         try:
+            self.proc = ctx.Process(
+                target=target, args=(child_conn, *args), name="memenc-decoder", daemon=True
+            )
             self.proc.start()
-        except AssertionError as e:  # started from a daemonic process
-            raise VideoDecodeError(
-                f"{path}: cannot start a decoder process ({e}); "
-                "with Dask, set distributed.worker.daemon to False"
-            ) from None
+        except BaseException as e:
+            self.conn.close()  # no process to talk to: nothing may keep this end open
+            if isinstance(e, AssertionError):  # started from a daemonic process
+                raise VideoDecodeError(
+                    f"{path}: cannot start a {what} process ({e}); "
+                    "with Dask, set distributed.worker.daemon to False"
+                ) from None
+            if isinstance(e, OSError):  # out of processes, memory or file descriptors
+                raise VideoDecodeError(
+                    f"{path}: cannot start a {what} process ({_short(e)})"
+                ) from None
+            raise
         finally:
             child_conn.close()
 
@@ -964,7 +1293,7 @@ class _Decoder:
                 raise self._died()
             if time.monotonic() >= since + self.timeout_s:
                 self.kill()
-                raise self.gone(f"decoder timed out after {self.timeout_s:g}s")
+                raise self.gone(f"{self.what} timed out after {self.timeout_s:g}s")
 
     def _died(self) -> _DecoderGone:
         self.proc.join(timeout=5)
@@ -975,8 +1304,8 @@ class _Decoder:
                 name = f" ({signal.Signals(-code).name})"
             except ValueError:
                 name = ""
-            return self.gone(f"decoder crashed (signal {-code}{name})")
-        return self.gone(f"decoder exited unexpectedly (exit code {code})")
+            return self.gone(f"{self.what} crashed (signal {-code}{name})")
+        return self.gone(f"{self.what} exited unexpectedly (exit code {code})")
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -1012,7 +1341,8 @@ def _start(
     path: str, image_size: int | None, timeout_s: float
 ) -> tuple[_Decoder, VideoInfo, np.ndarray]:
     st = _stat(path)
-    decoder = _Decoder(path, image_size, timeout_s)
+    args = (path, image_size, _CHILD_FAULT, _READAHEAD_BUDGET_BYTES)
+    decoder = _Decoder(path, timeout_s, _child_main, args)
     try:
         msg = decoder.recv(time.monotonic())
         if msg[0] == "error":
@@ -1041,6 +1371,114 @@ def probe_video(path: str | os.PathLike[str], *, timeout_s: float = 60.0) -> Vid
     decoder, info, _ = _start(os.fspath(path), None, timeout_s)
     decoder.close()
     return info
+
+
+def read_frame(path: str | os.PathLike[str], frame: int, *, timeout_s: float = 60.0) -> np.ndarray:
+    """One source frame of a video file or frame folder at its displayed size.
+
+    Frames are numbered as `VideoSource` numbers them. Decoded in a child process with
+    ``timeout_s`` as the limit on a stall, like every other decode. Returns uint8 RGB
+    ``[H, W, 3]`` (the container's rotation applied).
+
+    Raises:
+        VideoDecodeError: ``"<path>: <problem>"`` — as `probe_video`, or the frame is
+            outside the video or does not decode.
+    """
+    path = os.fspath(path)
+    decoder, info, _ = _start(path, _NATIVE, timeout_s)
+    try:
+        if not 0 <= frame < info.frame_count:
+            raise decoder.error(f"no frame {frame} (the video has {info.frame_count} frames)")
+        decoder.send(("frame", 0, int(frame)))
+        msg = decoder.recv(time.monotonic())
+        if msg[0] == "error":
+            raise decoder.error(msg[2])
+        return msg[2]
+    finally:
+        decoder.close()
+
+
+class LabelVideo:
+    """The label frames of a mask video, decoded in a child process under a deadline.
+
+    Lossless: grey values and palette indices are returned as they are (see
+    `_frame_labels`). Opening decodes the whole video once (``frame_count``, ``height``,
+    ``width``, ``values``: the sorted non-zero labels); `read` decodes forward from
+    where the previous read stopped and restarts for an earlier frame. Every wait has
+    ``timeout_s`` as the limit on a stall. Not thread-safe.
+
+    Raises:
+        MaskError: ``"<path>: <problem>"`` — not a decodable video, frames of mixed
+            size or in colour, a frame past the end, or the decoder crashed or stalled.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout_s: float = 60.0, scan: bool = True
+    ) -> None:
+        self.path = os.fspath(path)
+        self.timeout_s = float(timeout_s)
+        self.frame_count = self.height = self.width = 0
+        self.values: list[int] = []
+        self._decoder: _Decoder | None = None
+        with self._as_mask_error():
+            decoder = _Decoder(
+                self.path,
+                self.timeout_s,
+                _label_child_main,
+                (self.path, scan, _CHILD_FAULT),
+                what="mask decoder",
+            )
+            try:
+                msg = decoder.recv(time.monotonic())
+                if msg[0] == "error":
+                    raise decoder.error(msg[1])
+            except BaseException:
+                decoder.kill()
+                raise
+        self._decoder = decoder
+        if msg[1] is not None:
+            info = msg[1]
+            self.frame_count, self.height, self.width = (
+                info["frames"],
+                info["height"],
+                info["width"],
+            )
+            self.values = list(info["values"])
+
+    @contextlib.contextmanager
+    def _as_mask_error(self) -> Iterator[None]:
+        from memenc.errors import MaskError
+
+        try:
+            yield
+        except VideoDecodeError as e:
+            self.close()
+            raise MaskError(str(e)) from None
+
+    def read(self, frames: Sequence[int]) -> np.ndarray:
+        """Labels of the given frames (sorted, distinct) as ``[n, H, W]``."""
+        if self._decoder is None:
+            from memenc.errors import MaskError
+
+            raise MaskError(f"{self.path}: mask decoder is closed")
+        frames = [int(f) for f in frames]
+        with self._as_mask_error():
+            self._decoder.send(("read", 0, frames))
+            msg = self._decoder.recv(time.monotonic())
+            if msg[0] == "error":
+                self.close()  # its position is unknown; the caller may open a new one
+                raise VideoDecodeError(f"{self.path}: {msg[2]}")
+        return msg[2]
+
+    def close(self) -> None:
+        """Stop the decoder process. Safe to call twice."""
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 class _SharedBuffer:
