@@ -24,7 +24,9 @@ Formats (DESIGN.md §5):
   array. Arrays are read with bounded memory: ``.npy`` files and uncompressed
   ``.npz`` members are memory-mapped, compressed members are streamed.
 - ``sav-json``: an SA-V annotation file (``{video_id}_manual.json`` /
-  ``_auto.json``) of COCO RLE masklets on every ``step``-th video frame.
+  ``_auto.json``) of COCO RLE masklets: annotation k is video frame ``k * step``
+  (``step`` 4: SA-V annotates its 24 fps videos at 6 fps), so an N-frame video has
+  exactly ``ceil(N / step)`` annotations.
 
 Binary masks: a label source whose only non-zero value is 255 (0/255 images) is
 object 1; one whose only non-zero value is 1 is object 1 anyway.
@@ -36,7 +38,6 @@ Every problem with the input raises `MaskError` with a one-line message
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 import re
@@ -53,6 +54,7 @@ from memenc.errors import MaskError, UsageError
 
 __all__ = [
     "ASPECT_TOLERANCE",
+    "SAV_STEP",
     "ArrayMasks",
     "MaskSource",
     "MaskVideo",
@@ -73,6 +75,9 @@ ASPECT_TOLERANCE = 0.01
 _SCAN_BLOCK_BYTES = 64 << 20
 
 _NPZ_ARRAY_NAMES = ("masks", "labels", "logits")
+#: SA-V's annotation step: annotation k is video frame 4k (24 fps video, 6 fps masks).
+SAV_STEP = 4
+
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
@@ -153,6 +158,7 @@ def open_masks(
     video_width: int,
     video_height: int,
     objects: list[int] | None = None,
+    sav_step: int = SAV_STEP,
 ) -> MaskSource:
     """Open a mask source and check that it fits the video.
 
@@ -160,18 +166,24 @@ def open_masks(
     SA-V ``.json``; the format is detected from the suffix, else from the first
     bytes), the video's frame count and size, and optionally the object ids to
     keep (in the order they should appear; None keeps every object, sorted).
+    `sav_step` is the SA-V annotation step (annotation k is video frame
+    ``k * sav_step``; other formats ignore it).
 
     Returns a `MaskSource`. Raises `MaskError` ("<path>: <problem>") when the path
     is missing, unreadable or of an unknown format, when the masks' frame count or
     aspect ratio does not fit the video, when an array has the wrong dtype or
-    shape, or when a requested object id does not exist (the message lists the ids
-    that do). Raises `UsageError` when `objects` is empty or repeats an id.
+    shape, when an SA-V file's annotation count is not ``ceil(frames / sav_step)``,
+    or when a requested object id does not exist (the message lists the ids that
+    do). Raises `UsageError` when `objects` is empty or repeats an id, or when
+    `sav_step` is below 1.
     """
     if min(video_frame_count, video_width, video_height) < 1:
         raise ValueError(
             "video_frame_count, video_width and video_height must be positive, got "
             f"{video_frame_count}, {video_width}, {video_height}"
         )
+    if operator.index(sav_step) < 1:
+        raise UsageError(f"--sav-step must be at least 1, got {sav_step}")
     if objects is not None:
         objects = [operator.index(o) for o in objects]
         if not objects:
@@ -187,7 +199,7 @@ def open_masks(
         return MaskVideo(source_path, video, objects)
     if kind in ("npy", "npz"):
         return ArrayMasks(source_path, video, objects, kind=kind)
-    return SavJsonMasks(source_path, video, objects)
+    return SavJsonMasks(source_path, video, objects, step=sav_step)
 
 
 def _detect_kind(path: Path) -> str:
@@ -382,6 +394,10 @@ class MaskSource:
         attrs.update(self._extra_attrs())
         return attrs
 
+    def content_files(self) -> list[Path]:
+        """The files whose bytes are the masks, in frame order (for the content hash)."""
+        return [Path(self.path)]
+
     def close(self) -> None:
         """Release an open decoder or file handle, if any."""
 
@@ -412,6 +428,7 @@ class MaskSource:
 def _read_png_labels(file: Path) -> np.ndarray:
     """A label PNG as a 2-D integer array [H, W]."""
     from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
 
     try:
         with Image.open(file) as image:
@@ -439,6 +456,8 @@ def _read_png_labels(file: Path) -> np.ndarray:
             raise MaskError(f"{file}: unsupported PNG mode {mode}; use palette (P) or grey (L)")
     except MaskError:
         raise
+    except DecompressionBombError as e:  # not an OSError: PIL's guard against huge images
+        raise MaskError(f"{file}: image too large to read safely ({e})") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise MaskError(f"{file}: cannot read PNG ({e})") from e
 
@@ -506,6 +525,9 @@ class PngFolderMasks(MaskSource):
     def _check_frame(self, frame: int) -> None:
         if frame not in self._files:
             raise MaskError(f"{self.path}: no mask file for frame {frame}")
+
+    def content_files(self) -> list[Path]:
+        return [self._files[frame] for frame in sorted(self._files)]
 
     def _read_sorted(self, frames: list[int]) -> np.ndarray:
         out = np.empty((len(frames), len(self.object_ids), self.height, self.width), dtype=np.bool_)
@@ -972,14 +994,18 @@ def _json_int(value: Any) -> int | None:
 class SavJsonMasks(MaskSource):
     """An SA-V annotation file; see the module docstring.
 
-    Annotation k is the mask of video frame ``k * step``, with ``step =
-    round(video_frame_count / number_of_annotations)``; `annotated_frames` lists
-    those frames. RLEs are decoded only when their frame is read.
+    Annotation k is the mask of video frame ``k * step`` (SA-V: step 4, 24 fps video
+    annotated at 6 fps), so a video of N frames has exactly ``ceil(N / step)``
+    annotations, frames 0, step, ... up to N - 1; any other count is refused rather
+    than paired with the wrong frames. `annotated_frames` lists those frames. RLEs
+    are decoded only when their frame is read.
     """
 
     kind = "sav-json"
 
-    def __init__(self, file: Path, video: _VideoInfo, objects: list[int] | None) -> None:
+    def __init__(
+        self, file: Path, video: _VideoInfo, objects: list[int] | None, *, step: int = SAV_STEP
+    ) -> None:
         self.path = str(file)
         self._frame_count = video.frame_count
         try:
@@ -1031,6 +1057,12 @@ class SavJsonMasks(MaskSource):
                     raise MaskError(
                         f"{file}: annotation {k}, object {ids[o]}: not an RLE dict with 'size' [h, w] and 'counts'"
                     )
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in rle_size):
+                    # decode_rle takes integers only: refuse 16.0 here, not mid-run
+                    raise MaskError(
+                        f"{file}: annotation {k}, object {ids[o]}: RLE 'size' {rle_size} must be "
+                        "two integers [h, w]"
+                    )
                 hw = (int(rle_size[0]), int(rle_size[1]))
                 if size is None:
                     size = hw
@@ -1054,12 +1086,12 @@ class SavJsonMasks(MaskSource):
                     f"{file}: annotated for a video of {json_frames} frames, the video has "
                     f"{video.frame_count}"
                 )
-        total = json_frames or video.frame_count
-        step = math.floor(total / annotations + 0.5)
-        if step < 1 or (annotations - 1) * step >= video.frame_count:
+        expected = -(-video.frame_count // step)  # frames 0, step, ... <= N - 1
+        if annotations != expected:
             raise MaskError(
-                f"{file}: {annotations} annotated frames do not fit a video of "
-                f"{video.frame_count} frames (step {total}/{annotations} = {total / annotations:.2f})"
+                f"{file}: {annotations} annotations do not fit a video of {video.frame_count} "
+                f"frames annotated every {step} frames (that needs {expected}); "
+                "pass --sav-step N if the file uses another annotation step"
             )
         self._step = step
         self._masklet = masklet
