@@ -171,7 +171,7 @@ def test_round_trip(tmp_path: Path, store_dtype: str) -> None:
     assert attrs["schema"] == SCHEMA
     assert attrs["status"] == "complete"
     assert attrs["fingerprint"] == fingerprint(SETTINGS)
-    assert attrs["store_dtype"] == store_dtype
+    assert attrs["storage_dtype"] == store_dtype
     assert attrs["model"] == SETTINGS["model"]
     assert isinstance(attrs["memenc_version"], str) and attrs["memenc_version"]
 
