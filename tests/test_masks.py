@@ -634,3 +634,38 @@ def test_find_masks_beside_lists_the_places_it_looked(tmp_path):
     ]
     for place in conventional_mask_paths(video):
         assert str(place) in message
+
+
+def test_npy_read_with_plain_reads_any_order_fortran_and_truncated(tmp_path, labels):
+    path = _save_npy(tmp_path / "c.npy", labels)
+    source = open_masks(path, **VIDEO)
+    frames = [11, 0, 5, 5]
+    assert torch.equal(source.read(frames), expected_masks(labels, [3, 7])[frames])
+    assert not any(m.path == str(path) for m in _maps())  # read, not memory-mapped
+    fortran = _save_npy(tmp_path / "f.npy", np.asfortranarray(labels))
+    assert torch.equal(open_masks(fortran, **VIDEO).read(frames), source.read(frames))
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(MaskError, match=r"cut\.npy: not a readable \.npy array \(.*truncated"):
+        open_masks(cut, **VIDEO)
+
+
+def test_label_scan_finds_values_past_the_first_piece(tmp_path):
+    big = np.zeros((3, 600, 1000), np.uint16)  # 1.8 M values: two scan pieces
+    big[2, -1, -1] = 300
+    big[0, 0, 0] = 5
+    video = {"video_frame_count": 3, "video_width": 1000, "video_height": 600}
+    assert open_masks(_save_npy(tmp_path / "b.npy", big), **video).object_ids == [5, 300]
+    small = big.astype(np.uint8) % 7  # 300 % 256 % 7 == 2
+    assert open_masks(_save_npy(tmp_path / "u.npy", small), **video).object_ids == [2, 5]
+
+
+class _Map:
+    def __init__(self, line: str) -> None:
+        parts = line.split(maxsplit=5)
+        self.path = parts[5].strip() if len(parts) > 5 else ""
+
+
+def _maps() -> list[_Map]:
+    with open("/proc/self/maps") as f:
+        return [_Map(line) for line in f]
