@@ -159,14 +159,21 @@ def main() -> None:
         return
 
     width, height = map(int, args.size.split("x"))
+    print(
+        f"clip {width}x{height}, image size {args.image_size}, random weights, CPU, fp32; "
+        f"medians of {args.repeats}"
+    )
+    print("| run | frames | peak RSS main (MB) | peak RSS tree (MB) | seconds | frames/s |")
+    print("|---|---:|---:|---:|---:|---:|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for n in args.lengths:
-            video, masks = make_clip(tmp, n, width, height, args.masks)
-            plan = [("memenc", m) for m in args.masks if "memenc" in args.runs]
-            plan += [("reference", "png")] if "reference" in args.runs else []
-            for kind, source in plan:
+        clips = {n: make_clip(tmp, n, width, height, args.masks) for n in args.lengths}
+        plan = [("memenc", m) for m in args.masks if "memenc" in args.runs]
+        plan += [("reference", "png")] if "reference" in args.runs else []
+        for kind, source in plan:  # each source at every length, so pairs finish early
+            for n in args.lengths:
+                video, masks = clips[n]
                 runs = [
                     run_child(
                         kind,
@@ -180,15 +187,13 @@ def main() -> None:
                 main_mb = statistics.median(r["peak_mb"] for r in runs)
                 tree_mb = statistics.median(r["tree_peak_mb"] for r in runs)
                 secs = statistics.median(r["seconds"] for r in runs)
-                rows.append((f"{kind} ({source})", n, main_mb, tree_mb, secs, n / secs))
-    print(
-        f"clip {width}x{height}, image size {args.image_size}, random weights, CPU, fp32; "
-        f"medians of {args.repeats}"
-    )
-    print("| run | frames | peak RSS main (MB) | peak RSS tree (MB) | seconds | frames/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for kind, n, main_mb, tree_mb, secs, fps in rows:
-        print(f"| {kind} | {n} | {main_mb:.0f} | {tree_mb:.0f} | {secs:.1f} | {fps:.2f} |")
+                row = (f"{kind} ({source})", n, main_mb, tree_mb, secs, n / secs)
+                rows.append(row)
+                print(
+                    f"| {row[0]} | {n} | {main_mb:.0f} | {tree_mb:.0f} | {secs:.1f} | "
+                    f"{n / secs:.2f} |",
+                    flush=True,
+                )
     lo, hi = min(args.lengths), max(args.lengths)
     by = {(r[0], r[1]): r for r in rows}
     for kind in dict.fromkeys(r[0] for r in rows):
