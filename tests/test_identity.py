@@ -221,3 +221,33 @@ def test_content_hash_covers_bytes_and_frame_names(tmp_path):
     import hashlib
 
     assert content_sha256([c]) == "sha256:" + hashlib.sha256(b"x" * (3 << 20)).hexdigest()
+
+
+def test_frame_folder_video_is_identified_by_its_frames(tmp_path):
+    """A folder of frame images: a copied folder is the same run, one changed frame (same
+    name, same mtime) is not."""
+    from PIL import Image
+
+    labels = media.moving_labels(3, 60, 80)
+    frames = tmp_path / "a" / "frames"
+    frames.mkdir(parents=True)
+    for t, rgb in enumerate(media.scene_frames(labels)):
+        Image.fromarray(rgb).save(frames / f"{t:05d}.png")
+    masks = media.write_png_labels(tmp_path / "a" / "masks", labels)
+    out = tmp_path / "s.zarr"
+
+    def encode(folder: Path):
+        args = ["--masks", masks, "--weights", "random", "--image-size", S, "-o", out, "--json"]
+        return invoke("encode", folder, *args)
+
+    assert encode(frames).exit_code == 0
+    copied = Path(shutil.copytree(frames, tmp_path / "b" / "frames"))
+    r = encode(copied)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["already_complete"] is True
+    replace_keeping_mtime(
+        copied / "00001.png",
+        lambda p: Image.fromarray(255 - media.scene_frames(labels)[1]).save(p),
+    )
+    r = encode(copied)
+    assert r.exit_code == 1 and "video_content" in r.stderr, r.stderr
