@@ -12,7 +12,7 @@ For each length it writes a synthetic clip (320×240, two objects, PNG masks), t
 each in a fresh process: `memenc.encode_video` (fp32, float16 store) and the reference loop
 of shared/REFERENCE.md (sam2's load_video_frames, then per frame forward_image and
 _encode_new_memory per object, keeping every memory in RAM as SAM 2's predictor does).
-Peak RSS: the measured process's own ru_maxrss, and the peak of the summed RSS of its
+Peak RSS: the measured process's own VmHWM, and the peak of the summed RSS of its
 whole process tree (memenc's decoder child included), sampled every 50 ms. Prints a Markdown table; medians over --repeats runs.
 """
 
@@ -123,6 +123,16 @@ def _tree_rss_mb(root: int) -> float:
     return total / 1024
 
 
+def _own_peak_mb() -> float:
+    """This process's peak RSS since it was exec'd: VmHWM. (ru_maxrss starts at the forking
+    parent's RSS, which the clips made before inflate.)"""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_child(kind: str, video: Path, size: int, out: Path, masks: Path | None = None) -> dict:
     """One measurement in a fresh process, sampling its process tree's RSS every 50 ms."""
     cmd = [sys.executable, __file__, "--child", kind, str(video), str(size), str(out)]
@@ -154,7 +164,7 @@ def main() -> None:
         kind, video, size, out, *masks = args.child
         child = child_memenc if kind == "memenc" else child_reference
         result = child(video, int(size), out, *masks)
-        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_mb"] = _own_peak_mb()
         print(json.dumps(result))
         return
 
