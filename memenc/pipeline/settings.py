@@ -16,8 +16,9 @@ not; batch size and device are recorded but not fingerprinted (their results agr
 within DESIGN §3).
 
 Hashing costs one read of each input per run (also for a run that finds its store
-complete): sha256 streams at about 0.7 GB/s on the 2-core development machine, so
-~1.5 s for a 1 GB video.
+complete). Measured on the 2-core development machine, file in the page cache: sha256
+(stdlib hashlib, 1 MiB reads) at ~0.7 GB/s idle (~1.5 s for a 1 GB video) and
+~0.2 GB/s with the cores shared (~5 s); blake2b was slower there (~0.47 GB/s idle).
 """
 
 from __future__ import annotations
