@@ -1,12 +1,18 @@
 """Peak memory and time of memenc against the reference loop, by video length.
 
     python benchmarks/memory.py --lengths 60 600 --image-size 256
+    python benchmarks/memory.py --lengths 60 600 --image-size 128 --size 640x360 \
+        --masks npy png video --runs memenc
+
+`--masks` picks the mask sources memenc reads: ``png`` (a folder of palette PNGs),
+``npy`` (a [T, H, W] uint8 label array) and ``video`` (a lossless ffv1 label video);
+the reference loop always reads the PNGs.
 
 For each length it writes a synthetic clip (320×240, two objects, PNG masks), then runs,
 each in a fresh process: `memenc.encode_video` (fp32, float16 store) and the reference loop
 of shared/REFERENCE.md (sam2's load_video_frames, then per frame forward_image and
 _encode_new_memory per object, keeping every memory in RAM as SAM 2's predictor does).
-Peak RSS: the measured process's own ru_maxrss, and the peak of the summed RSS of its
+Peak RSS: the measured process's own VmHWM, and the peak of the summed RSS of its
 whole process tree (memenc's decoder child included), sampled every 50 ms. Prints a Markdown table; medians over --repeats runs.
 """
 
@@ -29,24 +35,34 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
-def make_clip(folder: Path, length: int) -> Path:
+def make_clip(
+    folder: Path, length: int, width: int, height: int, sources: list[str]
+) -> tuple[Path, dict[str, Path]]:
+    """The clip and its labels in each mask source asked for."""
     import media
 
-    labels = media.moving_labels(length, 240, 320)
+    labels = media.moving_labels(length, height, width)
     video = media.write_video(folder / f"clip{length}.mp4", media.scene_frames(labels))
-    media.write_png_labels(folder / f"clip{length}_masks", labels)
-    return video
+    masks = {"png": media.write_png_labels(folder / f"clip{length}_masks", labels)}
+    if "npy" in sources:
+        masks["npy"] = folder / f"clip{length}.masks.npy"
+        np.save(masks["npy"], labels)
+    if "video" in sources:
+        masks["video"] = media.write_label_video(folder / f"clip{length}_masks.mkv", labels)
+    return video, masks
 
 
-def child_memenc(video: str, size: int, out: str) -> dict:
+def child_memenc(video: str, size: int, out: str, masks: str | None = None) -> dict:
     import memenc
 
     t = time.perf_counter()
-    memenc.encode_video(video, weights="random", image_size=size, out=out, overwrite=True)
+    memenc.encode_video(
+        video, masks=masks, weights="random", image_size=size, out=out, overwrite=True
+    )
     return {"seconds": time.perf_counter() - t}
 
 
-def child_reference(video: str, size: int, out: str) -> dict:
+def child_reference(video: str, size: int, out: str, masks: str | None = None) -> dict:
     import torch
     from PIL import Image
     from sam2.build_sam import build_sam2
@@ -100,15 +116,27 @@ def _tree_rss_mb(root: int) -> float:
     for pid in tree:
         try:
             with open(f"/proc/{pid}/status") as f:
+                # VmRSS = RssAnon + RssFile + RssShmem: file-backed (mapped) pages count too
                 total += next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")), 0)
         except OSError:
             continue
     return total / 1024
 
 
-def run_child(kind: str, video: Path, size: int, out: Path) -> dict:
+def _own_peak_mb() -> float:
+    """This process's peak RSS since it was exec'd: VmHWM. (ru_maxrss starts at the forking
+    parent's RSS, which the clips made before inflate.)"""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(kind: str, video: Path, size: int, out: Path, masks: Path | None = None) -> dict:
     """One measurement in a fresh process, sampling its process tree's RSS every 50 ms."""
     cmd = [sys.executable, __file__, "--child", kind, str(video), str(size), str(out)]
+    cmd += [str(masks)] if masks is not None else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tree_peak = 0.0
     while proc.poll() is None:
@@ -126,41 +154,66 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[60, 600])
     ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--size", default="320x240", help="clip and mask size WxH")
+    ap.add_argument("--masks", nargs="+", default=["png"], choices=["png", "npy", "video"])
+    ap.add_argument("--runs", nargs="+", default=["memenc", "reference"])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--child", nargs=4)
+    ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
     if args.child:
-        kind, video, size, out = args.child
-        result = (child_memenc if kind == "memenc" else child_reference)(video, int(size), out)
-        result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        kind, video, size, out, *masks = args.child
+        child = child_memenc if kind == "memenc" else child_reference
+        result = child(video, int(size), out, *masks)
+        result["peak_mb"] = _own_peak_mb()
         print(json.dumps(result))
         return
 
+    width, height = map(int, args.size.split("x"))
+    print(
+        f"clip {width}x{height}, image size {args.image_size}, random weights, CPU, fp32; "
+        f"medians of {args.repeats}"
+    )
+    print("| run | frames | peak RSS main (MB) | peak RSS tree (MB) | seconds | frames/s |")
+    print("|---|---:|---:|---:|---:|---:|", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for n in args.lengths:
-            video = make_clip(tmp, n)
-            for kind in ("memenc", "reference"):
+        clips = {n: make_clip(tmp, n, width, height, args.masks) for n in args.lengths}
+        plan = [("memenc", m) for m in args.masks if "memenc" in args.runs]
+        plan += [("reference", "png")] if "reference" in args.runs else []
+        for kind, source in plan:  # each source at every length, so pairs finish early
+            for n in args.lengths:
+                video, masks = clips[n]
                 runs = [
-                    run_child(kind, video, args.image_size, tmp / f"{kind}{n}.zarr")
+                    run_child(
+                        kind,
+                        video,
+                        args.image_size,
+                        tmp / f"{kind}{n}.zarr",
+                        masks[source] if kind == "memenc" else None,
+                    )
                     for _ in range(args.repeats)
                 ]
                 main_mb = statistics.median(r["peak_mb"] for r in runs)
                 tree_mb = statistics.median(r["tree_peak_mb"] for r in runs)
                 secs = statistics.median(r["seconds"] for r in runs)
-                rows.append((kind, n, main_mb, tree_mb, secs, n / secs))
-    print(f"image size {args.image_size}, sam2.1_hiera_tiny, CPU, fp32; medians of {args.repeats}")
-    print("| run | frames | peak RSS main (MB) | peak RSS tree (MB) | seconds | frames/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for kind, n, main_mb, tree_mb, secs, fps in rows:
-        print(f"| {kind} | {n} | {main_mb:.0f} | {tree_mb:.0f} | {secs:.1f} | {fps:.2f} |")
+                row = (f"{kind} ({source})", n, main_mb, tree_mb, secs, n / secs)
+                rows.append(row)
+                print(
+                    f"| {row[0]} | {n} | {main_mb:.0f} | {tree_mb:.0f} | {secs:.1f} | "
+                    f"{n / secs:.2f} |",
+                    flush=True,
+                )
     lo, hi = min(args.lengths), max(args.lengths)
-    for col, name in ((2, "main process"), (3, "process tree")):
-        by = {(r[0], r[1]): r[col] for r in rows}
-        for kind in ("memenc", "reference"):
-            ratio = by[(kind, hi)] / by[(kind, lo)]
-            print(f"{kind}, {name}: peak at {hi} frames / peak at {lo} frames = {ratio:.3f}")
+    by = {(r[0], r[1]): r for r in rows}
+    for kind in dict.fromkeys(r[0] for r in rows):
+        if (kind, lo) in by and (kind, hi) in by and lo != hi:
+            main_ratio = by[(kind, hi)][2] / by[(kind, lo)][2]
+            tree_ratio = by[(kind, hi)][3] / by[(kind, lo)][3]
+            print(
+                f"{kind}: peak at {hi} / peak at {lo} frames = {main_ratio:.3f} (main process), "
+                f"{tree_ratio:.3f} (process tree)"
+            )
 
 
 if __name__ == "__main__":

@@ -500,20 +500,83 @@ def test_sav_json_structure_errors(tmp_path, labels):
     doc["masklet_id"] = [3, 3]
     with pytest.raises(MaskError, match=r"b_manual\.json: 'masklet_id' must be"):
         open_masks(write_json(tmp_path / "b_manual.json", doc), **VIDEO)
-    # 3 annotations that would need frames 0, 8, 16 in a 12-frame video
+    # 6 annotations at step 4 would need frames 0..20, the video has 9
     doc = sav_json(labels)
     del doc["video_frame_count"]
     doc["masklet"] = doc["masklet"] * 2
-    with pytest.raises(MaskError, match=r"c_manual\.json: 6 annotated frames"):
+    with pytest.raises(MaskError, match=r"c_manual\.json: 6 annotations do not fit"):
         open_masks(write_json(tmp_path / "c_manual.json", doc), **{**VIDEO, "video_frame_count": 9})
 
 
-def test_sav_json_step_is_rounded(tmp_path, labels):
-    # 3 annotations over 13 frames: 13 / 3 = 4.33 -> step 4 (frames 0, 4, 8)
+def _sav_doc(annotations: int, frames: int | None = None) -> dict:
+    """An SA-V document with `annotations` annotations of objects 3 and 7."""
+    labels = np.concatenate([make_labels()] * 2)[:annotations]
+    doc = sav_json(labels, step=1)
+    if frames is None:
+        del doc["video_frame_count"]
+    else:
+        doc["video_frame_count"] = frames
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("frames", "annotations", "step", "annotated"),
+    [
+        (10, 3, 4, [0, 4, 8]),  # SA-V: frames 0, 4, 8 of 0..9 (not 0, 3, 6)
+        (12, 3, 4, [0, 4, 8]),
+        (13, 4, 4, [0, 4, 8, 12]),
+        (1, 1, 4, [0]),
+        (10, 5, 2, [0, 2, 4, 6, 8]),  # another annotation step
+        (10, 10, 1, list(range(10))),
+    ],
+)
+def test_sav_json_annotation_k_is_frame_k_times_step(
+    tmp_path, frames, annotations, step, annotated
+):
+    path = write_json(tmp_path / "v_manual.json", _sav_doc(annotations, frames))
+    source = open_masks(path, **{**VIDEO, "video_frame_count": frames}, sav_step=step)
+    assert source.annotated_frames == annotated
+    assert source.to_attrs()["frame_step"] == step
+    labels = np.concatenate([make_labels()] * 2)[:annotations]
+    assert torch.equal(source.read(annotated), expected_masks(labels, [3, 7]))
+
+
+@pytest.mark.parametrize(
+    ("frames", "annotations", "step", "needs"),
+    [(10, 5, 4, 3), (10, 2, 4, 3), (13, 3, 4, 4), (10, 3, 2, 5)],
+)
+def test_sav_json_annotation_count_must_fit_the_step(tmp_path, frames, annotations, step, needs):
+    path = write_json(tmp_path / "v_manual.json", _sav_doc(annotations, frames))
+    with pytest.raises(
+        MaskError,
+        match=rf"v_manual\.json: {annotations} annotations do not fit a video of {frames} "
+        rf"frames annotated every {step} frames \(that needs {needs}\); pass --sav-step",
+    ):
+        open_masks(path, **{**VIDEO, "video_frame_count": frames}, sav_step=step)
+
+
+def test_sav_step_below_one_is_a_usage_error(paths):
+    with pytest.raises(UsageError, match="--sav-step must be at least 1, got 0"):
+        open_masks(paths["sav-json"], **VIDEO, sav_step=0)
+
+
+@pytest.mark.parametrize("size", [[16.5, 24], [16.0, 24]])
+def test_non_integer_rle_size_is_refused_at_open(tmp_path, labels, size):
     doc = sav_json(labels)
-    doc["video_frame_count"] = 13
-    source = open_masks(write_json(tmp_path / "r.json", doc), **{**VIDEO, "video_frame_count": 13})
-    assert source.annotated_frames == [0, 4, 8]
+    for annotation in doc["masklet"]:
+        for rle in annotation:
+            rle["size"] = list(size)
+    path = write_json(tmp_path / "f_manual.json", doc)
+    with pytest.raises(MaskError, match=r"f_manual\.json: annotation 0, object 3: .*'size'"):
+        open_masks(path, **VIDEO)
+
+
+def test_decompression_bomb_png_names_the_file(tmp_path, labels, monkeypatch):
+    folder = write_png_folder(tmp_path / "bomb_masks", labels)
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS with DecompressionBombError (no OSError)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 4)
+    with pytest.raises(MaskError, match=r"00000\.png: image too large to read safely"):
+        open_masks(folder, **VIDEO)
 
 
 # --------------------------------------------------------------------------- options and finding
@@ -684,3 +747,38 @@ def test_masks_for_more_frames_than_a_damaged_video_decodes_name_the_video(tmp_p
             open_masks(path.parent if path.suffix == ".png" else path, video_path=video, **VIDEO)
         message = str(info.value)
         assert message.startswith(f"{path}: {claim}") and f"the video {video} has 12" in message
+
+
+def test_npy_read_with_plain_reads_any_order_fortran_and_truncated(tmp_path, labels):
+    path = _save_npy(tmp_path / "c.npy", labels)
+    source = open_masks(path, **VIDEO)
+    frames = [11, 0, 5, 5]
+    assert torch.equal(source.read(frames), expected_masks(labels, [3, 7])[frames])
+    assert not any(m.path == str(path) for m in _maps())  # read, not memory-mapped
+    fortran = _save_npy(tmp_path / "f.npy", np.asfortranarray(labels))
+    assert torch.equal(open_masks(fortran, **VIDEO).read(frames), source.read(frames))
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(MaskError, match=r"cut\.npy: not a readable \.npy array \(.*truncated"):
+        open_masks(cut, **VIDEO)
+
+
+def test_label_scan_finds_values_past_the_first_piece(tmp_path):
+    big = np.zeros((3, 600, 1000), np.uint16)  # 1.8 M values: two scan pieces
+    big[2, -1, -1] = 300
+    big[0, 0, 0] = 5
+    video = {"video_frame_count": 3, "video_width": 1000, "video_height": 600}
+    assert open_masks(_save_npy(tmp_path / "b.npy", big), **video).object_ids == [5, 300]
+    small = big.astype(np.uint8) % 7  # 300 % 256 % 7 == 2
+    assert open_masks(_save_npy(tmp_path / "u.npy", small), **video).object_ids == [2, 5]
+
+
+class _Map:
+    def __init__(self, line: str) -> None:
+        parts = line.split(maxsplit=5)
+        self.path = parts[5].strip() if len(parts) > 5 else ""
+
+
+def _maps() -> list[_Map]:
+    with open("/proc/self/maps") as f:
+        return [_Map(line) for line in f]

@@ -171,7 +171,7 @@ def test_round_trip(tmp_path: Path, store_dtype: str) -> None:
     assert attrs["schema"] == SCHEMA
     assert attrs["status"] == "complete"
     assert attrs["fingerprint"] == fingerprint(SETTINGS)
-    assert attrs["store_dtype"] == store_dtype
+    assert attrs["storage_dtype"] == store_dtype
     assert attrs["model"] == SETTINGS["model"]
     assert isinstance(attrs["memenc_version"], str) and attrs["memenc_version"]
 
@@ -644,3 +644,17 @@ def test_lock_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: 
     assert len(errors) == 1 and isinstance(errors[0], StoreLockedError)
     with store_lock(path):  # released by the outermost exit
         pass
+
+
+def test_reader_sees_rows_finished_after_it_opened(tmp_path: Path) -> None:
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store, [0])
+    cache = open_cache(path)  # opened while the store is in progress
+    assert np.isnan(cache.timestamps[3:]).all()
+    np.testing.assert_allclose(cache.timestamps[:3], np.arange(3) / 24.0)
+    write(store, [1, 3])
+    np.testing.assert_allclose(cache.timestamps[:6], np.arange(6) / 24.0)
+    assert np.isnan(cache.timestamps[6:9]).all()  # chunk 2 is still pending
+    np.testing.assert_allclose(cache.timestamps[9], 9 / 24.0)
+    assert cache.features(4, OBJECT_IDS[0]).shape == (64, H, W)

@@ -183,6 +183,9 @@ def encode(
             "Default: <stem>_masks/, <stem>.masks.npy|npz or <stem>_manual.json beside the video."
         ),
     ] = None,
+    sav_step: Annotated[
+        int, typer.Option(help="SA-V JSON masks: annotation k is video frame k*N (SA-V: 4).")
+    ] = 4,
     checkpoint: Annotated[
         Optional[str],
         typer.Option(
@@ -242,6 +245,7 @@ def encode(
         result = encode_video(
             video,
             masks=masks,
+            sav_step=sav_step,
             checkpoint=checkpoint,
             weights=weights.value,
             variant=variant,

@@ -33,16 +33,22 @@ import numpy as np
 import torch
 
 from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, get_variant, load_model
-from memenc.errors import CheckpointError, MaskError, MemencWarning, UsageError
-from memenc.pipeline.masks import MaskSource, find_masks_beside, open_masks, parse_objects
+from memenc.errors import CheckpointError, MaskError, MemencWarning, UsageError, VideoDecodeError
+from memenc.pipeline.masks import (
+    SAV_STEP,
+    MaskSource,
+    find_masks_beside,
+    open_masks,
+    parse_objects,
+)
+from memenc.pipeline.settings import NUMBERS_VERSION, RunSettings, content_sha256
 from memenc.pipeline.store import (
     CacheStore,
     StoreLayout,
     default_chunk_frames,
-    fingerprint,
     store_lock,
 )
-from memenc.pipeline.video import VideoInfo, VideoSource, parse_frames
+from memenc.pipeline.video import VideoInfo, VideoSource, list_images, parse_frames
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("float16", "float32")
@@ -177,13 +183,18 @@ def store_layout(
     masks: MaskSource,
     *,
     video_attrs: dict[str, Any],
+    video_content: str,
+    masks_content: str,
     selection: slice,
     store_dtype: str,
     chunk_frames: int | None,
     precision: str,
+    batch_size: int = 4,
+    device: str = "cpu",
 ) -> StoreLayout:
-    """The store's layout and attributes for a run; the fingerprint covers every setting
-    that determines the stored numbers (not batch size or device)."""
+    """The store's layout for a run. Its attributes and fingerprint both come from one
+    `RunSettings` (which declares what is stored and what is fingerprinted); the
+    contents are `content_sha256` strings of the video's and the masks' files."""
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
     h = w = model.feat_size
@@ -193,38 +204,33 @@ def store_layout(
     if f < 1:
         raise UsageError(f"--chunk-frames must be at least 1, got {f}")
     v = model.variant
-    model_attrs = {
-        "variant": v.name,
-        "image_size": model.image_size,
-        "weights": model.weights,
-        "checkpoint": model.checkpoint,
-        "checkpoint_sha256": model.checkpoint_sha256,
-        "seed": model.seed if model.weights == "random" else None,
-    }
-    mask_attrs = masks.to_attrs()
-    settings = {
-        "video": {k: video_attrs.get(k) for k in ("path", "size_bytes", "mtime", "frame_count")},
-        "frames": list(map(int, frames)),
-        "model": model_attrs,
-        "masks": mask_attrs,
-        "memory": {
+    settings = RunSettings(
+        numbers_version=NUMBERS_VERSION,
+        source_video=dict(video_attrs),
+        video_content=video_content,
+        frame_selection={"spec": _slice_text(selection), "frames": len(frames)},
+        frames=tuple(map(int, frames)),
+        model={
+            "variant": v.name,
+            "image_size": model.image_size,
+            "weights": model.weights,
+            "checkpoint": model.checkpoint,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "seed": model.seed if model.weights == "random" else None,
+        },
+        masks=masks.to_attrs(),
+        masks_content=masks_content,
+        memory={
             "sigmoid_scale": v.sigmoid_scale,
             "sigmoid_bias": v.sigmoid_bias,
             "binarize": not masks.is_logits,
         },
-        "precision": precision,
-        "store_dtype": store_dtype,
-        "chunk_frames": f,
-    }
-    attrs = {
-        "source_video": video_attrs,
-        "frame_selection": {"spec": _slice_text(selection), "frames": len(frames)},
-        "model": model_attrs,
-        "masks": mask_attrs,
-        "memory": settings["memory"],
-        "precision": precision,
-        "storage_dtype": store_dtype,
-    }
+        precision=precision,
+        storage_dtype=store_dtype,
+        chunk_frames=f,
+        batch_size=batch_size,
+        device=device,
+    )
     pos = model.position_encoding.encode(h, w).cpu().numpy()
     return StoreLayout(
         num_frames=len(frames),
@@ -235,9 +241,26 @@ def store_layout(
         frame_index=np.asarray(frames, dtype=np.int64),
         pos_enc=pos,
         tpos_enc=model.maskmem_tpos_enc.detach().cpu().numpy(),
-        attrs=attrs,
-        fingerprint=fingerprint(settings),
+        attrs=settings.attrs(),
+        fingerprint=settings.fingerprint(),
+        identity=RunSettings.stored_identity,
     )
+
+
+def hash_inputs(video_path: Path, masks: MaskSource) -> tuple[str, str]:
+    """`content_sha256` of the video (its file, or a frame folder's images in order) and
+    of the mask source's files. Raises VideoDecodeError / MaskError when one cannot be
+    read."""
+    try:
+        files = list_images(str(video_path)) if video_path.is_dir() else [video_path]
+        video_content = content_sha256(files)
+    except OSError as e:
+        raise VideoDecodeError(f"{video_path}: cannot read ({e.strerror or e})") from e
+    try:
+        masks_content = content_sha256(masks.content_files())
+    except OSError as e:
+        raise MaskError(f"{masks.path}: cannot read ({e.strerror or e})") from e
+    return video_content, masks_content
 
 
 # ---------------------------------------------------------------------------- work unit
@@ -301,13 +324,21 @@ def run_chunks(
 
     Rows of the chunks are decoded and encoded in batches of `batch_size` frames (a batch
     may span two chunks); each chunk is written whole as soon as its last row is computed.
-    `progress(n)` is called with the frames finished by each batch. Returns the number of
-    chunks written. Raises whatever a stage raised (VideoDecodeError, MaskError,
-    StoreError ...); chunks written before the error keep their markers.
+    `progress(n)` is called with the frames finished by each batch. `chunks` may be in any
+    order and repeat a chunk; each is computed once, in order. Returns the number of
+    chunks written. Raises UsageError for a chunk outside the store, and whatever a stage
+    raised (VideoDecodeError, MaskError, StoreError ...); chunks written before the error
+    keep their markers.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     layout = store.layout
+    chunks = sorted({int(c) for c in chunks})
+    outside = [c for c in chunks if not 0 <= c < layout.num_chunks]
+    if outside:
+        raise UsageError(
+            f"chunk {outside[0]} is outside the store (chunks 0..{layout.num_chunks - 1})"
+        )
     rows = [r for c in chunks for r in store.chunk_rows(c)]
     if not rows:
         return 0
@@ -458,6 +489,7 @@ def encode_video(
     chunk_frames: int | None = None,
     overwrite: bool = False,
     skip_unmasked: bool = False,
+    sav_step: int = SAV_STEP,
     decode_timeout_s: float = 120.0,
     progress: ProgressFn | None = None,
 ) -> EncodeResult:
@@ -474,7 +506,8 @@ def encode_video(
     batch_size, device ("auto", "cpu", "cuda[:i]"), precision ("fp32", "bf16", "fp16"),
     store_dtype ("float16", "float32"), chunk_frames (default: ~1–4 MB chunks).
     overwrite: replace a store made with other settings. skip_unmasked: drop frames
-    without a mask instead of failing. progress: called with `Progress` reports.
+    without a mask instead of failing. sav_step: SA-V annotation step (annotation k is
+    video frame k * sav_step). progress: called with `Progress` reports.
 
     Every argument is checked first (UsageError) before a decoder starts or a store is
     touched. Returns an `EncodeResult`. A complete store with the same settings is a no-op; an
@@ -531,6 +564,7 @@ def encode_video(
             video_path=video_path,
             video_frame_count_declared=info.frame_count_declared,
             timeout_s=decode_timeout_s,
+            sav_step=sav_step,
         )
         stack.callback(mask_source.close)
         _warn_if_damaged(info)
@@ -544,16 +578,21 @@ def encode_video(
             device=dev,
             progress=on_download,
         )
+        video_content, masks_content = hash_inputs(video_path, mask_source)
         layout = store_layout(
             model,
             planned,
             mask_source,
-            # absolute, so the fingerprint and `preview` do not depend on the working folder
+            # absolute, so `preview` does not depend on the working folder
             video_attrs={**info.to_attrs(), "path": str(video_path.resolve())},
+            video_content=video_content,
+            masks_content=masks_content,
             selection=selection,
             store_dtype=store_dtype,
             chunk_frames=chunk_frames,
             precision=precision,
+            batch_size=batch_size,
+            device=str(dev),
         )
         out_path = Path(out) if out is not None else video_path.with_suffix(".zarr")
         # the lock is held from before the store is created or resumed until it is complete

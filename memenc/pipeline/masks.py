@@ -23,9 +23,12 @@ Formats (DESIGN.md §5):
   ``1..O`` unless an ``.npz`` holds an ``object_ids`` array. An ``.npz`` uses the
   array named ``masks``, ``labels`` or ``logits`` (in that order), else its first
   array. Arrays are read with bounded memory: ``.npy`` files and uncompressed
-  ``.npz`` members are memory-mapped, compressed members are streamed.
+  ``.npz`` members with plain reads of the rows needed (no memory map, whose pages
+  would stay resident), compressed members are streamed.
 - ``sav-json``: an SA-V annotation file (``{video_id}_manual.json`` /
-  ``_auto.json``) of COCO RLE masklets on every ``step``-th video frame.
+  ``_auto.json``) of COCO RLE masklets: annotation k is video frame ``k * step``
+  (``step`` 4: SA-V annotates its 24 fps videos at 6 fps), so an N-frame video has
+  exactly ``ceil(N / step)`` annotations.
 
 Binary masks: a label source whose only non-zero value is 255 (0/255 images) is
 object 1; one whose only non-zero value is 1 is object 1 anyway.
@@ -37,7 +40,6 @@ Every problem with the input raises `MaskError` with a one-line message
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 import re
@@ -54,6 +56,7 @@ from memenc.errors import MaskError, MemencError, UsageError, VideoDecodeError
 
 __all__ = [
     "ASPECT_TOLERANCE",
+    "SAV_STEP",
     "ArrayMasks",
     "MaskSource",
     "MaskVideo",
@@ -70,10 +73,15 @@ __all__ = [
 #: Largest accepted relative difference between the mask's and the video's w/h.
 ASPECT_TOLERANCE = 0.01
 
-# Label scans over arrays and videos read about this many bytes at a time.
-_SCAN_BLOCK_BYTES = 64 << 20
+# Label scans over arrays and videos read about this many bytes at a time, and look at
+# _SCAN_PIECE values at a time (bincount's intp copy of a piece: 8 MB).
+_SCAN_BLOCK_BYTES = 16 << 20
+_SCAN_PIECE = 1 << 20
 
 _NPZ_ARRAY_NAMES = ("masks", "labels", "logits")
+#: SA-V's annotation step: annotation k is video frame 4k (24 fps video, 6 fps masks).
+SAV_STEP = 4
+
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
@@ -157,6 +165,7 @@ def open_masks(
     video_path: str | os.PathLike[str] | None = None,
     video_frame_count_declared: int | None = None,
     timeout_s: float = 60.0,
+    sav_step: int = SAV_STEP,
 ) -> MaskSource:
     """Open a mask source and check that it fits the video.
 
@@ -168,21 +177,26 @@ def open_masks(
     frame count the video file promises (`VideoInfo.frame_count_declared`), when more
     than the ``video_frame_count`` frames that decode. ``timeout_s`` bounds each wait
     for a mask video's decoder.
+    `sav_step` is the SA-V annotation step (annotation k is video frame
+    ``k * sav_step``; other formats ignore it).
 
     Returns a `MaskSource`. Raises `MaskError` ("<path>: <problem>") when the path
     is missing, unreadable or of an unknown format, when the masks' frame count or
     aspect ratio does not fit the video, when an array has the wrong dtype or
-    shape, or when a requested object id does not exist (the message lists the ids
-    that do). When the video is damaged (fewer frames decode than it promises) and
-    the masks do not fit the frames that decode, raises `VideoDecodeError` naming
-    the video as damaged, with both counts and the masks' own. Raises `UsageError`
-    when `objects` is empty or repeats an id.
+    shape, when an SA-V file's annotation count is not ``ceil(frames / sav_step)``,
+    or when a requested object id does not exist (the message lists the ids that
+    do). When the video is damaged (fewer frames decode than it promises) and the
+    masks do not fit the frames that decode, raises `VideoDecodeError` naming the
+    video as damaged, with both counts and the masks' own. Raises `UsageError` when
+    `objects` is empty or repeats an id, or when `sav_step` is below 1.
     """
     if min(video_frame_count, video_width, video_height) < 1:
         raise ValueError(
             "video_frame_count, video_width and video_height must be positive, got "
             f"{video_frame_count}, {video_width}, {video_height}"
         )
+    if operator.index(sav_step) < 1:
+        raise UsageError(f"--sav-step must be at least 1, got {sav_step}")
     if objects is not None:
         objects = [operator.index(o) for o in objects]
         if not objects:
@@ -204,7 +218,7 @@ def open_masks(
         return MaskVideo(source_path, video, objects, timeout_s=timeout_s)
     if kind in ("npy", "npz"):
         return ArrayMasks(source_path, video, objects, kind=kind)
-    return SavJsonMasks(source_path, video, objects)
+    return SavJsonMasks(source_path, video, objects, step=sav_step)
 
 
 def _detect_kind(path: Path) -> str:
@@ -306,16 +320,28 @@ def _label_objects(
 
 
 def _nonzero_values(where: object, labels: np.ndarray) -> set[int]:
-    """The distinct non-zero values of an integer label array."""
+    """The distinct non-zero values of an integer label array.
+
+    Scans `_SCAN_PIECE` values at a time, so the temporaries stay small whatever the
+    array's size (bincount casts its input to intp, 8 bytes a value; unique sorts a copy).
+    """
     if labels.dtype == np.bool_:
         return {1} if labels.any() else set()
-    if labels.dtype == np.uint8:
-        counts = np.bincount(labels.ravel(), minlength=256)
-        return {int(v) for v in np.flatnonzero(counts[1:]) + 1}
-    values = np.unique(labels)
-    if values.size and values[0] < 0:
-        raise MaskError(f"{where}: negative label value {int(values[0])}; labels must be >= 0")
-    return {int(v) for v in values if v != 0}
+    flat = labels.reshape(-1)
+    seen = np.zeros(256, np.bool_) if labels.dtype == np.uint8 else None
+    values: set[int] = set()
+    for start in range(0, flat.size, _SCAN_PIECE):
+        piece = flat[start : start + _SCAN_PIECE]
+        if seen is not None:
+            seen |= np.bincount(piece, minlength=256) > 0
+            continue
+        found = np.unique(piece)
+        if found.size and found[0] < 0:
+            raise MaskError(f"{where}: negative label value {int(found[0])}; labels must be >= 0")
+        values.update(int(v) for v in found if v != 0)
+    if seen is not None:
+        values = {int(v) for v in np.flatnonzero(seen[1:]) + 1}
+    return values
 
 
 def _labels_to_masks(labels: np.ndarray, label_values: list[int]) -> np.ndarray:
@@ -421,6 +447,10 @@ class MaskSource:
         attrs.update(self._extra_attrs())
         return attrs
 
+    def content_files(self) -> list[Path]:
+        """The files whose bytes are the masks, in frame order (for the content hash)."""
+        return [Path(self.path)]
+
     def close(self) -> None:
         """Release an open decoder or file handle, if any."""
 
@@ -451,6 +481,7 @@ class MaskSource:
 def _read_png_labels(file: Path) -> np.ndarray:
     """A label PNG as a 2-D integer array [H, W]."""
     from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
 
     try:
         with Image.open(file) as image:
@@ -478,6 +509,8 @@ def _read_png_labels(file: Path) -> np.ndarray:
             raise MaskError(f"{file}: unsupported PNG mode {mode}; use palette (P) or grey (L)")
     except MaskError:
         raise
+    except DecompressionBombError as e:  # not an OSError: PIL's guard against huge images
+        raise MaskError(f"{file}: image too large to read safely ({e})") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise MaskError(f"{file}: cannot read PNG ({e})") from e
 
@@ -547,6 +580,9 @@ class PngFolderMasks(MaskSource):
     def _check_frame(self, frame: int) -> None:
         if frame not in self._files:
             raise MaskError(f"{self.path}: no mask file for frame {frame}")
+
+    def content_files(self) -> list[Path]:
+        return [self._files[frame] for frame in sorted(self._files)]
 
     def _read_sorted(self, frames: list[int]) -> np.ndarray:
         out = np.empty((len(frames), len(self.object_ids), self.height, self.width), dtype=np.bool_)
@@ -641,39 +677,76 @@ class MaskVideo(MaskSource):
 # --------------------------------------------------------------------------- arrays
 
 
+def _read_rows(
+    file: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype, frames: list[int], where: str
+) -> np.ndarray:
+    """Rows `frames` of a C-order [T, ...] array whose data starts at byte `offset` of
+    `file`, read with seek + readinto (no memory map: a map's pages stay in the process's
+    RSS as a run reads through the file)."""
+    out = np.empty((len(frames), *shape[1:]), dtype=dtype)
+    row_bytes = out[0].nbytes if len(frames) else 0
+    for i, frame in enumerate(frames):
+        file.seek(offset + frame * row_bytes)
+        if file.readinto(memoryview(out[i]).cast("B")) != row_bytes:
+            raise MaskError(f"{where}: the array is truncated at frame {frame}")
+    return out
+
+
 class _NpyArray:
-    """An .npy file, memory-mapped."""
+    """An .npy file, read row by row with plain reads (Fortran-order files: memory-mapped)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._array: np.ndarray | None = None
-        array = self._open()
-        self.shape: tuple[int, ...] = array.shape
-        self.dtype: np.dtype = array.dtype
-
-    def _open(self) -> np.ndarray:
-        if self._array is None:
-            try:
-                self._array = np.load(self._path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise MaskError(f"{self._path}: not a readable .npy array ({e})") from e
-        return self._array
+        self._file: Any = None
+        self._array: np.ndarray | None = None  # Fortran order only
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version in ((2, 0), (3, 0)):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unsupported .npy format version {version}")
+                self._offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
+        except (ValueError, OSError, EOFError) as e:
+            raise MaskError(f"{path}: not a readable .npy array ({e})") from e
+        if dtype.hasobject:
+            raise MaskError(f"{path}: not a readable .npy array (holds Python objects)")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype: np.dtype = dtype
+        self._fortran = bool(fortran) and len(shape) > 1
+        if self._offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > size:
+            raise MaskError(f"{path}: not a readable .npy array (the file is truncated)")
 
     def rows(self, frames: list[int]) -> np.ndarray:
-        return np.asarray(self._open()[frames])
+        if self._fortran:
+            if self._array is None:
+                self._array = np.load(self._path, mmap_mode="r", allow_pickle=False)
+            return np.asarray(self._array[frames])
+        if self._file is None:
+            try:
+                self._file = open(self._path, "rb")  # noqa: SIM115 - kept open until close()
+            except OSError as e:
+                raise MaskError(f"{self._path}: cannot read ({e.strerror or e})") from e
+        return _read_rows(self._file, self._offset, self.shape, self.dtype, frames, str(self._path))
 
     def close(self) -> None:
-        self._array = None
+        if self._file is not None:
+            self._file.close()
+        self._file = self._array = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
+        return {**self.__dict__, "_array": None, "_file": None}
 
 
 class _NpzMember:
     """One array of an .npz file, read without loading it whole.
 
-    Uncompressed members are memory-mapped; compressed ones are read by seeking in
-    the decompressed stream (forward seeks decompress, backward seeks restart).
+    Uncompressed members are read with plain reads at their offset in the file;
+    compressed ones by seeking in the decompressed stream (forward seeks decompress,
+    backward seeks restart).
     """
 
     def __init__(self, path: Path, zf: zipfile.ZipFile, name: str) -> None:
@@ -697,6 +770,8 @@ class _NpzMember:
         self._stored = info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1
         self._header_offset = info.header_offset
         self._array: np.ndarray | None = None  # memory map, or whole array (Fortran order)
+        self._file: Any = None  # stored, C order: the .npz file, read at _data_offset
+        self._data_offset = 0
         self._zip: zipfile.ZipFile | None = None
         self._stream: Any = None
 
@@ -704,6 +779,12 @@ class _NpzMember:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def rows(self, frames: list[int]) -> np.ndarray:
+        if self._stored and not self._fortran:
+            if self._file is None:
+                self._data_offset = self._stored_offset()
+                self._file = open(self._path, "rb")  # noqa: SIM115 - kept open until close()
+            where = f"{self._path}[{self._name[: -len('.npy')]}]"
+            return _read_rows(self._file, self._data_offset, self.shape, self.dtype, frames, where)
         if self._array is None and (self._stored or self._fortran):
             self._array = self._load()
         if self._array is not None:
@@ -725,27 +806,37 @@ class _NpzMember:
         if not self._stored:  # compressed and Fortran order: no way around loading it
             with np.load(self._path, allow_pickle=False) as npz:
                 return npz[self._name[: -len(".npy")]]
+        order = "F" if self._fortran else "C"
+        return np.memmap(
+            self._path,
+            dtype=self.dtype,
+            mode="r",
+            offset=self._stored_offset(),
+            shape=self.shape,
+            order=order,
+        )
+
+    def _stored_offset(self) -> int:
+        """Where an uncompressed member's array data starts in the .npz file."""
         with open(self._path, "rb") as f:
             f.seek(self._header_offset)
             local = f.read(30)
         if local[:4] != b"PK\x03\x04":
             raise MaskError(f"{self._path}: damaged zip entry {self._name!r}")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
-        offset = self._header_offset + 30 + name_len + extra_len + self._header_len
-        order = "F" if self._fortran else "C"
-        return np.memmap(
-            self._path, dtype=self.dtype, mode="r", offset=offset, shape=self.shape, order=order
-        )
+        return self._header_offset + 30 + name_len + extra_len + self._header_len
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
         if self._zip is not None:
             self._zip.close()
-        self._array = self._stream = self._zip = None
+        if self._file is not None:
+            self._file.close()
+        self._array = self._stream = self._zip = self._file = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None, "_stream": None, "_zip": None}
+        return {**self.__dict__, "_array": None, "_stream": None, "_zip": None, "_file": None}
 
 
 def _open_npz(path: Path) -> tuple[_NpzMember, str, np.ndarray | None]:
@@ -954,14 +1045,18 @@ def _json_int(value: Any) -> int | None:
 class SavJsonMasks(MaskSource):
     """An SA-V annotation file; see the module docstring.
 
-    Annotation k is the mask of video frame ``k * step``, with ``step =
-    round(video_frame_count / number_of_annotations)``; `annotated_frames` lists
-    those frames. RLEs are decoded only when their frame is read.
+    Annotation k is the mask of video frame ``k * step`` (SA-V: step 4, 24 fps video
+    annotated at 6 fps), so a video of N frames has exactly ``ceil(N / step)``
+    annotations, frames 0, step, ... up to N - 1; any other count is refused rather
+    than paired with the wrong frames. `annotated_frames` lists those frames. RLEs
+    are decoded only when their frame is read.
     """
 
     kind = "sav-json"
 
-    def __init__(self, file: Path, video: _VideoInfo, objects: list[int] | None) -> None:
+    def __init__(
+        self, file: Path, video: _VideoInfo, objects: list[int] | None, *, step: int = SAV_STEP
+    ) -> None:
         self.path = str(file)
         self._frame_count = video.frame_count
         try:
@@ -1013,6 +1108,12 @@ class SavJsonMasks(MaskSource):
                     raise MaskError(
                         f"{file}: annotation {k}, object {ids[o]}: not an RLE dict with 'size' [h, w] and 'counts'"
                     )
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in rle_size):
+                    # decode_rle takes integers only: refuse 16.0 here, not mid-run
+                    raise MaskError(
+                        f"{file}: annotation {k}, object {ids[o]}: RLE 'size' {rle_size} must be "
+                        "two integers [h, w]"
+                    )
                 hw = (int(rle_size[0]), int(rle_size[1]))
                 if size is None:
                     size = hw
@@ -1034,12 +1135,12 @@ class SavJsonMasks(MaskSource):
             if json_frames != video.frame_count:
                 claim = f"{file}: annotated for a video of {json_frames} frames"
                 raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
-        total = json_frames or video.frame_count
-        step = math.floor(total / annotations + 0.5)
-        if step < 1 or (annotations - 1) * step >= video.frame_count:
+        expected = -(-video.frame_count // step)  # frames 0, step, ... <= N - 1
+        if annotations != expected:
             raise MaskError(
-                f"{file}: {annotations} annotated frames do not fit a video of "
-                f"{video.frame_count} frames (step {total}/{annotations} = {total / annotations:.2f})"
+                f"{file}: {annotations} annotations do not fit a video of {video.frame_count} "
+                f"frames annotated every {step} frames (that needs {expected}); "
+                "pass --sav-step N if the file uses another annotation step"
             )
         self._step = step
         self._masklet = masklet

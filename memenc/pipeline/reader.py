@@ -62,7 +62,8 @@ class MemoryCache:
         attrs: the ``memenc`` group attribute (settings, fingerprint, schema, status).
         object_ids: the object ids, in store order.
         frame_index: int64 [T], source frame number of each row.
-        timestamps: float64 [T] seconds (NaN for rows not written yet).
+        timestamps: float64 [T] seconds (NaN for rows not written yet; re-read while
+            any is NaN).
         pos_enc: float32 [64, h, w], the same for every frame and object.
         tpos_enc: float32 [7, 64] from the checkpoint, or None (SAM 2 holds it as
             [7, 1, 1, 64]).
@@ -89,7 +90,8 @@ class MemoryCache:
         self.tpos_enc: torch.Tensor | None = (
             None if layout.tpos_enc is None else torch.from_numpy(layout.tpos_enc.copy())
         )
-        self.timestamps: np.ndarray = self._read("timestamp", lambda: group["timestamp"][:])
+        self._timestamp_array = group["timestamp"]
+        self._timestamps: np.ndarray = self._read("timestamp", lambda: self._timestamp_array[:])
         self._done = self._read("chunk_done", lambda: np.asarray(self._chunk_done_array[:]))
         self._object_index = {oid: i for i, oid in enumerate(self.object_ids)}
         self._row_of: dict[int, int] = {}
@@ -101,6 +103,15 @@ class MemoryCache:
         self._cache_size = max(1, _CACHE_BYTES // chunk_bytes)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        """float64 [T] seconds; NaN for rows not written yet. Rows that were NaN are read
+        again on each access, so a reader opened on an in-progress store sees rows
+        finished after it was opened."""
+        if np.isnan(self._timestamps).any():
+            self._timestamps = self._read("timestamp", lambda: self._timestamp_array[:])
+        return self._timestamps
 
     # ---- shape of the store
 

@@ -124,7 +124,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         "object_ids": None if object_ids is None else [int(i) for i in object_ids],
         "chunk_frames": attrs.get("chunk_frames"),
         "store_dtype": attrs.get("storage_dtype")
-        or attrs.get("store_dtype")
+        or attrs.get("store_dtype")  # stores made before the attribute was renamed
         or (features["dtype"] if features else None),
         "arrays": arrays,
         "size_on_disk": _tree_bytes(loc.local, problems) if loc.local is not None else None,

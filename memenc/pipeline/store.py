@@ -36,7 +36,7 @@ import os
 import shutil
 import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ TPOS_SLOTS = 7  # SAM 2's num_maskmem
 LOCK_FILE = ".memenc.lock"
 
 # Attribute keys memenc writes itself; a caller's attrs may repeat them only with equal values.
-_OWNED_KEYS = ("schema", "memenc_version", "status", "fingerprint", "store_dtype", "chunk_frames")
+_OWNED_KEYS = ("schema", "memenc_version", "status", "fingerprint", "storage_dtype", "chunk_frames")
 
 _CHUNK_FRAMES = -1  # in ArraySpec.chunking: "this dimension is chunked by F frames"
 _STORE_DTYPE = "store"  # in ArraySpec.dtype: "the layout's store_dtype"
@@ -282,6 +282,9 @@ class StoreLayout:
         attrs: JSON-safe settings stored under the ``memenc`` attribute (source video, frame
             selection, model, masks, memory settings …).
         fingerprint: `fingerprint` of the settings that determine the data.
+        identity: optional; maps stored attributes to the fingerprinted settings among them
+            (`RunSettings.stored_identity`), so a refusal names the settings that differ.
+            Without it every attribute is compared.
 
     Raises:
         ValueError: on inconsistent sizes or shapes (a bug in the caller).
@@ -297,6 +300,7 @@ class StoreLayout:
     tpos_enc: np.ndarray | None
     attrs: Mapping[str, Any]
     fingerprint: str
+    identity: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
@@ -374,7 +378,7 @@ class StoreLayout:
             "memenc_version": _memenc_version(),
             "status": status,
             "fingerprint": self.fingerprint,
-            "store_dtype": self.store_dtype,
+            "storage_dtype": self.store_dtype,
             "chunk_frames": self.chunk_frames,
         }
 
@@ -768,8 +772,12 @@ class CacheStore:
         ):
             differs.append("frame_index")
         if attrs.get("fingerprint") != layout.fingerprint:
-            before = _flat(old.attrs)
-            after = _flat(layout.attrs)
+            if layout.identity is not None:  # only the settings the fingerprint covers
+                before = _flat(dict(layout.identity(attrs)))
+                after = _flat(dict(layout.identity(layout.attrs)))
+            else:
+                before = _flat(old.attrs)
+                after = _flat(layout.attrs)
             keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
             differs.extend(keys or ["fingerprint"])
         if attrs.get("status") not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
