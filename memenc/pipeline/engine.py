@@ -531,7 +531,8 @@ def encode_video(
             chunk_frames=chunk_frames,
             precision=precision,
         )
-        out_path = Path(out) if out is not None else video_path.with_suffix(".zarr")
+        # a str, not a Path: an fsspec URL (s3://…) must reach the store intact
+        out_path = os.fspath(out) if out is not None else str(video_path.with_suffix(".zarr"))
         # the lock is held from before the store is created or resumed until it is complete
         with store_lock(out_path):
             store = CacheStore.prepare(out_path, layout, overwrite=overwrite)
