@@ -153,9 +153,11 @@ class InputResult:
     frames: int = 0
     chunks_total: int = 0
     chunks_written: int = 0
+    units: int = 0
     seconds: float = 0.0
     attempts: int = 0
     error: str | None = None
+    workers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -789,6 +791,7 @@ class _Coordinator:
                 frames=sum(len(layout.chunk_rows(c)) for c in chunks),
             )
         v.open_units = set(v.units)
+        v.result.units = len(v.units)
         v.result.status = "running"
         self.frames_total += sum(u.frames for u in v.units.values())
         return v
@@ -844,6 +847,8 @@ class _Coordinator:
         v.result.seconds += result.seconds
         self.frames_computed += result.frames
         v.open_units.discard(unit.unit)
+        if result.worker and result.worker not in v.result.workers:
+            v.result.workers.append(result.worker)
         if result.error:
             v.errors.append(result.error)
 

@@ -37,8 +37,9 @@ heartbeats, so the deadline measures a stall, not the size of the file). A child
 that stalls is killed; one that dies is reported. Either way the parent raises
 `VideoDecodeError` naming the file and carries on. As with any multiprocessing code, a
 script that uses this module must guard its entry point (``if __name__ == "__main__":``),
-because the child process imports the main module. Decoder processes cannot be started
-from a daemonic process (Dask workers: set ``distributed.worker.daemon`` to False).
+because the child process imports the main module. In a daemonic process (a Dask
+worker), which multiprocessing may not give children, the decoder is a plain subprocess
+instead (`memenc.pipeline.decoder_process`), with the same deadlines and kills.
 """
 
 from __future__ import annotations
@@ -913,6 +914,14 @@ class _Decoder:
     def __init__(self, path: str, image_size: int | None, timeout_s: float) -> None:
         self.path = path
         self.timeout_s = timeout_s
+        args = (path, image_size, _CHILD_FAULT, _READAHEAD_BUDGET_BYTES)
+        if multiprocessing.current_process().daemon:
+            # multiprocessing refuses children of a daemonic process (a Dask worker);
+            # a plain subprocess is not refused, and is driven the same way
+            from memenc.pipeline import decoder_process
+
+            self.proc, self.conn = decoder_process.start(args)
+            return
         ctx = _mp_context()
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(
