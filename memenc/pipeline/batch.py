@@ -538,7 +538,9 @@ def _init_local_worker(devices: Any, threads: int) -> None:
 
     with contextlib.suppress(queue.Empty):
         _worker_device = devices.get_nowait()
-    if threads > 0:
+    # CPU workers share the cores (unless OMP_NUM_THREADS says otherwise). The thread count
+    # changes a float's last bits (the reductions' order), not more.
+    if threads > 0 and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(threads)
 
 
