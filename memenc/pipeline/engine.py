@@ -41,6 +41,7 @@ from memenc.pipeline.store import (
     fingerprint,
     store_lock,
 )
+from memenc.pipeline.urls import check_url, is_url
 from memenc.pipeline.video import VideoSource, parse_frames
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -485,6 +486,8 @@ def encode_video(
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
     selection = parse_frames(frames)
+    if out is not None and is_url(os.fspath(out)):
+        check_url(os.fspath(out))  # a URL whose fsspec backend is missing: the extra to install
     object_ids = (
         parse_objects(objects) if isinstance(objects, str) or objects is None else list(objects)
     )
