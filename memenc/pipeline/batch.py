@@ -142,8 +142,9 @@ class UnitResult:
 @dataclass
 class InputResult:
     """One line of the summary. status: ``complete`` (made complete by this run),
-    ``skipped`` (complete before it), ``failed``, or ``incomplete`` (a shard left it for
-    another shard or a later run)."""
+    ``skipped`` (complete before it) or ``failed`` (`error` says why; its store, if one
+    was created, stays ``in_progress`` and a rerun resumes it). units: work units run;
+    workers: where they ran (host:pid)."""
 
     index: int
     input: str
@@ -179,7 +180,7 @@ class BatchSummary:
 
     @property
     def ok(self) -> bool:
-        return all(r.status in ("complete", "skipped", "incomplete") for r in self.inputs)
+        return all(r.status in ("complete", "skipped") for r in self.inputs)
 
     @property
     def failed(self) -> list[InputResult]:
@@ -648,6 +649,8 @@ class _DaskExecutor(_Executor):
         m = re.fullmatch(r"local(?::(\d+))?", address)
         if m:
             n = int(m.group(1)) if m.group(1) else None
+            if n == 0:
+                raise UsageError(f"--dask {address}: a local cluster needs at least 1 worker")
             self._cluster = distributed.LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,
