@@ -408,3 +408,25 @@ def test_url_without_its_backend_is_a_usage_error_naming_the_extra(tmp_path, dat
     assert run.returncode == 2, run.stderr
     assert "s3://b/x.zarr" in run.stderr and "memenc[s3]" in run.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_after_a_prepare_pass_shards_split_long_videos_by_unit(tmp_path, dataset, references):
+    """--prepare-only creates every store and the plan; then three shards each take every
+    third unit across the batch, so the long clip's three units land on three shards, each
+    unit runs exactly once, and the shard that writes a store's last chunk completes it."""
+    out = tmp_path / "out"
+    prepared = run_batch([dataset], out, settings=SETTINGS, unit_frames=4, prepare_only=True)
+    status = {Path(r.input).stem: r.status for r in prepared.inputs}
+    assert status.pop("broken") == "failed" and set(status.values()) == {"prepared"}
+    assert (out / "batch-plan.json").is_file()
+    units: dict[str, list[int]] = {}
+    for i in range(3):
+        summary = run_batch([dataset], out, settings=SETTINGS, shard=(i, 3))
+        for r in summary.inputs:
+            units.setdefault(Path(r.input).stem, []).append(r.units)
+    assert units["c4"] == [1, 1, 1]  # three units of c4, one per shard
+    # every unit exactly once: 2 units for each 3- or 4-chunk clip, 3 for c4
+    assert {n: sum(u) for n, u in units.items() if n != "broken"} == {
+        "c0": 2, "c1": 2, "c2": 2, "c3": 2, "c4": 3}  # fmt: skip
+    for name in LENGTHS:
+        _assert_equal_stores(out / f"{name}.zarr", references[name])

@@ -79,6 +79,13 @@ def batch(
         bool,
         typer.Option(help="Compute nothing; mark complete the stores whose chunks are all done."),
     ] = False,
+    prepare_only: Annotated[
+        bool,
+        typer.Option(
+            help="Compute nothing; create every store and DIR/batch-plan.json, so that "
+            "--shard runs split long videos by unit too."
+        ),
+    ] = False,
     checkpoint: Annotated[
         Optional[str],
         typer.Option(
@@ -160,6 +167,7 @@ def batch(
             dask=dask,
             retries=retries,
             finalize_only=finalize_only,
+            prepare_only=prepare_only,
             verbose=verbose,
             progress=bar.update if show else None,
         )

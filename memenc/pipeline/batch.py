@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 SUMMARY_FILE = "batch-summary.json"
+PLAN_FILE = "batch-plan.json"
 DEFAULT_UNIT_FRAMES = 256
 VIDEO_SUFFIXES = frozenset(
     (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg")
@@ -142,8 +143,10 @@ class UnitResult:
 @dataclass
 class InputResult:
     """One line of the summary. status: ``complete`` (made complete by this run),
-    ``skipped`` (complete before it) or ``failed`` (`error` says why; its store, if one
-    was created, stays ``in_progress`` and a rerun resumes it). units: work units run;
+    ``skipped`` (complete before it), ``failed`` (`error` says why; its store, if one
+    was created, stays ``in_progress`` and a rerun resumes it), ``prepared`` (created by
+    a `prepare_only` pass) or ``incomplete`` (a shard did its share of the video's units;
+    other shards have the rest). units: work units run;
     workers: where they ran (host:pid)."""
 
     index: int
@@ -180,7 +183,9 @@ class BatchSummary:
 
     @property
     def ok(self) -> bool:
-        return all(r.status in ("complete", "skipped") for r in self.inputs)
+        return all(
+            r.status in ("complete", "skipped", "prepared", "incomplete") for r in self.inputs
+        )
 
     @property
     def failed(self) -> list[InputResult]:
@@ -482,7 +487,12 @@ def run_unit(
         limit_malloc_arenas()
         kill_point("unit-start", unit.unit)
         device = pick_device(_worker_device or settings.device)
-        store = CacheStore.open_for_write(unit.store)
+        try:
+            store = CacheStore.open_for_write(unit.store)
+        except StoreError:
+            if _is_complete(unit.store):  # another shard finished it: nothing to do
+                return UnitResult(**done, seconds=time.monotonic() - t0)
+            raise
         pending = set(store.pending_chunks())
         todo = [c for c in unit.chunks if c in pending]
         if not todo:
@@ -526,6 +536,15 @@ def run_unit(
         return UnitResult(
             **done, error=f"{type(e).__name__}: {_one_line(e)}", seconds=time.monotonic() - t0
         )
+
+
+def _is_complete(path: str) -> bool:
+    from memenc.pipeline.reader import open_cache
+
+    try:
+        return open_cache(path).status == "complete"
+    except MemencError:
+        return False
 
 
 def _one_line(e: BaseException) -> str:
@@ -697,6 +716,9 @@ class _Video:
     open_units: set[int] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    shared: bool = False  # a share of a planned video's units (other shards run the rest)
+    chunk_frames: int = 0
+    per_unit: int = 0  # chunks per unit
 
 
 class _Coordinator:
@@ -781,6 +803,7 @@ class _Coordinator:
             v.result.status = "skipped"
             return v
         per_unit = max(1, -(-self.unit_frames // layout.chunk_frames))
+        v.chunk_frames, v.per_unit = layout.chunk_frames, per_unit
         groups: dict[int, list[int]] = {}
         for c in pending:
             groups.setdefault(c // per_unit, []).append(c)
@@ -798,6 +821,29 @@ class _Coordinator:
         v.open_units = set(v.units)
         v.result.units = len(v.units)
         v.result.status = "running"
+        self.frames_total += sum(u.frames for u in v.units.values())
+        return v
+
+    def attach(self, inp: BatchInput, entry: dict[str, Any], unit_ids: list[int]) -> _Video:
+        """This shard's share (`unit_ids`) of a video a `prepare_only` pass created."""
+        r = InputResult(inp.index, inp.video, entry["store"], masks=entry["masks"])
+        r.frames, r.chunks_total = entry["frames"], entry["chunks"]
+        v = _Video(r, shared=True)
+        per_unit, f, t = entry["per_unit"], entry["chunk_frames"], entry["frames"]
+        for k in unit_ids:
+            chunks = tuple(range(k * per_unit, min((k + 1) * per_unit, entry["chunks"])))
+            v.units[k] = WorkUnit(
+                input=inp.index,
+                unit=k,
+                video=inp.video,
+                masks=entry["masks"],
+                store=entry["store"],
+                chunks=chunks,
+                objects=tuple(entry["objects"]),
+                frames=sum(min((c + 1) * f, t) - c * f for c in chunks),
+            )
+        v.open_units = set(v.units)
+        r.units, r.status = len(v.units), "running"
         self.frames_total += sum(u.frames for u in v.units.values())
         return v
 
@@ -867,6 +913,8 @@ class _Coordinator:
             if v.result.status == "running":
                 if v.errors:
                     v.result.status, v.result.error = "failed", v.errors[0]
+                elif v.shared:
+                    v.result.status = _finalize_if_done(v.result.store)
                 else:
                     try:
                         CacheStore.open_for_write(v.result.store).finalize()
@@ -879,6 +927,25 @@ class _Coordinator:
             v.result.seconds = round(v.result.seconds, 3)
             self.videos_done += 1
             self.report()
+
+
+def _finalize_if_done(path: str) -> str:
+    """After a shard's share of a planned video: mark the store complete when every chunk
+    is written (by whichever shard); ``complete`` or ``incomplete``."""
+    from memenc.pipeline.reader import open_cache
+    from memenc.pipeline.store import CacheStore, store_lock
+
+    try:
+        with store_lock(path):
+            if open_cache(path).status == "complete":
+                return "complete"
+            store = CacheStore.open_for_write(path)
+            if store.pending_chunks():
+                return "incomplete"
+            store.finalize()
+            return "complete"
+    except StoreLockedError:  # another shard is finalizing it right now
+        return "incomplete"
 
 
 def _check_settings(settings: BatchSettings, frames: str | None, objects: str | None) -> None:
@@ -935,6 +1002,7 @@ def run_batch(
     dask: str | None = None,
     retries: int = 2,
     finalize_only: bool = False,
+    prepare_only: bool = False,
     verbose: bool = False,
     progress: Callable[[BatchProgress], None] | None = None,
 ) -> BatchSummary:
@@ -947,10 +1015,14 @@ def run_batch(
     unit_frames: frames per work unit (rounded up to whole chunks); a longer video is
     split into several units. workers: local processes (None: one per GPU when there are
     several, else 1 = this process). shard: ``"I/N"``, ``"auto"`` (Slurm array) or
-    (I, N): run only the videos with index ≡ I (mod N). dask: a scheduler address or
-    ``local[:N]``. retries: extra attempts for units that failed in a way that may be
-    transient (a lost worker, I/O). finalize_only: run nothing; mark complete every store
-    whose chunks are all written, and summarise. progress: called with `BatchProgress`.
+    (I, N): run only the videos with index ≡ I (mod N) — or, after a `prepare_only` pass
+    (``<out>/batch-plan.json``), every N-th work unit of the planned videos, so a long
+    video is shared by the shards too; the shard that writes a store's last chunk marks
+    it complete. dask: a scheduler address or ``local[:N]``. retries: extra attempts for
+    units that failed in a way that may be transient (a lost worker, I/O).
+    finalize_only: run nothing; mark complete every store whose chunks are all written,
+    and summarise. prepare_only: create every store (and the plan), compute nothing.
+    progress: called with `BatchProgress`.
 
     Returns a `BatchSummary` (also written to ``<out>/batch-summary.json``, or
     ``batch-summary-shard-I-of-N.json`` for a shard). A bad video fails only itself.
@@ -975,7 +1047,18 @@ def run_batch(
     if finalize_only:
         return _finalize_all(all_inputs, out, t0)
     _check_settings(settings, frames, objects)
-    chosen = [i for i in all_inputs if shard_ix is None or i.index % shard_ix[1] == shard_ix[0]]
+    shares: dict[int, tuple[dict[str, Any], list[int]]] = {}
+    if prepare_only:
+        shard_ix = None
+    elif shard_ix is not None:
+        shares = _plan_shares(out, all_inputs, shard_ix)
+    chosen = [
+        i
+        for i in all_inputs
+        if shard_ix is None or i.index in shares or i.index % shard_ix[1] == shard_ix[0]
+    ]
+    if shard_ix is not None:  # a planned video none of whose units fell to this shard
+        chosen = [i for i in chosen if i.index not in shares or shares[i.index][1]]
     shard_text = f"{shard_ix[0]}/{shard_ix[1]}" if shard_ix else None
 
     coord = _Coordinator(
@@ -989,6 +1072,8 @@ def run_batch(
         progress=progress,
     )
     coord.videos_total = len(chosen)
+    if prepare_only:
+        return _prepare_all(coord, chosen, t0)
     if workers is None and dask is None:
         workers = _default_workers(settings.device)
     executor: _Executor
@@ -999,7 +1084,7 @@ def run_batch(
     else:
         executor = _InlineExecutor(settings, coord.add_frames)
     try:
-        results = _drive(coord, executor, chosen)
+        results = _drive(coord, executor, chosen, shares)
     finally:
         executor.close()
     summary = BatchSummary(
@@ -1029,9 +1114,15 @@ def _default_workers(device: str) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _drive(coord: _Coordinator, executor: _Executor, chosen: list[BatchInput]) -> list[InputResult]:
-    """Plan videos a few ahead of the workers, hand their units out, retry what may be
-    transient, and finalize each video as its last unit comes back."""
+def _drive(
+    coord: _Coordinator,
+    executor: _Executor,
+    chosen: list[BatchInput],
+    shares: dict[int, tuple[dict[str, Any], list[int]]],
+) -> list[InputResult]:
+    """Plan videos a few ahead of the workers (or take this shard's share of a planned
+    one), hand their units out, retry what may be transient, and finalize each video as
+    its last unit comes back."""
     finished: queue.Queue[tuple[WorkUnit, Any]] = queue.Queue()
     videos: dict[int, _Video] = {}
     attempts: dict[tuple[int, int], int] = {}
@@ -1056,7 +1147,7 @@ def _drive(coord: _Coordinator, executor: _Executor, chosen: list[BatchInput]) -
         # keep enough videos planned that no worker waits for the coordinator
         while todo and sum(len(v.open_units) for v in videos.values()) < ahead:
             inp = todo.pop(0)
-            v = coord.plan(inp)
+            v = coord.attach(inp, *shares[inp.index]) if inp.index in shares else coord.plan(inp)
             if not v.units:
                 coord.finish(v)
                 results[inp.index] = v.result
@@ -1092,6 +1183,72 @@ def _unit_outcome(unit: WorkUnit, future: Any, executor: _Executor) -> tuple[Uni
         text = f"worker lost ({type(e).__name__}: {_one_line(e)})"
         return UnitResult(unit.input, unit.unit, error=text, transient=True), True
     return result, result.transient
+
+
+def _prepare_all(coord: _Coordinator, chosen: list[BatchInput], t0: float) -> BatchSummary:
+    """The prepare pass: create (or resume) every store and write the plan shards split
+    units by: each planned video's store, masks, objects, chunks and unit size."""
+    results, entries = [], []
+    for inp in chosen:
+        v = coord.plan(inp)
+        v.lock.close()
+        r = v.result
+        if r.status == "running":
+            r.status = "prepared"
+            first = next(iter(v.units.values()))
+            entries.append(
+                {
+                    "index": inp.index,
+                    "video": inp.video,
+                    "store": r.store,
+                    "masks": r.masks,
+                    "objects": list(first.objects),
+                    "frames": r.frames,
+                    "chunks": r.chunks_total,
+                    "chunk_frames": v.chunk_frames,
+                    "per_unit": v.per_unit,
+                }
+            )
+        results.append(r)
+    summary = BatchSummary(
+        out=coord.out,
+        executor="prepare",
+        workers=0,
+        shard=None,
+        inputs=results,
+        seconds=time.monotonic() - t0,
+        coordinator_seconds=coord.coordinator_s,
+    )
+    _write_json(coord.out, PLAN_FILE, {"inputs": entries})
+    _write_summary(coord.out, SUMMARY_FILE, summary)
+    return summary
+
+
+def _plan_shares(
+    out: str, inputs: list[BatchInput], shard: tuple[int, int]
+) -> dict[int, tuple[dict[str, Any], list[int]]]:
+    """This shard's units of the planned videos: units are numbered across the plan, video
+    by video, and shard I takes those numbered ≡ I (mod N). Empty without a plan."""
+    plan = _read_json(out, PLAN_FILE)
+    if plan is None:
+        return {}
+    by_index = {i.index: i for i in inputs}
+    shares: dict[int, tuple[dict[str, Any], list[int]]] = {}
+    g = 0
+    for entry in plan["inputs"]:
+        inp = by_index.get(entry["index"])
+        if inp is None or inp.video != entry["video"]:
+            raise UsageError(
+                f"{store_path(out, PLAN_FILE)} was made for other inputs; "
+                "run --prepare-only again with these inputs"
+            )
+        mine = []
+        for k in range(-(-entry["chunks"] // entry["per_unit"])):
+            if g % shard[1] == shard[0]:
+                mine.append(k)
+            g += 1
+        shares[inp.index] = (entry, mine)
+    return shares
 
 
 def _finalize_all(inputs: list[BatchInput], out: str, t0: float) -> BatchSummary:
@@ -1135,27 +1292,46 @@ def _finalize_all(inputs: list[BatchInput], out: str, t0: float) -> BatchSummary
     return summary
 
 
+def _files(out: str) -> tuple[Callable[[str], str], Callable[..., Any], Callable[[str], list]]:
+    """(join, open, glob) for files in the output folder, local or an fsspec URL."""
+    if _is_url(out):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(out)
+        return (lambda n: posixpath.join(root, n)), fs.open, fs.glob
+    return (lambda n: os.path.join(out, n)), open, glob.glob
+
+
+def _write_json(out: str, name: str, data: Any) -> None:
+    join, opener, _ = _files(out)
+    if not _is_url(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    with opener(join(name), "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def _read_json(out: str, name: str) -> Any:
+    """The JSON file `name` in the output folder, or None when there is none."""
+    join, opener, _ = _files(out)
+    try:
+        with opener(join(name), "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{store_path(out, name)}: cannot read ({_one_line(e)})") from None
+
+
 def _write_summary(
     out: str, name: str, summary: BatchSummary, *, merge_shards: bool = False
 ) -> None:
     """Write the summary JSON into the output folder (local or fsspec URL). The finalize
     pass carries over the shards' error messages for stores it could not complete."""
     data = summary.to_dict()
-    if _is_url(out):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(out)
-        join: Callable[[str], str] = lambda n: posixpath.join(root, n)  # noqa: E731
-        listing = fs.glob(join("batch-summary-shard-*.json")) if merge_shards else []
-        opener: Callable[[str, str], Any] = fs.open
-    else:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        join = lambda n: os.path.join(out, n)  # noqa: E731
-        listing = glob.glob(join("batch-summary-shard-*.json")) if merge_shards else []
-        opener = open
-    if listing:
+    join, opener, lister = _files(out)
+    if merge_shards:
         shard_errors: dict[str, str] = {}
-        for p in sorted(listing):
+        for p in sorted(lister(join("batch-summary-shard-*.json"))):
             with contextlib.suppress(OSError, ValueError), opener(p, "r") as f:
                 for r in json.load(f).get("inputs", []):
                     if r.get("error"):
@@ -1163,5 +1339,4 @@ def _write_summary(
         for r in data["inputs"]:
             if r["status"] == "failed" and r["input"] in shard_errors:
                 r["error"] = shard_errors[r["input"]]
-    with opener(join(name), "w") as f:
-        json.dump(data, f, indent=1)
+    _write_json(out, name, data)
