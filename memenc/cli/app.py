@@ -1,4 +1,4 @@
-"""`memenc` commands: encode, inspect, preview.
+"""`memenc` commands: encode, batch (in memenc/cli/batch.py), inspect, preview.
 
 Errors: a `MemencError` prints one line `memenc: error: …` on stderr and exits with its
 code 1; usage errors (from the parser or from memenc's own checks) print the command's
@@ -201,8 +201,12 @@ def encode(
         Optional[str], typer.Option(help="Force the model variant (default: detected).")
     ] = None,
     out: Annotated[
-        Optional[Path],
-        typer.Option("-o", "--out", help="Output store (default: <video stem>.zarr beside it)."),
+        Optional[str],
+        typer.Option(
+            "-o",
+            "--out",
+            help="Output store, a path or URL (default: <video stem>.zarr beside it).",
+        ),
     ] = None,
     image_size: Annotated[
         Optional[int],
@@ -363,6 +367,11 @@ def preview(
 
     path = render_preview(store, frame, out, object_id=object_id)
     out_console.print(f"wrote {path}")
+
+
+from memenc.cli.batch import batch  # noqa: E402 (it uses the options defined above)
+
+app.command(cls=_ErrorMappingCommand)(batch)
 
 
 def main() -> None:

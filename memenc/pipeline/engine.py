@@ -48,6 +48,7 @@ from memenc.pipeline.store import (
     default_chunk_frames,
     store_lock,
 )
+from memenc.pipeline.urls import check_url, is_url
 from memenc.pipeline.video import VideoInfo, VideoSource, list_images, parse_frames
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -538,6 +539,8 @@ def encode_video(
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
     selection = parse_frames(frames)
+    if out is not None and is_url(os.fspath(out)):
+        check_url(os.fspath(out))  # a URL whose fsspec backend is missing: the extra to install
     object_ids = (
         parse_objects(objects) if isinstance(objects, str) or objects is None else list(objects)
     )
@@ -594,7 +597,8 @@ def encode_video(
             batch_size=batch_size,
             device=str(dev),
         )
-        out_path = Path(out) if out is not None else video_path.with_suffix(".zarr")
+        # a str, not a Path: an fsspec URL (s3://…) must reach the store intact
+        out_path = os.fspath(out) if out is not None else str(video_path.with_suffix(".zarr"))
         # the lock is held from before the store is created or resumed until it is complete
         with store_lock(out_path):
             store = CacheStore.prepare(out_path, layout, overwrite=overwrite)

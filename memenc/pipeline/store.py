@@ -399,6 +399,9 @@ class _Location:
         if "://" in text and not text.startswith("file://"):
             import fsspec
 
+            from memenc.pipeline.urls import check_url
+
+            check_url(text)  # a missing backend is a usage error naming the extra
             self.local: Path | None = None
             self.fs, self.fs_path = fsspec.core.url_to_fs(text)
         else:

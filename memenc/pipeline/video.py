@@ -39,8 +39,9 @@ heartbeats, so the deadline measures a stall, not the size of the file). A child
 that stalls is killed; one that dies is reported. Either way the parent raises
 `VideoDecodeError` naming the file and carries on. As with any multiprocessing code, a
 script that uses this module must guard its entry point (``if __name__ == "__main__":``),
-because the child process imports the main module. Decoder processes cannot be started
-from a daemonic process (Dask workers: set ``distributed.worker.daemon`` to False).
+because the child process imports the main module. In a daemonic process (a Dask
+worker), which multiprocessing may not give children, the decoder is a plain subprocess
+instead (`memenc.pipeline.decoder_process`), with the same deadlines and kills.
 """
 
 from __future__ import annotations
@@ -1238,6 +1239,18 @@ class _Decoder:
         self.path = path
         self.timeout_s = timeout_s
         self.what = what
+        if multiprocessing.current_process().daemon:
+            # multiprocessing refuses children of a daemonic process (a Dask worker);
+            # a plain subprocess is not refused, and is driven the same way
+            from memenc.pipeline import decoder_process
+
+            try:
+                self.proc, self.conn = decoder_process.start(target, args)
+            except OSError as e:  # out of processes, memory or file descriptors
+                raise VideoDecodeError(
+                    f"{path}: cannot start a {what} process ({_short(e)})"
+                ) from None
+            return
         ctx = _mp_context()
         self.conn, child_conn = ctx.Pipe(duplex=True)
         try:
@@ -1247,11 +1260,6 @@ class _Decoder:
             self.proc.start()
         except BaseException as e:
             self.conn.close()  # no process to talk to: nothing may keep this end open
-            if isinstance(e, AssertionError):  # started from a daemonic process
-                raise VideoDecodeError(
-                    f"{path}: cannot start a {what} process ({e}); "
-                    "with Dask, set distributed.worker.daemon to False"
-                ) from None
             if isinstance(e, OSError):  # out of processes, memory or file descriptors
                 raise VideoDecodeError(
                     f"{path}: cannot start a {what} process ({_short(e)})"

@@ -1,0 +1,49 @@
+"""Store paths that are URLs: which fsspec backend each needs, and the extra that installs it.
+
+A path with ``://`` (other than ``file://``) stays a string until `memenc.pipeline.store`'s
+location object parses it: ``pathlib.Path("s3://b/k")`` is ``s3:/b/k``, a local folder.
+"""
+
+from __future__ import annotations
+
+from memenc.errors import UsageError
+
+__all__ = ["check_url", "is_url"]
+
+# protocol -> (the package fsspec needs, the memenc extra that installs it, if any)
+_BACKENDS = {
+    "s3": ("s3fs", "s3"),
+    "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", None),
+    "gcs": ("gcsfs", None),
+    "az": ("adlfs", None),
+    "abfs": ("adlfs", None),
+}
+
+
+def is_url(text: str) -> bool:
+    """True for an fsspec URL (``s3://…``); False for local paths and ``file://``."""
+    return "://" in text and not text.startswith("file://")
+
+
+def check_url(url: str) -> None:
+    """Raise UsageError unless fsspec can open `url` here: an unknown protocol, or one whose
+    backend package is not installed (the message names the package and memenc's extra)."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        package, extra = _BACKENDS.get(protocol, (None, None))
+        if extra:
+            hint = f"pip install 'memenc[{extra}]'"
+        elif package:
+            hint = f"pip install {package}"
+        else:
+            hint = "install the fsspec backend for it"
+        raise UsageError(
+            f"{url}: {protocol}:// URLs need a backend that is not installed; {hint}"
+        ) from None
+    except ValueError:
+        raise UsageError(f"{url}: unknown URL protocol {protocol!r}") from None

@@ -1,0 +1,432 @@
+"""`memenc batch`: inputs and store names, shards, local workers, Dask (a default
+LocalCluster, whose workers are daemonic), a lost worker, SIGKILL and rerun, and stores on
+an S3 server (moto) on loopback. Every batch store is compared array for array with a
+single-video `encode_video` of the same input."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import media
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from memenc import encode_video, open_cache
+from memenc.errors import UsageError
+from memenc.pipeline.batch import BatchSettings, expand_inputs, parse_shard, run_batch
+
+H, W = 48, 64
+LENGTHS = {"c0": 6, "c1": 7, "c2": 8, "c3": 6, "c4": 12}  # c4: 6 chunks, 3 units
+SETTINGS = BatchSettings(
+    weights="random", variant="sam2.1_hiera_tiny", image_size=64, chunk_frames=2
+)
+CLI_OPTS = ["--weights", "random", "--variant", "sam2.1_hiera_tiny", "--image-size", "64",
+            "--chunk-frames", "2", "--unit-frames", "4"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread everywhere (here, CLI runs, local and Dask workers): the thread count
+    changes the last bits of CPU convolutions, and the stores are compared bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Five short clips with .masks.npy beside them, and one corrupt file (also with masks)."""
+    d = tmp_path_factory.mktemp("videos")
+    for name, t in LENGTHS.items():
+        labels = media.moving_labels(t, H, W)
+        media.write_video(d / f"{name}.mp4", media.scene_frames(labels))
+        np.save(d / f"{name}.masks.npy", labels)
+    (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 200)
+    np.save(d / "broken.masks.npy", media.moving_labels(6, H, W))
+    return d
+
+
+@pytest.fixture(scope="module")
+def references(dataset, tmp_path_factory):
+    """Each good clip encoded alone by encode_video with the batch's settings."""
+    d = tmp_path_factory.mktemp("refs")
+    refs = {}
+    for name in LENGTHS:
+        encode_video(dataset / f"{name}.mp4", out=d / f"{name}.zarr", weights="random",
+                     variant="sam2.1_hiera_tiny", image_size=64, chunk_frames=2)  # fmt: skip
+        refs[name] = _arrays(d / f"{name}.zarr")
+    return refs
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    z = zarr.open_group(str(path), mode="r")
+    return {k: z[k][:] for k in z.array_keys()}
+
+
+def _assert_equal_stores(path, want: dict[str, np.ndarray]) -> None:
+    got = _arrays(path)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k], equal_nan=True), (path, k)
+    assert open_cache(path).status == "complete"
+
+
+def _cli(args: list[str], env_extra: dict[str, str] | None = None, timeout: float = 600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMENC_TEST_KILL")}
+    return subprocess.run(
+        [sys.executable, "-m", "memenc", "batch", *args],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "1", **(env_extra or {})},
+        timeout=timeout,
+    )
+
+
+# ---- inputs ---------------------------------------------------------------------------
+
+
+def test_inputs_globs_frame_folders_manifests_and_names(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        (tmp_path / folder / "clip.mp4").write_bytes(b"x")
+        (tmp_path / folder / "clip.masks.npy").write_bytes(b"x")
+    frames = tmp_path / "frames"
+    for name in ("bear", "clip"):
+        (frames / name).mkdir(parents=True)
+        (frames / name / "00000.jpg").write_bytes(b"x")
+    (frames / "bear_masks").mkdir()
+    (frames / "bear_masks" / "00000.png").write_bytes(b"x")
+    got = expand_inputs([str(tmp_path / "*" / "clip.mp4"), frames, tmp_path / "a" / "clip.mp4"])
+    assert [Path(i.video).relative_to(tmp_path).as_posix() for i in got] == [
+        "a/clip.mp4", "b/clip.mp4", "frames/bear", "frames/clip"]  # fmt: skip
+    assert [i.name for i in got] == ["clip.zarr", "clip-2.zarr", "bear.zarr", "clip-3.zarr"]
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "video,masks,output,objects,frames\n"
+        "a/clip.mp4,a/clip.masks.npy,sub/one.zarr,3,0:4\n"
+        "b/clip.mp4,,../escape.zarr,,\n"
+        f"{frames / 'bear'},,{tmp_path / 'abs.zarr'},,\n"
+        "frames/clip,,x/../../y.zarr,,\n"
+    )
+    rows = expand_inputs([manifest])
+    assert rows[0].name == "sub/one.zarr" and rows[0].error is None
+    assert rows[0].masks == str(tmp_path / "a" / "clip.masks.npy")
+    assert (rows[0].objects, rows[0].frames) == ("3", "0:4")
+    for refused in rows[1:]:
+        assert refused.error and "outside the output folder" in refused.error
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"video": "a/clip.mp4", "objects": [3, 7]}) + "\n")
+    assert expand_inputs([jsonl])[0].objects == "3,7"
+
+    with pytest.raises(UsageError, match="matches nothing"):
+        expand_inputs([str(tmp_path / "*.mkv")])
+    with pytest.raises(UsageError, match="no such file"):
+        expand_inputs([tmp_path / "missing.mp4"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path\nx.mp4\n")
+    with pytest.raises(UsageError, match="no 'video' column"):
+        expand_inputs([bad])
+
+
+def test_parse_shard_and_slurm_environment():
+    assert parse_shard("2/5") == (2, 5)
+    env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert parse_shard("auto", env) == (2, 4)
+    for spec in ("5/5", "1", "a/b"):
+        with pytest.raises(UsageError, match="--shard"):
+            parse_shard(spec)
+    with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID is not set"):
+        parse_shard("auto", {})
+
+
+def test_manifest_output_outside_the_folder_fails_only_that_input(tmp_path, dataset, references):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        json.dumps({"video": str(dataset / "c0.mp4"), "output": "ok/c0.zarr"}) + "\n"
+        + json.dumps({"video": str(dataset / "c1.mp4"), "output": "../../evil.zarr"}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
+    summary = run_batch([manifest], out, settings=SETTINGS)
+    assert [r.status for r in summary.inputs] == ["complete", "failed"]
+    assert "outside the output folder" in summary.inputs[1].error
+    _assert_equal_stores(out / "ok" / "c0.zarr", references["c0"])
+    assert not (tmp_path / "evil.zarr").exists() and not (out.parent.parent / "evil.zarr").exists()
+
+
+# ---- the decoder in a daemonic process ---------------------------------------------------
+
+
+def _decode_in_daemon(q, path, fault):
+    import memenc.pipeline.video as vid
+
+    vid._CHILD_FAULT = fault
+    try:
+        with vid.VideoSource(path, 64, timeout_s=5) as source:
+            q.put(("ok", tuple(source.read([0, 1, 2]).frames.shape)))
+    except Exception as e:
+        q.put((type(e).__name__, str(e)))
+
+
+def test_decoder_runs_and_is_killed_inside_a_daemonic_process(dataset):
+    """multiprocessing refuses children of daemonic processes (Dask workers); the decoder
+    starts there as a plain subprocess, and its crashes and stalls are still caught."""
+    ctx = multiprocessing.get_context("spawn")
+    got = {}
+    for fault in (None, "read:crash", "read:hang"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_decode_in_daemon, args=(q, str(dataset / "c1.mp4"), fault),
+                        daemon=True)  # fmt: skip
+        p.start()
+        got[fault] = q.get(timeout=120)
+        p.join()
+    assert got[None] == ("ok", (3, 3, 64, 64))
+    assert got["read:crash"][0] == "_DecoderGone" and "crashed (signal 9" in got["read:crash"][1]
+    assert got["read:hang"][0] == "_DecoderGone" and "timed out after 5s" in got["read:hang"][1]
+
+
+# ---- executors: local workers and Dask -------------------------------------------------
+
+
+def _check_batch_of_six(run, out: Path, references) -> dict:
+    """Exit 3; five stores equal to encode_video's; the corrupt file listed with its error
+    in --json and in batch-summary.json."""
+    assert run.returncode == 3, run.stderr
+    printed = json.loads(run.stdout)
+    written = json.loads((out / "batch-summary.json").read_text())
+    for data in (printed, written):
+        by_name = {Path(r["input"]).stem: r for r in data["inputs"]}
+        assert sorted(by_name) == sorted([*LENGTHS, "broken"])
+        assert by_name["broken"]["status"] == "failed"
+        assert "broken.mp4" in by_name["broken"]["error"]
+        assert all(by_name[n]["status"] == "complete" for n in LENGTHS)
+        assert by_name["c4"]["units"] == 3 and by_name["c4"]["frames"] == 12
+    for name in LENGTHS:
+        _assert_equal_stores(out / f"{name}.zarr", references[name])
+    assert not (out / "broken.zarr").exists()
+    return printed
+
+
+def test_six_videos_one_corrupt_with_two_local_workers(tmp_path, dataset, references):
+    run = _cli([str(dataset), "-o", str(tmp_path / "out"), "--workers", "2", "--json", *CLI_OPTS])
+    data = _check_batch_of_six(run, tmp_path / "out", references)
+    assert data["executor"] == "processes" and data["workers"] == 2
+    workers = {w for r in data["inputs"] for w in r["workers"]}
+    assert len(workers) == 2 and str(os.getpid()) not in {w.split(":")[1] for w in workers}
+
+
+def test_six_videos_on_a_default_local_dask_cluster_with_a_worker_killed(
+    tmp_path, dataset, references
+):
+    """`--dask local:2` (daemonic worker processes): the long clip's three units are shared
+    by both workers, and a worker SIGKILLed after writing a chunk (once) is replaced; its
+    unit is retried and every store still equals encode_video's."""
+    flag = tmp_path / "kill-once"
+    flag.write_text("")
+    run = _cli(
+        [str(dataset), "-o", str(tmp_path / "out"), "--dask", "local:2", "--json", *CLI_OPTS],
+        {"MEMENC_TEST_KILL": "chunk-done:1", "MEMENC_TEST_KILL_ONCE": str(flag)},
+    )
+    data = _check_batch_of_six(run, tmp_path / "out", references)
+    assert not flag.exists()  # a worker did die at the kill point
+    assert data["executor"] == "dask" and data["workers"] == 2
+    c4 = next(r for r in data["inputs"] if Path(r["input"]).stem == "c4")
+    assert len({w for r in data["inputs"] for w in r["workers"]}) >= 2
+    assert c4["chunks_written"] <= 6
+
+
+# ---- shards, finalize, SIGKILL --------------------------------------------------------------
+
+
+def test_three_shards_cover_every_video_once_then_finalize(tmp_path, dataset, references):
+    out = tmp_path / "out"
+    seen: list[str] = []
+    for i in range(3):
+        summary = run_batch([dataset], out, settings=SETTINGS, shard=f"{i}/3", unit_frames=4)
+        seen += [Path(r.input).stem for r in summary.inputs]
+        assert (out / f"batch-summary-shard-{i}-of-3.json").is_file()
+    assert sorted(seen) == sorted([*LENGTHS, "broken"])  # each exactly once
+    final = run_batch([dataset], out, finalize_only=True)
+    status = {Path(r.input).stem: r.status for r in final.inputs}
+    assert status.pop("broken") == "failed"
+    assert set(status.values()) == {"skipped"}  # each shard completed its own stores
+    data = json.loads((out / "batch-summary.json").read_text())
+    broken = next(r for r in data["inputs"] if Path(r["input"]).stem == "broken")
+    assert "broken.mp4" in broken["error"]  # the shard's reason, carried over
+    for name in LENGTHS:
+        _assert_equal_stores(out / f"{name}.zarr", references[name])
+
+
+def test_finalize_pass_completes_stores_whose_chunks_are_all_written(tmp_path, dataset):
+    out = tmp_path / "out"
+    run = _cli([str(dataset / "c0.mp4"), "-o", str(out), "-q", *CLI_OPTS],
+               {"MEMENC_TEST_KILL": "before-complete"})  # fmt: skip
+    assert run.returncode == -signal.SIGKILL
+    assert open_cache(out / "c0.zarr").status == "in_progress"
+    final = run_batch([dataset / "c0.mp4"], out, finalize_only=True)
+    assert [r.status for r in final.inputs] == ["complete"]
+    assert open_cache(out / "c0.zarr").status == "complete"
+
+
+def test_sigkilled_batch_reruns_without_recomputing_complete_work(tmp_path, dataset, references):
+    out = tmp_path / "out"
+    args = [str(dataset / "c0.mp4"), str(dataset / "c4.mp4"), "-o", str(out), "--json",
+            *CLI_OPTS]  # fmt: skip
+    killed = _cli(args, {"MEMENC_TEST_KILL": "chunk-data:4"})  # only c4 has a chunk 4
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert open_cache(out / "c0.zarr").status == "complete"
+    assert _arrays(out / "c4.zarr")["chunk_done"].tolist() == [1, 1, 1, 1, 0, 0]
+    c0_files = {
+        p: p.stat().st_mtime_ns
+        for p in (out / "c0.zarr").rglob("*")
+        if p.is_file() and p.name != ".memenc.lock"  # the lock is taken again, nothing else
+    }
+
+    rerun = _cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    by_name = {Path(r["input"]).stem: r for r in json.loads(rerun.stdout)["inputs"]}
+    assert by_name["c0"]["status"] == "skipped" and by_name["c0"]["chunks_written"] == 0
+    assert by_name["c4"]["status"] == "complete" and by_name["c4"]["chunks_written"] == 2
+    assert c0_files == {p: p.stat().st_mtime_ns for p in c0_files}  # c0 untouched
+    for name in ("c0", "c4"):
+        _assert_equal_stores(out / f"{name}.zarr", references[name])
+
+
+# ---- object storage: an S3 server (moto) on loopback -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (a free port) with a bucket; the endpoint and fake
+    credentials are in the environment for this process and the CLI runs it starts."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,  # fsspec's config: endpoint_url for s3fs
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec.config
+    import s3fs
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # pick FSSPEC_S3_* up in this process
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("caches")
+    yield env
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _s3_arrays(url: str) -> dict[str, np.ndarray]:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # no listing cached from before the writes
+    z = zarr.open_group(zarr.storage.FsspecStore.from_url(url, read_only=True), mode="r")
+    return {k: z[k][:] for k in z.array_keys()}
+
+
+def test_encode_and_inspect_keep_an_s3_url(tmp_path, dataset, references, s3, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = "s3://caches/single/c0.zarr"
+    run = subprocess.run(
+        [sys.executable, "-m", "memenc", "encode", str(dataset / "c0.mp4"), "-o", url,
+         "--weights", "random", "--variant", "sam2.1_hiera_tiny", "--image-size", "64",
+         "--chunk-frames", "2", "--json"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["store"] == url
+    assert not (tmp_path / "s3:").exists()  # no local folder named after the URL
+    got = _s3_arrays(url)
+    for k, want in references["c0"].items():
+        assert np.array_equal(got[k], want, equal_nan=True), k
+    cache = open_cache(url)
+    assert cache.status == "complete" and cache.object_ids == [3, 7]
+    shown = subprocess.run([sys.executable, "-m", "memenc", "inspect", url, "--json"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["status"] == "complete" and info["chunks_done"] == info["chunks_total"] == 3
+
+
+def test_batch_to_s3_resumes_after_sigkill(dataset, references, s3):
+    out = "s3://caches/batch"
+    args = [str(dataset / "c0.mp4"), str(dataset / "c4.mp4"), "-o", out, "--json", *CLI_OPTS]
+    killed = _cli(args, {"MEMENC_TEST_KILL": "chunk-data:4"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _s3_arrays(f"{out}/c4.zarr")["chunk_done"].tolist() == [1, 1, 1, 1, 0, 0]
+    rerun = _cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    by_name = {Path(r["input"]).stem: r for r in json.loads(rerun.stdout)["inputs"]}
+    assert by_name["c0"]["status"] == "skipped"
+    assert by_name["c4"]["status"] == "complete" and by_name["c4"]["chunks_written"] == 2
+    for name in ("c0", "c4"):
+        got = _s3_arrays(f"{out}/{name}.zarr")
+        for k, want in references[name].items():
+            assert np.array_equal(got[k], want, equal_nan=True), (name, k)
+        assert open_cache(f"{out}/{name}.zarr").status == "complete"
+    import fsspec
+
+    with fsspec.open(f"{out}/batch-summary.json", "r") as f:
+        assert json.load(f)["ok"] is True
+
+
+def test_url_without_its_backend_is_a_usage_error_naming_the_extra(tmp_path, dataset):
+    code = (
+        "import sys; sys.modules['s3fs'] = None; from memenc.cli.app import main; "
+        f"sys.argv = ['memenc', 'encode', {str(dataset / 'c0.mp4')!r}, '-o', 's3://b/x.zarr', "
+        "'--weights', 'random', '--image-size', '64']; main()"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "s3://b/x.zarr" in run.stderr and "memenc[s3]" in run.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_after_a_prepare_pass_shards_split_long_videos_by_unit(tmp_path, dataset, references):
+    """--prepare-only creates every store and the plan; then three shards each take every
+    third unit across the batch, so the long clip's three units land on three shards, each
+    unit runs exactly once, and the shard that writes a store's last chunk completes it."""
+    out = tmp_path / "out"
+    prepared = run_batch([dataset], out, settings=SETTINGS, unit_frames=4, prepare_only=True)
+    status = {Path(r.input).stem: r.status for r in prepared.inputs}
+    assert status.pop("broken") == "failed" and set(status.values()) == {"prepared"}
+    assert (out / "batch-plan.json").is_file()
+    units: dict[str, list[int]] = {}
+    for i in range(3):
+        summary = run_batch([dataset], out, settings=SETTINGS, shard=(i, 3))
+        for r in summary.inputs:
+            units.setdefault(Path(r.input).stem, []).append(r.units)
+    assert units["c4"] == [1, 1, 1]  # three units of c4, one per shard
+    # every unit exactly once: 2 units for each 3- or 4-chunk clip, 3 for c4
+    assert {n: sum(u) for n, u in units.items() if n != "broken"} == {
+        "c0": 2, "c1": 2, "c2": 2, "c3": 2, "c4": 3}  # fmt: skip
+    for name in LENGTHS:
+        _assert_equal_stores(out / f"{name}.zarr", references[name])
