@@ -91,6 +91,7 @@ class BatchSettings:
     overwrite: bool = False
     skip_unmasked: bool = False
     decode_timeout_s: float = 120.0
+    sav_step: int = 4  # SA-V annotation step, as `encode --sav-step`
 
     def model_key(self) -> tuple[Any, ...]:
         return (self.checkpoint, self.weights, self.variant, self.seed, self.image_size)
@@ -849,8 +850,8 @@ class _Coordinator:
 
     def _layout(self, inp: BatchInput) -> tuple[Any, str]:
         # the same planning as encode_video, so a batch store equals an encode store
-        from memenc.pipeline.engine import plan_frames, store_layout
-        from memenc.pipeline.masks import open_masks, parse_objects
+        from memenc.pipeline.engine import open_run_masks, plan_frames, plan_layout
+        from memenc.pipeline.masks import parse_objects
         from memenc.pipeline.video import parse_frames, probe_video
 
         s = self.settings
@@ -859,25 +860,17 @@ class _Coordinator:
         video_path = Path(inp.video)
         info = probe_video(video_path, timeout_s=s.decode_timeout_s)
         masks = masks_for(inp, self.masks_template)
-        mask_source = open_masks(
-            masks,
-            video_frame_count=info.frame_count,
-            video_width=info.width,
-            video_height=info.height,
-            objects=object_ids,
-        )
+        mask_source = open_run_masks(
+            Path(masks), video_path, info, objects=object_ids, sav_step=s.sav_step,
+            timeout_s=s.decode_timeout_s,
+        )  # fmt: skip
         try:
             planned = plan_frames(info.frame_count, selection, mask_source, s.skip_unmasked)
-            layout = store_layout(
-                self._model(),
-                planned,
-                mask_source,
-                video_attrs={**info.to_attrs(), "path": str(video_path.resolve())},
-                selection=selection,
-                store_dtype=s.store_dtype,
-                chunk_frames=s.chunk_frames,
-                precision=s.precision,
-            )
+            layout = plan_layout(
+                self._model(), planned, video_path, info, mask_source, selection=selection,
+                store_dtype=s.store_dtype, chunk_frames=s.chunk_frames, precision=s.precision,
+                batch_size=s.batch_size, device=s.device,
+            )  # fmt: skip
         finally:
             mask_source.close()
         return layout, masks

@@ -248,6 +248,64 @@ def store_layout(
     )
 
 
+def open_run_masks(
+    mask_path: Path,
+    video_path: Path,
+    info: VideoInfo,
+    *,
+    objects: list[int] | None,
+    sav_step: int,
+    timeout_s: float,
+) -> MaskSource:
+    """A run's mask source, checked against the probed video (`encode` and `batch` alike).
+    Raises MaskError, or VideoDecodeError when the masks show the video to be damaged."""
+    return open_masks(
+        mask_path,
+        video_frame_count=info.frame_count,
+        video_width=info.width,
+        video_height=info.height,
+        objects=objects,
+        video_path=video_path,
+        video_frame_count_declared=info.frame_count_declared,
+        timeout_s=timeout_s,
+        sav_step=sav_step,
+    )
+
+
+def plan_layout(
+    model: MemencModel,
+    frames: Sequence[int],
+    video_path: Path,
+    info: VideoInfo,
+    masks: MaskSource,
+    *,
+    selection: slice,
+    store_dtype: str,
+    chunk_frames: int | None,
+    precision: str,
+    batch_size: int,
+    device: str,
+) -> StoreLayout:
+    """The store layout of one video's run (`encode` and `batch` alike): hashes the inputs,
+    then `store_layout`. Raises VideoDecodeError / MaskError when an input cannot be read."""
+    video_content, masks_content = hash_inputs(video_path, masks)
+    return store_layout(
+        model,
+        frames,
+        masks,
+        # absolute, so `preview` does not depend on the working folder
+        video_attrs={**info.to_attrs(), "path": str(video_path.resolve())},
+        video_content=video_content,
+        masks_content=masks_content,
+        selection=selection,
+        store_dtype=store_dtype,
+        chunk_frames=chunk_frames,
+        precision=precision,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
 def hash_inputs(video_path: Path, masks: MaskSource) -> tuple[str, str]:
     """`content_sha256` of the video (its file, or a frame folder's images in order) and
     of the mask source's files. Raises VideoDecodeError / MaskError when one cannot be
@@ -558,17 +616,10 @@ def encode_video(
         source = stack.enter_context(VideoSource(video_path, size, timeout_s=decode_timeout_s))
         info = source.info
         mask_path = Path(masks) if masks is not None else find_masks_beside(video_path)
-        mask_source = open_masks(
-            mask_path,
-            video_frame_count=info.frame_count,
-            video_width=info.width,
-            video_height=info.height,
-            objects=object_ids,
-            video_path=video_path,
-            video_frame_count_declared=info.frame_count_declared,
+        mask_source = open_run_masks(
+            mask_path, video_path, info, objects=object_ids, sav_step=sav_step,
             timeout_s=decode_timeout_s,
-            sav_step=sav_step,
-        )
+        )  # fmt: skip
         stack.callback(mask_source.close)
         _warn_if_damaged(info)
         planned = plan_frames(info.frame_count, selection, mask_source, skip_unmasked)
@@ -581,22 +632,11 @@ def encode_video(
             device=dev,
             progress=on_download,
         )
-        video_content, masks_content = hash_inputs(video_path, mask_source)
-        layout = store_layout(
-            model,
-            planned,
-            mask_source,
-            # absolute, so `preview` does not depend on the working folder
-            video_attrs={**info.to_attrs(), "path": str(video_path.resolve())},
-            video_content=video_content,
-            masks_content=masks_content,
-            selection=selection,
-            store_dtype=store_dtype,
-            chunk_frames=chunk_frames,
-            precision=precision,
-            batch_size=batch_size,
-            device=str(dev),
-        )
+        layout = plan_layout(
+            model, planned, video_path, info, mask_source, selection=selection,
+            store_dtype=store_dtype, chunk_frames=chunk_frames, precision=precision,
+            batch_size=batch_size, device=str(dev),
+        )  # fmt: skip
         # a str, not a Path: an fsspec URL (s3://…) must reach the store intact
         out_path = os.fspath(out) if out is not None else str(video_path.with_suffix(".zarr"))
         # the lock is held from before the store is created or resumed until it is complete
