@@ -85,6 +85,22 @@ def test_pointers_and_memories_equal_track_step(checkpoints, variant, shift):
     assert (out.object_score_logits < 0).any() and (out.object_score_logits > 0).any()
 
 
+@pytest.mark.slow
+def test_pointer_equals_track_step_at_1024(tmp_path):
+    ref = oracle.reference_with_score_bias("sam2.1_hiera_tiny", 1024, SHIFT)
+    model = load_model(oracle.save_checkpoint(ref, tmp_path / "ckpt.pt"))
+    frames = torch.randint(
+        0, 256, (1, 3, 1024, 1024), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
+    masks = torch.zeros(1, 1, 1024, 1024, dtype=torch.bool)
+    masks[..., 200:700, 300:600] = True
+    out = model.encode_memory(model.image_features(frames), masks)
+    step = oracle.reference_track_step(ref, oracle.normalize(frames[0]), [masks[0, 0]])[0]
+    assert not is_no_obj_ptr(ref, out.obj_ptr[0, 0])
+    assert oracle.max_abs(out.obj_ptr[0, 0], step["obj_ptr"][0]) == 0.0
+    assert oracle.max_abs(out.features[0, 0], step["maskmem_features"][0]) == 0.0
+
+
 def test_logit_masks_get_the_pointer_of_the_mask_they_describe(checkpoints):
     """For logits the pointer is that of the mask input `logits > 0` (resized to S)."""
     ref, model = checkpoints("sam2.1_hiera_tiny", SHIFT)

@@ -49,7 +49,7 @@ class MaskDecoder(nn.Module):
         )
         tokens = torch.cat((out_tokens[None].expand(n, -1, -1), sparse), dim=1)
         src = image + dense
-        pos = torch.repeat_interleave(image_pe, n, dim=0)  # [N, C, h, w]
+        pos = image_pe.expand(n, -1, -1, -1)  # [N, C, h, w], a view (channels-last strides)
         hs, _ = self.transformer(src, pos, tokens)
         mask_tokens_out = hs[:, 2 : 2 + NUM_MASK_TOKENS]  # [N, 4, C]
         return mask_tokens_out[:, 0], self.pred_obj_score_head(hs[:, 0])
