@@ -228,8 +228,9 @@ class MemencModel(nn.Module):
         binary mask, and for logit masks the mask `logits > 0`, so a logit mask's pointer is
         that of `track_step(mask_inputs=logits > 0)` (SAM 2 never takes logits as a mask
         input; `mask_downsample` expects 0/1 values). Its second gate is the score (> 0).
-        pointers=False skips them (`obj_ptr` is None): on the CPU they cost about 2% of a
-        frame's image encoding per object at S=256 and 6% at S=1024 (tiny).
+        pointers=False skips them (`obj_ptr` is None): on the CPU each object's pointer
+        costs about 2–3% of the frame's image encoding at S=256 and 3–4% at S=1024
+        (sam2.1 tiny; half of what SAM 2's `_use_mask_as_output` spends, as it upscales).
         """
         b, o = masks.shape[:2]
         if pix_feat.shape[0] != b:
