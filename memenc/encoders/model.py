@@ -226,8 +226,8 @@ class MemencModel(nn.Module):
 
         The pointer path gets the 0/1 mask SAM 2 would be given: the resized, thresholded
         binary mask, and for logit masks the mask `logits > 0`, so a logit mask's pointer is
-        that of `track_step(mask_inputs=logits > 0)` (SAM 2 never takes logits as a mask
-        input; `mask_downsample` expects 0/1 values). Its second gate is the score (> 0).
+        that of `track_step(mask_inputs=logits > 0)` (SAM 2's mask inputs are 0/1 masks,
+        which `mask_downsample` maps to its logit scale). Its second gate is the score (> 0).
         pointers=False skips them (`obj_ptr` is None): on the CPU each object's pointer
         costs about 2–3% of the frame's image encoding at S=256 and 3–4% at S=1024
         (sam2.1 tiny; half of what SAM 2's `_use_mask_as_output` spends, as it upscales).
@@ -255,47 +255,17 @@ class MemencModel(nn.Module):
         h, w = features.shape[-2:]
         pos_enc = self.position_encoding.encode(h, w, features.device).to(features.dtype)
         obj_ptr = None
-        if pointers:
+        if pointers:  # SAM 2's mask_inputs are the 0/1 masks: logits > 0
+            masks01 = (logits > 0).to(torch.float32)
+            per_call = self.frame_batch  # objects per call too: 1 on the CPU, as the reference
             obj_ptr = torch.cat(
                 [
-                    self._pointers(_reference_layout(pf), lg, p)
-                    for pf, lg, p in zip(
-                        self._split(pix_feat), self._split(logits), self._split(scores > 0)
+                    object_pointers(self, _reference_layout(pf), m, p, per_call)
+                    for pf, m, p in zip(
+                        self._split(pix_feat), self._split(masks01), self._split(scores > 0)
                     )
                 ]
             )
         return MemoryOutput(
             features=features, pos_enc=pos_enc, object_score_logits=scores, obj_ptr=obj_ptr
-        )
-
-    def _pointers(
-        self, pix_feat: torch.Tensor, logits: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor:
-        """Object pointers `[b, O, 256]` of pix_feat `[b, 256, h, w]` with mask logits
-        `[b, O, S, S]` (positive where the mask is set) and present `[b, O]`.
-
-        On the CPU one object per call, as the reference runs them (its linear layers
-        round differently for one row than for several); all at once elsewhere."""
-        b, o = logits.shape[:2]
-        if o == 0:
-            return pix_feat.new_zeros(b, 0, self.variant.d_model)
-        masks = (logits > 0).to(torch.float32)  # the 0/1 mask SAM 2's mask_inputs holds
-        image_pe = self.sam_prompt_encoder.get_dense_pe(*pix_feat.shape[-2:])
-        step = 1 if self.frame_batch == 1 else o
-        return torch.cat(
-            [
-                object_pointers(
-                    pix_feat,
-                    image_pe,
-                    m,
-                    p,
-                    mask_downsample=self.mask_downsample,
-                    prompt_encoder=self.sam_prompt_encoder,
-                    decoder=self.sam_mask_decoder,
-                    obj_ptr_proj=self.obj_ptr_proj,
-                    no_obj_ptr=self.no_obj_ptr,
-                )
-                for m, p in zip(masks.split(step, dim=1), present.split(step, dim=1))
-            ],
-            dim=1,
         )
