@@ -97,3 +97,42 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
+
+
+@lru_cache(maxsize=4)
+def reference_with_score_bias(variant: str, image_size: int, shift: float) -> torch.nn.Module:
+    """A copy of `reference_model` whose mask decoder's object-score head has `shift` added
+    to its last bias, which fixes the sign of the decoder's object score (with randn·0.1
+    weights it is about ±1 for every input, REFERENCE.md), so pointers are not all
+    `no_obj_ptr`. Every released config scores with an MLP (`pred_obj_scores_mlp`)."""
+    import copy
+
+    ref = copy.deepcopy(reference_model(variant, image_size))
+    with torch.no_grad():
+        ref.sam_mask_decoder.pred_obj_score_head.layers[2].bias += shift
+    return ref
+
+
+@torch.inference_mode()
+def reference_track_step(ref, image: torch.Tensor, masks: list[torch.Tensor], frame_idx: int = 0):
+    """SAM 2's step for a frame given as masks (REFERENCE.md), one call per object as the
+    video predictor runs it: normalised image [3, S, S] and 0/1 masks [S, S] -> one
+    track_step output dict per mask (obj_ptr [1, 256], maskmem_features [1, 64, h, w],
+    object_score_logits [1, 1], ...)."""
+    backbone_out = ref.forward_image(image[None])
+    _, vf, vpos, fs = ref._prepare_backbone_features(backbone_out)
+    return [
+        ref.track_step(
+            frame_idx=frame_idx,
+            is_init_cond_frame=True,
+            current_vision_feats=vf,
+            current_vision_pos_embeds=vpos,
+            feat_sizes=fs,
+            point_inputs=None,
+            mask_inputs=m[None, None].float(),
+            output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+            num_frames=frame_idx + 1,
+            run_mem_encoder=True,
+        )
+        for m in masks
+    ]

@@ -164,6 +164,15 @@ def test_reference_checkpoints_load_strictly_and_variant_is_detected(tmp_path, v
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert torch.equal(model.maskmem_tpos_enc, ref.maskmem_tpos_enc)
     assert (model.no_obj_embed_spatial is not None) == variant.startswith("sam2.1")
+    # the pointer heads load from the official names; the heads that do not change the
+    # pointer (mask upscaling with the high-resolution FPN projections, IoU head) do not
+    for key in ("mask_downsample.weight", "obj_ptr_proj.layers.2.bias", "no_obj_ptr",
+                "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+                "sam_mask_decoder.pred_obj_score_head.layers.2.bias"):  # fmt: skip
+        assert key in ours
+    assert not any(
+        k.startswith(("sam_mask_decoder.conv_s0", "sam_mask_decoder.iou_prediction")) for k in ours
+    )
     # a bare state dict loads the same
     torch.save(theirs, tmp_path / "bare.pt")
     assert load_model(tmp_path / "bare.pt", image_size=256).variant.name == variant

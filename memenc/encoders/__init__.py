@@ -1,4 +1,5 @@
-"""memenc.encoders: SAM 2's image encoder and memory encoder as PyTorch modules.
+"""memenc.encoders: SAM 2's image encoder, memory encoder and object-pointer heads as
+PyTorch modules.
 
 `load_model` is the entry point; it returns a `MemencModel` whose `image_features` and
 `encode_memory` compute exactly what SAM 2 computes for the same weights.
@@ -39,15 +40,27 @@ __all__ = [
 ]
 
 
+# The pointer heads' parameters are drawn after the encoders', so that the encoders'
+# random weights for a seed are those memenc drew before it had pointer heads.
+_POINTER_HEADS = ("mask_downsample.", "sam_prompt_encoder.", "sam_mask_decoder.", "obj_ptr_proj.",
+                  "no_obj_ptr")  # fmt: skip
+
+
 def _randomize(model: MemencModel, seed: int) -> None:
     """Seeded random weights with a non-trivial spread (norm scales near 1, all else
-    N(0, 0.1²)), the same on every machine."""
+    N(0, 0.1²); the prompt encoder's random Fourier matrix N(0, 1), as SAM draws it), the
+    same on every machine."""
     gen = torch.Generator().manual_seed(seed)
+    params = sorted(
+        model.named_parameters(), key=lambda kv: (kv[0].startswith(_POINTER_HEADS), kv[0])
+    )
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in params:
             noise = torch.randn(p.shape, generator=gen) * 0.1
             is_norm_scale = name.endswith("weight") and p.ndim == 1
             p.copy_(noise + 1.0 if is_norm_scale else noise)
+        gauss = model.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        gauss.copy_(torch.randn(gauss.shape, generator=gen))
 
 
 def load_model(
@@ -60,7 +73,7 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
 ) -> MemencModel:
-    """Build SAM 2's image and memory encoders.
+    """Build SAM 2's image and memory encoders and the heads that make object pointers.
 
     checkpoint: a checkpoint file (official `{"model": state_dict}` or a bare state dict) or
         an official name such as `sam2.1_hiera_tiny` (downloaded once into $MEMENC_HOME).

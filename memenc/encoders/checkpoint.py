@@ -1,9 +1,10 @@
 """Reading SAM 2 checkpoints, and fetching official ones by name.
 
 A checkpoint is an official `{"model": state_dict}` file or a bare state dict, read with
-`torch.load(weights_only=True)`. Only the keys memenc's modules have are taken (the mask
-decoder, prompt encoder, memory attention and pointer heads are ignored); they load with
-`strict=True`, so a missing or mis-shaped key is an error that names it.
+`torch.load(weights_only=True)`. Only the keys memenc's modules have are taken (memory
+attention, and the parts of the prompt encoder and mask decoder that do not change the
+object pointer, are ignored); they load with `strict=True`, so a missing or mis-shaped
+key is an error that names it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,31 @@ from memenc.encoders.variants import VARIANTS, Variant
 from memenc.errors import CheckpointError
 
 # Prefixes of the checkpoint keys memenc's modules own; everything else is ignored.
-USED_PREFIXES = ("image_encoder.", "memory_encoder.", "maskmem_tpos_enc", "no_obj_embed_spatial")
+USED_PREFIXES = (
+    "image_encoder.",
+    "memory_encoder.",
+    "maskmem_tpos_enc",
+    "no_obj_embed_spatial",
+    # the SAM heads that make object pointers (DESIGN §3a)
+    "mask_downsample.",
+    "sam_prompt_encoder.",
+    "sam_mask_decoder.",
+    "obj_ptr_proj.",
+    "no_obj_ptr",
+)
+# ... except the parts of those heads that do not change the pointer: point and box
+# prompts, the no-mask embedding (a mask is always given), and the mask decoder's
+# upscaling path with its high-resolution FPN projections, hypernetworks and IoU head
+# (the pointer is taken from mask token 0 before them; see memenc/encoders/decoder.py).
+UNUSED_PREFIXES = (
+    "sam_prompt_encoder.point_embeddings.",
+    "sam_prompt_encoder.no_mask_embed.",
+    "sam_mask_decoder.output_upscaling.",
+    "sam_mask_decoder.conv_s0.",
+    "sam_mask_decoder.conv_s1.",
+    "sam_mask_decoder.output_hypernetworks_mlps.",
+    "sam_mask_decoder.iou_prediction_head.",
+)
 
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2"
 # Release folder of each family on the official server
@@ -171,7 +196,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def used_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The subset of a checkpoint's state dict that memenc's modules own (the one filter)."""
-    return {k: v for k, v in state_dict.items() if k.startswith(USED_PREFIXES)}
+    return {
+        k: v
+        for k, v in state_dict.items()
+        if k.startswith(USED_PREFIXES) and not k.startswith(UNUSED_PREFIXES)
+    }
 
 
 def sha256_file(path: Path) -> str:

@@ -54,3 +54,27 @@ class PositionEmbeddingSine(nn.Module):
         """`[B, num_pos_feats, H, W]` encoding for `x` of shape `[B, C, H, W]`."""
         pos = self.encode(x.shape[-2], x.shape[-1], x.device)
         return pos[None].expand(x.shape[0], -1, -1, -1)
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """SAM's Fourier-feature encoding of image positions with a fixed random projection.
+
+    The buffer `positional_encoding_gaussian_matrix` `[2, num_pos_feats]` comes from the
+    checkpoint (key `sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix`);
+    `forward((h, w))` returns `[2 * num_pos_feats, h, w]` for the centres of an h×w grid.
+    """
+
+    def __init__(self, num_pos_feats: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.zeros(2, num_pos_feats))
+
+    def forward(self, size: tuple[int, int]) -> torch.Tensor:
+        h, w = size
+        g = self.positional_encoding_gaussian_matrix
+        # pixel centres normalised to (0, 1), as (x, y) pairs: [h, w, 2]
+        ys = (torch.arange(1, h + 1, dtype=torch.float32, device=g.device) - 0.5) / h
+        xs = (torch.arange(1, w + 1, dtype=torch.float32, device=g.device) - 0.5) / w
+        coords = torch.stack((xs[None, :].expand(h, w), ys[:, None].expand(h, w)), dim=-1)
+        proj = (2 * coords - 1) @ g * (2 * math.pi)  # [h, w, num_pos_feats]
+        pe = torch.cat((proj.sin(), proj.cos()), dim=-1)
+        return pe.permute(2, 0, 1)  # [h, w, C] -> [C, h, w]

@@ -5,6 +5,14 @@ Figures are from the official configs (sam2 1.1.0's `configs/sam2/` and
 FPN neck d_model 256 (nearest top-down on levels [2, 3], scalp 1), MemoryEncoder with
 64 output channels and a 2-layer CXBlock fuser, mask sigmoid scale 20 and bias -10,
 7 memory slots. SAM 2.1 adds `no_obj_embed_spatial`.
+
+Object pointers (memenc/encoders/pointer.py) are made the same way in all eight: every
+released config sets `use_obj_ptrs_in_encoder`, `pred_obj_scores`, `pred_obj_scores_mlp`,
+`fixed_no_obj_ptr`, `use_mlp_for_obj_ptr_proj`, `use_high_res_features_in_sam`,
+`iou_prediction_use_sigmoid` and `use_multimask_token_for_obj_ptr`, and none sets
+`soft_no_obj_ptr`. What differs between the families is how memory attention reads the
+pointers: SAM 2.1 adds a signed temporal encoding through its own projection
+(`add_tpos_enc_to_obj_ptrs`, `proj_tpos_enc_in_obj_ptrs`, `use_signed_tpos_enc_to_obj_ptrs`).
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ class Variant:
     @property
     def no_obj_embed_spatial(self) -> bool:
         """Whether empty objects get the learned no-object embedding (SAM 2.1 only)."""
+        return self.family == "sam2.1"
+
+    @property
+    def tpos_enc_in_obj_ptrs(self) -> bool:
+        """Whether memory attention adds a temporal encoding to the object pointers, through
+        `obj_ptr_tpos_proj`, signed (SAM 2.1: `add_tpos_enc_to_obj_ptrs`,
+        `proj_tpos_enc_in_obj_ptrs` and `use_signed_tpos_enc_to_obj_ptrs`; SAM 2: none)."""
         return self.family == "sam2.1"
 
     @property
