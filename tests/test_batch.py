@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import media
@@ -68,8 +69,10 @@ def references(dataset, tmp_path_factory):
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
-    z = zarr.open_group(str(path), mode="r")
-    return {k: z[k][:] for k in z.array_keys()}
+    with warnings.catch_warnings():  # the lock file "is not a component of a Zarr hierarchy"
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        z = zarr.open_group(str(path), mode="r")
+        return {k: z[k][:] for k in z.array_keys()}
 
 
 def _assert_equal_stores(path, want: dict[str, np.ndarray]) -> None:
@@ -430,3 +433,22 @@ def test_after_a_prepare_pass_shards_split_long_videos_by_unit(tmp_path, dataset
         "c0": 2, "c1": 2, "c2": 2, "c3": 2, "c4": 3}  # fmt: skip
     for name in LENGTHS:
         _assert_equal_stores(out / f"{name}.zarr", references[name])
+
+
+def test_masks_template_finds_masks_elsewhere_and_bad_fields_are_usage_errors(
+    tmp_path, dataset, references
+):
+    videos, annotations = tmp_path / "videos", tmp_path / "annotations"
+    videos.mkdir()
+    annotations.mkdir()
+    (videos / "c1.mp4").write_bytes((dataset / "c1.mp4").read_bytes())
+    (annotations / "c1.npy").write_bytes((dataset / "c1.masks.npy").read_bytes())
+    out = tmp_path / "out"
+    summary = run_batch([videos], out, settings=SETTINGS,
+                        masks_template="{parent}/../annotations/{stem}.npy")  # fmt: skip
+    assert [r.status for r in summary.inputs] == ["complete"]
+    _assert_equal_stores(out / "c1.zarr", references["c1"])
+    plain = run_batch([videos], tmp_path / "out2", settings=SETTINGS)  # not beside it
+    assert plain.inputs[0].status == "failed" and "no masks found" in plain.inputs[0].error
+    with pytest.raises(UsageError, match="--masks-template"):
+        run_batch([videos], out, settings=SETTINGS, masks_template="{folder}/{stem}")

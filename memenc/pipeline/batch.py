@@ -796,6 +796,10 @@ class _Coordinator:
             v.lock.close()
             v.result.status, v.result.error = "failed", _one_line(e)
             return v
+        except Exception as e:  # a library's surprise on one input: that input fails
+            v.lock.close()
+            v.result.status, v.result.error = "failed", f"{type(e).__name__}: {_one_line(e)}"
+            return v
         finally:
             self.coordinator_s += time.monotonic() - t
         v.result.frames = layout.num_frames
@@ -1027,6 +1031,14 @@ def run_batch(
     _check_out(out)
     if unit_frames < 1:
         raise UsageError(f"--unit-frames {unit_frames}: must be at least 1")
+    if masks_template is not None:
+        try:
+            masks_template.format(parent="p", stem="s", name="n", video="v")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UsageError(
+                f"--masks-template {masks_template!r}: {_one_line(e)} is not one of "
+                "{parent}, {stem}, {name}, {video}"
+            ) from None
     if retries < 0:
         raise UsageError(f"--retries {retries}: must be 0 or more")
     if workers is not None and workers < 1:
