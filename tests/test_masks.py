@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 
 from memenc.errors import MaskError, UsageError, VideoDecodeError
-from memenc.pipeline import video as vid
 from memenc.pipeline.masks import (
     MaskSource,
     conventional_mask_paths,
     decode_rle,
     find_masks_beside,
     open_masks,
-    parse_objects,
     rle_string_to_counts,
 )
+from memenc.pipeline.selection import parse_objects
+from memenc.pipeline.video import process as vprocess
 
 # Masks at 24x16; the video is 48x32 (same aspect ratio, another resolution).
 T, H, W = 12, 16, 24
@@ -702,7 +702,7 @@ def test_colour_mask_video_is_refused(tmp_path, labels):
     ],
 )
 def test_mask_video_decoder_that_hangs_or_crashes_fails_in_time(paths, monkeypatch, fault, problem):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", fault)
     t0 = time.monotonic()
     with (
         pytest.raises(MaskError, match=problem) as info,

@@ -23,14 +23,12 @@ from media import remux
 from PIL import Image
 
 from memenc.errors import UsageError, VideoDecodeError
-from memenc.pipeline import video as vid
-from memenc.pipeline.video import (
-    FrameBatch,
-    VideoSource,
-    parse_frames,
-    probe_video,
-    read_frame,
-)
+from memenc.pipeline.selection import parse_frames
+from memenc.pipeline.video import FrameBatch, VideoSource, probe_video, read_frame
+from memenc.pipeline.video import probe as vprobe
+from memenc.pipeline.video import process as vprocess
+from memenc.pipeline.video import readers as vreaders
+from memenc.pipeline.video import source as vsource
 
 W, H = 160, 120  # source frame size
 N = 40  # frames per test video
@@ -234,7 +232,7 @@ def test_abandoned_iteration_then_read(media):
 
 
 def test_bounded_readahead_seeks_without_changing_frames(media, monkeypatch):
-    monkeypatch.setattr(vid, "_READAHEAD_BUDGET_BYTES", 0)  # seek whenever the child idles
+    monkeypatch.setattr(vsource, "_READAHEAD_BUDGET_BYTES", 0)  # seek whenever the child idles
     with VideoSource(media["mp4"], 64) as src:
         got = []
         for b in src.iter_batches(range(N), batch_size=5, prefetch=0):
@@ -319,9 +317,9 @@ def test_pyav_random_access_seeks_and_reopens(media):
 def test_pyav_resize_matches_decord_pixel_for_pixel(media):
     """The PyAV path on a file decord reads correctly: the same pixels (measured max 0)."""
     path = str(media["mp4"])
-    probe = vid._probe_file(path, lambda: None)
+    probe = vprobe.probe_file(path, lambda: None)
     for size in (64, 128, 100):
-        reader = vid._PyAVReader(path, probe, size)
+        reader = vreaders.PyAVReader(path, probe, size)
         out = np.zeros((N, 3, size, size), np.uint8)
         reader.read(np.arange(N), out)
         reader.close()
@@ -343,9 +341,9 @@ def test_rotated_video_matches_decord(tmp_path):
         for p in s.encode(None):
             c.mux(p)
     want = decord_frames(path, 64, list(range(8)))
-    probe = vid._probe_file(str(path), lambda: None)
+    probe = vprobe.probe_file(str(path), lambda: None)
     assert (probe.info["width"], probe.info["height"]) == (H, W)  # displayed size, like SAM 2
-    reader = vid._PyAVReader(str(path), probe, 64)
+    reader = vreaders.PyAVReader(str(path), probe, 64)
     out = np.zeros((8, 3, 64, 64), np.uint8)
     reader.read(np.arange(8), out)
     reader.close()
@@ -494,7 +492,7 @@ def test_killed_decoder_is_an_error_not_a_crash(media):
     ],
 )
 def test_decoder_fault_during_read(media, monkeypatch, fault, problem):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", fault)
     src = VideoSource(media["mp4"], 64, timeout_s=1.0)
     proc = src._decoder.proc
     t0 = time.monotonic()
@@ -506,7 +504,7 @@ def test_decoder_fault_during_read(media, monkeypatch, fault, problem):
 
 
 def test_probe_that_hangs_times_out(media, monkeypatch):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", "probe:hang")
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", "probe:hang")
     t0 = time.monotonic()
     with pytest.raises(VideoDecodeError, match="timed out after 1s"):
         probe_video(media["mp4"], timeout_s=1.0)
@@ -574,7 +572,7 @@ def test_decord_error_in_the_idle_seek_is_not_raised(media, capfd, error):
         def seek(self, index):
             raise error("seek refused")
 
-    reader = vid._DecordReader(RefusesSeek(), budget=-1)  # any read-ahead is over budget
+    reader = vreaders.DecordReader(RefusesSeek(), budget=-1)  # any read-ahead is over budget
     out = np.zeros((2, 3, 64, 64), np.uint8)
     reader.read(np.arange(2), out)
     reader.idle()  # seeks to stop the read-ahead; decord refuses
@@ -592,7 +590,7 @@ def test_decord_error_in_the_idle_seek_is_not_raised(media, capfd, error):
     ],
 )
 def test_failed_decoder_start_closes_both_pipe_ends(media, monkeypatch, error, problem):
-    real = vid._mp_context()
+    real = vprocess._mp_context()
     made = []
 
     class FailingStart:  # the real context, whose processes fail to start
@@ -610,7 +608,7 @@ def test_failed_decoder_start_closes_both_pipe_ends(media, monkeypatch, error, p
             proc.start = start
             return proc
 
-    monkeypatch.setattr(vid, "_mp_context", lambda: FailingStart())
+    monkeypatch.setattr(vprocess, "_mp_context", lambda: FailingStart())
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(VideoDecodeError, match=problem) as err:
         VideoSource(media["mp4"], 64)
@@ -638,7 +636,7 @@ def test_read_frame_gives_the_frame_at_its_displayed_size(media, tmp_path):
 
 
 def test_read_frame_that_hangs_times_out(media, monkeypatch):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", "read:hang")
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", "read:hang")
     t0 = time.monotonic()
     with pytest.raises(VideoDecodeError, match=r"clip\.mp4: decoder timed out after 1s"):
         read_frame(media["mp4"], 3, timeout_s=1.0)

@@ -850,8 +850,9 @@ class _Coordinator:
     def _layout(self, inp: BatchInput) -> tuple[Any, str]:
         # the same planning as encode_video, so a batch store equals an encode store
         from memenc.pipeline.engine import plan_frames, store_layout
-        from memenc.pipeline.masks import open_masks, parse_objects
-        from memenc.pipeline.video import parse_frames, probe_video
+        from memenc.pipeline.masks import open_masks
+        from memenc.pipeline.selection import parse_frames, parse_objects
+        from memenc.pipeline.video import probe_video
 
         s = self.settings
         selection = parse_frames(inp.frames if inp.frames is not None else self.frames)
@@ -959,8 +960,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
         choose_checkpoint,
         pick_device,
     )
-    from memenc.pipeline.masks import parse_objects
-    from memenc.pipeline.video import parse_frames
+    from memenc.pipeline.selection import parse_frames, parse_objects
 
     choose_checkpoint(settings.checkpoint, settings.weights)
     if settings.variant is not None:

@@ -39,8 +39,8 @@ from memenc.pipeline.masks import (
     MaskSource,
     find_masks_beside,
     open_masks,
-    parse_objects,
 )
+from memenc.pipeline.selection import parse_frames, parse_objects
 from memenc.pipeline.settings import NUMBERS_VERSION, RunSettings, content_sha256
 from memenc.pipeline.store import (
     CacheStore,
@@ -49,7 +49,7 @@ from memenc.pipeline.store import (
     store_lock,
 )
 from memenc.pipeline.urls import check_url, is_url
-from memenc.pipeline.video import VideoInfo, VideoSource, list_images, parse_frames
+from memenc.pipeline.video import VideoInfo, VideoSource, list_images
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("float16", "float32")
