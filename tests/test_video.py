@@ -19,7 +19,7 @@ import decord
 import numpy as np
 import pytest
 import torch
-from media import remux
+from media import remux, write_audio, write_frames
 from PIL import Image
 
 from memenc.errors import UsageError, VideoDecodeError
@@ -71,18 +71,16 @@ def write_video(
     gop: int | None = None,
     options: dict | None = None,
 ) -> Path:
-    with av.open(str(path), "w", format=fmt, options=options or {}) as c:
-        s = c.add_stream("libx264", rate=FPS)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.options = {"crf": "18"}
-        if gop:
-            s.codec_context.gop_size = gop
-        for k in range(n):
-            for p in s.encode(av.VideoFrame.from_ndarray(pattern(k), format="rgb24")):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    return path
+    frames = [pattern(k) for k in range(n)]
+    return write_frames(
+        path,
+        frames,
+        fps=FPS,
+        options={"crf": "18"},
+        gop=gop,
+        container=fmt,
+        container_options=options,
+    )
 
 
 def pyav_times(path: Path) -> list[float]:
@@ -330,16 +328,7 @@ def test_pyav_resize_matches_decord_pixel_for_pixel(media):
 
 
 def test_rotated_video_matches_decord(tmp_path):
-    path = tmp_path / "rot.mp4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=FPS)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.set_display_rotation(90)
-        for k in range(8):
-            for p in s.encode(av.VideoFrame.from_ndarray(pattern(k), format="rgb24")):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
+    path = write_frames(tmp_path / "rot.mp4", [pattern(k) for k in range(8)], fps=FPS, rotation=90)
     want = decord_frames(path, 64, list(range(8)))
     probe = vprobe.probe_file(str(path), lambda: None)
     assert (probe.info["width"], probe.info["height"]) == (H, W)  # displayed size, like SAM 2
@@ -391,19 +380,6 @@ def test_damaged_frame_names_the_frame_and_the_source_goes_on(tmp_path):
 # -- bad inputs -------------------------------------------------------------------------------
 
 
-def _audio_only(path: Path) -> None:
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        t = np.arange(16000, dtype=np.float32) / 16000
-        samples = (0.3 * np.sin(2 * np.pi * 440 * t))[None, :].astype(np.float32)
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for p in s.encode(frame):
-            c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-
-
 def make_bad(kind: str, d: Path, good: Path) -> tuple[Path, str]:
     """A bad input of the given kind, and a pattern its error message must match."""
     p = d / f"{kind}.mp4"
@@ -422,7 +398,7 @@ def make_bad(kind: str, d: Path, good: Path) -> tuple[Path, str]:
         Image.fromarray(pattern(1)).save(p, format="PNG")
         return p, r"not a video \(image file"
     if kind == "audio_only":
-        _audio_only(p)
+        write_audio(p)
         return p, "no video stream"
     if kind == "random_bytes":
         p.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
