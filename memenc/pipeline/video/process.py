@@ -49,8 +49,13 @@ def _mp_context() -> multiprocessing.context.BaseContext:
         return _context
 
 
-class DecoderGone(VideoDecodeError):
+class _DecoderGone(VideoDecodeError):
     """The decoder process crashed, exited or stalled (and was killed)."""
+
+
+# The name the package uses. The class keeps the name it had, which batch summaries show
+# ("_DecoderGone: <path>: decoder crashed ...").
+DecoderGone = _DecoderGone
 
 
 class Decoder:
