@@ -172,8 +172,9 @@ def test_manifest_output_outside_the_folder_fails_only_that_input(tmp_path, data
 
 def _decode_in_daemon(q, path, fault):
     import memenc.pipeline.video as vid
+    from memenc.pipeline.video import process as vprocess
 
-    vid._CHILD_FAULT = fault
+    vprocess._CHILD_FAULT = fault
     try:
         with vid.VideoSource(path, 64, timeout_s=5) as source:
             q.put(("ok", tuple(source.read([0, 1, 2]).frames.shape)))

@@ -265,7 +265,7 @@ def _bad_inputs(root: Path, clip_video: Path, labels: np.ndarray) -> dict:
     Image.new("RGB", (64, 48), (200, 10, 10)).save(root / "image.png")
     shutil.copy(root / "image.png", root / "png.mp4")
     video_case("PNG named .mp4", root / "png.mp4")
-    _write_audio(root / "audio.mp4")
+    media.write_audio(root / "audio.mp4")
     video_case("audio-only file", root / "audio.mp4")
     data = clip_video.read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
@@ -298,24 +298,6 @@ def _bad_inputs(root: Path, clip_video: Path, labels: np.ndarray) -> dict:
         "ckpt.pt",
     )
     return cases
-
-
-def _write_audio(path: Path) -> None:
-    import av
-
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        s.layout = "mono"
-        for i in range(20):
-            frame = av.AudioFrame.from_ndarray(
-                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
-            )
-            frame.sample_rate = 16000
-            frame.pts = i * 1024
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 def test_bad_inputs_give_one_line_and_exit_1(tmp_path, clip):

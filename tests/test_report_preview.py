@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
+import media
 import numpy as np
 import pytest
 import zarr
@@ -36,18 +36,8 @@ OBJECT_COLOURS = [(255, 64, 64), (64, 255, 64)]  # preview's colours for the 1st
 
 def write_video(path: Path) -> Path:
     """Six frames, frame k a solid COLOURS[k] (H.264, so colours are close, not exact)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=24)
-        stream.width, stream.height = VIDEO_W, VIDEO_H
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for colour in COLOURS:
-            rgb = np.empty((VIDEO_H, VIDEO_W, 3), np.uint8)
-            rgb[...] = colour
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+    frames = [np.full((VIDEO_H, VIDEO_W, 3), colour, np.uint8) for colour in COLOURS]
+    return media.write_frames(path, frames, options={"crf": "10"})
 
 
 def object_box(object_id: int, frame: int) -> tuple[slice, slice]:

@@ -855,8 +855,8 @@ class _Coordinator:
     def _layout(self, inp: BatchInput) -> tuple[Any, str]:
         # the same planning as encode_video, so a batch store equals an encode store
         from memenc.pipeline.engine import open_run_masks, plan_frames, plan_layout
-        from memenc.pipeline.masks import parse_objects
-        from memenc.pipeline.video import parse_frames, probe_video
+        from memenc.pipeline.selection import parse_frames, parse_objects
+        from memenc.pipeline.video import probe_video
 
         s = self.settings
         selection = parse_frames(inp.frames if inp.frames is not None else self.frames)
@@ -956,8 +956,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
         choose_checkpoint,
         pick_device,
     )
-    from memenc.pipeline.masks import parse_objects
-    from memenc.pipeline.video import parse_frames
+    from memenc.pipeline.selection import parse_frames, parse_objects
 
     choose_checkpoint(settings.checkpoint, settings.weights)
     if settings.variant is not None:
