@@ -99,7 +99,7 @@ class Decoder:
             self.proc.start()
         except BaseException as e:
             self.conn.close()  # no process to talk to: nothing may keep this end open
-            if isinstance(e, OSError):  # out of processes, memory or file descriptors
+            if isinstance(e, Exception):  # e.g. out of processes, memory or descriptors
                 raise VideoDecodeError(
                     f"{path}: cannot start a {what} process ({short_error(e)})"
                 ) from None
