@@ -19,8 +19,7 @@ from PIL import Image
 
 from memenc.errors import StoreError
 from memenc.pipeline.preview import CAPTION_HEIGHT, PANEL_GAP, render_preview
-from memenc.pipeline.report import describe_store
-from memenc.pipeline.store import SCHEMA, CacheStore, StoreLayout, fingerprint
+from memenc.store import SCHEMA, CacheStore, StoreLayout, describe_store, fingerprint
 
 T, H, W, F = 6, 4, 4, 4
 OBJECT_IDS = [1, 2]

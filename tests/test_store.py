@@ -23,17 +23,17 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from memenc.errors import StoreError, StoreLockedError
-from memenc.pipeline.reader import open_cache
-from memenc.pipeline.store import (
+from memenc.store import (
     ARRAYS,
-    LOCK_FILE,
     SCHEMA,
     CacheStore,
     StoreLayout,
     default_chunk_frames,
     fingerprint,
+    open_cache,
     store_lock,
 )
+from memenc.store.schema import LOCK_FILE
 
 T, OBJ, H, W, F = 10, 2, 4, 4, 3
 OBJECT_IDS = [3, 7]
@@ -426,7 +426,7 @@ def test_open_for_write_needs_an_in_progress_store(tmp_path: Path) -> None:
 WORKER = """
 import sys
 import numpy as np
-from memenc.pipeline.store import CacheStore
+from memenc.store import CacheStore
 T, OBJ, H, W, F = {consts}
 {chunk_data}
 store = CacheStore.open_for_write(sys.argv[1])
@@ -591,7 +591,7 @@ def test_damaged_small_array_fails_at_open(tmp_path: Path) -> None:
 
 HOLDER = """
 import sys
-from memenc.pipeline.store import store_lock
+from memenc.store import store_lock
 with store_lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()
