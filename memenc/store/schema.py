@@ -33,7 +33,6 @@ __all__ = [
     "COMPRESSORS",
     "LOCK_FILE",
     "MEM_DIM",
-    "OWNED_KEYS",
     "SCHEMA",
     "SPECS",
     "STATUS_COMPLETE",
@@ -45,7 +44,6 @@ __all__ = [
     "StoreLayout",
     "chunk_ranges",
     "default_chunk_frames",
-    "dtype_name",
     "layout_from_group",
     "memenc_attrs",
 ]
@@ -64,7 +62,7 @@ TPOS_SLOTS = 7  # SAM 2's num_maskmem
 LOCK_FILE = ".memenc.lock"
 
 # Attribute keys memenc writes itself; a caller's attrs may repeat them only with equal values.
-OWNED_KEYS = ("schema", "memenc_version", "status", "fingerprint", "storage_dtype", "chunk_frames")
+_OWNED_KEYS = ("schema", "memenc_version", "status", "fingerprint", "storage_dtype", "chunk_frames")
 
 _CHUNK_FRAMES = -1  # in ArraySpec.chunking: "this dimension is chunked by F frames"
 _STORE_DTYPE = "store"  # in ArraySpec.dtype: "the layout's store_dtype"
@@ -151,12 +149,12 @@ def default_chunk_frames(num_objects: int, h: int, w: int, dtype: Any) -> int:
     """
     if num_objects < 1 or h < 1 or w < 1:
         raise ValueError(f"num_objects, h and w must be ≥ 1, got {num_objects}, {h}, {w}")
-    itemsize = np.dtype(dtype_name(dtype)).itemsize
+    itemsize = np.dtype(_dtype_name(dtype)).itemsize
     frame_bytes = MEM_DIM * h * w * itemsize
     return max(1, (2 * 1024 * 1024) // frame_bytes)
 
 
-def dtype_name(dtype: Any) -> str:
+def _dtype_name(dtype: Any) -> str:
     """'float16' for "float16", np.float16, np.dtype("float16") or torch.float16."""
     text = str(dtype)
     if text.startswith("torch."):
@@ -167,7 +165,7 @@ def dtype_name(dtype: Any) -> str:
         return text
 
 
-def memenc_version() -> str:
+def _memenc_version() -> str:
     import memenc
 
     version = getattr(memenc, "__version__", None)
@@ -236,7 +234,7 @@ class StoreLayout:
         set_ = object.__setattr__  # frozen: normalise in place once
         set_(self, "object_ids", tuple(int(i) for i in self.object_ids))
         set_(self, "feat_hw", (int(self.feat_hw[0]), int(self.feat_hw[1])))
-        set_(self, "store_dtype", dtype_name(self.store_dtype))
+        set_(self, "store_dtype", _dtype_name(self.store_dtype))
         set_(self, "frame_index", np.asarray(self.frame_index))
         set_(self, "pos_enc", np.asarray(self.pos_enc, dtype=np.float32))
         h, w = self.feat_hw
@@ -305,7 +303,7 @@ class StoreLayout:
     def _owned_attrs(self, status: str) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
-            "memenc_version": memenc_version(),
+            "memenc_version": _memenc_version(),
             "status": status,
             "fingerprint": self.fingerprint,
             "storage_dtype": self.store_dtype,
@@ -351,7 +349,7 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
             frame_index=frame_index,
             pos_enc=pos_enc,
             tpos_enc=tpos,
-            attrs={k: v for k, v in attrs.items() if k not in OWNED_KEYS},
+            attrs={k: v for k, v in attrs.items() if k not in _OWNED_KEYS},
             fingerprint=str(attrs.get("fingerprint") or "?"),
         )
     except (ValueError, IndexError, TypeError, OSError) as exc:

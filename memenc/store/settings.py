@@ -37,7 +37,6 @@ import numpy as np
 __all__ = [
     "NUMBERS_VERSION",
     "RunSettings",
-    "canonical_json",
     "content_sha256",
     "fingerprint",
     "json_safe",
@@ -50,7 +49,7 @@ run writes for the same inputs and settings, so stores made before are not resum
 _BLOCK = 1 << 20  # hashing reads 1 MiB at a time
 
 
-def json_default(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
     """`json.dumps` default: paths, numpy values and sets as JSON values."""
     if isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -63,16 +62,16 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {value!r} ({type(value).__name__})")
 
 
-def canonical_json(value: Any) -> str:
+def _canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal text."""
     return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=json_default
+        value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default
     )
 
 
 def json_safe(value: Any) -> Any:
     """The value as it reads back from JSON (paths → str, tuples → lists, numpy → Python)."""
-    return json.loads(canonical_json(value))
+    return json.loads(_canonical_json(value))
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -86,7 +85,7 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
         TypeError: a value that has no JSON form.
         ValueError: a NaN or infinite float.
     """
-    return hashlib.sha256(canonical_json(dict(settings)).encode()).hexdigest()
+    return hashlib.sha256(_canonical_json(dict(settings)).encode()).hexdigest()
 
 
 def content_sha256(files: Iterable[str | os.PathLike[str]]) -> str:
