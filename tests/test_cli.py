@@ -395,7 +395,7 @@ def test_second_writer_is_refused_with_a_clear_message(tmp_path, clip):
     out = tmp_path / "s.zarr"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from memenc.pipeline.store import store_lock\n"
+         "import sys; from memenc.store import store_lock\n"
          f"with store_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

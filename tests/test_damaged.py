@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from memenc.cli.app import app
-from memenc.pipeline.reader import MemoryCache
 from memenc.pipeline.video import probe_video
+from memenc.store import MemoryCache
 
 N = 24  # frames written
 GOP = 8

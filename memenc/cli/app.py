@@ -325,7 +325,7 @@ def inspect(
     ] = False,
 ) -> None:
     """Summarise a store: video, model, masks, objects, frames, status, chunks, size, arrays."""
-    from memenc.pipeline.report import _human_bytes, describe_store, summary_lines
+    from memenc.store.report import describe_store, human_bytes, summary_lines
 
     info = describe_store(store)
     if as_json:
@@ -344,7 +344,7 @@ def inspect(
             "×".join(map(str, a["shape"])),
             str(a["dtype"]),
             "×".join(map(str, a["chunks"])),
-            _human_bytes(a.get("stored_bytes")),
+            human_bytes(a.get("stored_bytes")),
         )
         for a in info["arrays"]
     ]

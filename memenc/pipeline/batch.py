@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from memenc.errors import MemencError, StoreError, StoreLockedError, UsageError
-from memenc.pipeline.urls import check_url
-from memenc.pipeline.urls import is_url as _is_url
+from memenc.store.urls import check_url
+from memenc.store.urls import is_url as _is_url
 
 __all__ = [
     "BatchInput",
@@ -478,8 +478,8 @@ def run_unit(
     from memenc.pipeline.engine import limit_malloc_arenas, pick_device, run_chunks
     from memenc.pipeline.faults import kill_point
     from memenc.pipeline.masks import open_masks
-    from memenc.pipeline.store import CacheStore
     from memenc.pipeline.video import VideoSource
+    from memenc.store import CacheStore
 
     t0 = time.monotonic()
     worker = f"{os.uname().nodename}:{os.getpid()}"
@@ -540,7 +540,7 @@ def run_unit(
 
 
 def _is_complete(path: str) -> bool:
-    from memenc.pipeline.reader import open_cache
+    from memenc.store import open_cache
 
     try:
         return open_cache(path).status == "complete"
@@ -777,7 +777,7 @@ class _Coordinator:
     def plan(self, inp: BatchInput) -> _Video:
         """Probe, open masks, lay out and prepare the store; the lock stays held until
         `finish`. A failure is recorded on the result, never raised."""
-        from memenc.pipeline.store import CacheStore, store_lock
+        from memenc.store import CacheStore, store_lock
 
         t = time.monotonic()
         path = store_path(self.out, inp.name)
@@ -903,7 +903,7 @@ class _Coordinator:
     def finish(self, v: _Video) -> None:
         """All units of a video are in: mark the store complete (or record the failure) and
         release its lock."""
-        from memenc.pipeline.store import CacheStore
+        from memenc.store import CacheStore
 
         t = time.monotonic()
         try:
@@ -929,8 +929,7 @@ class _Coordinator:
 def _finalize_if_done(path: str) -> str:
     """After a shard's share of a planned video: mark the store complete when every chunk
     is written (by whichever shard); ``complete`` or ``incomplete``."""
-    from memenc.pipeline.reader import open_cache
-    from memenc.pipeline.store import CacheStore, store_lock
+    from memenc.store import CacheStore, open_cache, store_lock
 
     try:
         with store_lock(path):
@@ -1257,7 +1256,7 @@ def _plan_shares(
 
 def _finalize_all(inputs: list[BatchInput], out: str, t0: float) -> BatchSummary:
     """The finalize pass: mark complete every store whose markers are all set."""
-    from memenc.pipeline.store import CacheStore, store_lock
+    from memenc.store import CacheStore, store_lock
 
     results = []
     t = time.monotonic()
@@ -1270,7 +1269,7 @@ def _finalize_all(inputs: list[BatchInput], out: str, t0: float) -> BatchSummary
             continue
         try:
             with store_lock(path):
-                from memenc.pipeline.reader import open_cache
+                from memenc.store import open_cache
 
                 cache = open_cache(path)
                 r.frames = cache.num_frames

@@ -41,15 +41,18 @@ from memenc.pipeline.masks import (
     open_masks,
 )
 from memenc.pipeline.selection import parse_frames, parse_objects
-from memenc.pipeline.settings import NUMBERS_VERSION, RunSettings, content_sha256
-from memenc.pipeline.store import (
+from memenc.pipeline.video import VideoInfo, VideoSource, list_images
+from memenc.store import (
+    NUMBERS_VERSION,
     CacheStore,
+    RunSettings,
     StoreLayout,
+    check_url,
+    content_sha256,
     default_chunk_frames,
+    is_url,
     store_lock,
 )
-from memenc.pipeline.urls import check_url, is_url
-from memenc.pipeline.video import VideoInfo, VideoSource, list_images
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("float16", "float32")
