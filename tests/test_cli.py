@@ -198,7 +198,7 @@ def test_weights_random_with_checkpoint_is_a_usage_error(clip):
 def test_progress_bar_follows_stderr_not_stdout(monkeypatch):
     """The bar is drawn on stderr: a terminal there (stdout piped) shows it, and a piped
     stderr (stdout a terminal) hides it."""
-    import memenc.cli.app as cli
+    import memenc.cli.options as cli
 
     class Stream:
         def __init__(self, tty: bool) -> None:
@@ -209,11 +209,11 @@ def test_progress_bar_follows_stderr_not_stdout(monkeypatch):
 
     monkeypatch.setattr(cli.sys, "stdout", Stream(False))
     monkeypatch.setattr(cli.sys, "stderr", Stream(True))
-    assert cli._progress_wanted(quiet=False, as_json=False)
-    assert not cli._progress_wanted(quiet=True, as_json=False)
+    assert cli.progress_wanted(quiet=False, as_json=False)
+    assert not cli.progress_wanted(quiet=True, as_json=False)
     monkeypatch.setattr(cli.sys, "stdout", Stream(True))
     monkeypatch.setattr(cli.sys, "stderr", Stream(False))
-    assert not cli._progress_wanted(quiet=False, as_json=False)
+    assert not cli.progress_wanted(quiet=False, as_json=False)
 
 
 @pytest.mark.parametrize(
