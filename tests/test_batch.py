@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 import zarr
 
 from memenc import encode_video, open_cache
-from memenc.errors import UsageError
+from memenc.errors import MemencError, UsageError
 from memenc.pipeline.batch import BatchSettings, expand_inputs, parse_shard, run_batch
 
 H, W = 48, 64
@@ -453,3 +454,20 @@ def test_masks_template_finds_masks_elsewhere_and_bad_fields_are_usage_errors(
     assert plain.inputs[0].status == "failed" and "no masks found" in plain.inputs[0].error
     with pytest.raises(UsageError, match="--masks-template"):
         run_batch([videos], out, settings=SETTINGS, masks_template="{folder}/{stem}")
+
+
+def test_dask_cluster_without_workers_fails_instead_of_waiting(tmp_path, dataset, monkeypatch):
+    """A scheduler with no worker would take the units and never run them: the batch
+    stops with one error naming the cluster, within the wait it allows."""
+    import distributed
+
+    import memenc.pipeline.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "DASK_WORKER_WAIT_S", 3.0)
+    with distributed.LocalCluster(n_workers=0, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        t0 = time.monotonic()
+        with pytest.raises(MemencError, match=rf"--dask {address}: no worker joined") as err:
+            run_batch([dataset / "c0.mp4"], tmp_path / "out", settings=SETTINGS, dask=address)
+        assert time.monotonic() - t0 < 60
+        assert "\n" not in str(err.value)

@@ -62,6 +62,7 @@ __all__ = [
 SUMMARY_FILE = "batch-summary.json"
 PLAN_FILE = "batch-plan.json"
 DEFAULT_UNIT_FRAMES = 256
+DASK_WORKER_WAIT_S = 120.0  # how long `--dask` waits for a cluster's first worker
 VIDEO_SUFFIXES = frozenset(
     (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg")
     + (".flv", ".wmv", ".h264", ".264", ".hevc", ".265")
@@ -683,6 +684,14 @@ class _DaskExecutor(_Executor):
                 self.client = distributed.Client(address, timeout="30s")
             except (OSError, TimeoutError, ValueError) as e:
                 raise UsageError(f"--dask {address}: cannot connect ({_one_line(e)})") from None
+        try:  # a cluster without workers would take units and never run them
+            self.client.wait_for_workers(1, timeout=DASK_WORKER_WAIT_S)
+        except (TimeoutError, OSError) as e:
+            self.close()
+            raise MemencError(
+                f"--dask {address}: no worker joined the cluster within "
+                f"{DASK_WORKER_WAIT_S:g}s ({_one_line(e)})"
+            ) from None
         workers = self.client.scheduler_info().get("workers", {})
         self.workers = len(workers)
         has_gpu = any("GPU" in (w.get("resources") or {}) for w in workers.values())
