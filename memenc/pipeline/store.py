@@ -1,4 +1,4 @@
-"""The memenc memory-cache store: one Zarr v3 group per video (schema memenc.memory-cache/1).
+"""The memenc memory-cache store: one Zarr v3 group per video (schema memenc.memory-cache/2).
 
 The schema — array names, dimension names, dtypes, chunking, codecs and attributes — is
 declared once, in `ARRAYS` below, and everything else (creation, validation on open, the
@@ -22,6 +22,9 @@ instead of returning wrong numbers.
 
 Paths are local directories, ``file://`` URLs or fsspec URLs (``s3://…``); the write lock
 exists only for local paths (see `store_lock`).
+
+Schema versions: ``/2`` added ``obj_ptr`` (SAM 2's object pointers). Stores of ``/1`` still
+open for reading (`READABLE_SCHEMAS`; they have no pointers), never for writing or resuming.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "ARRAYS",
     "ATTRS_KEY",
+    "READABLE_SCHEMAS",
     "SCHEMA",
     "STORE_DTYPES",
     "ArraySpec",
@@ -67,7 +71,11 @@ __all__ = [
     "store_lock",
 ]
 
-SCHEMA = "memenc.memory-cache/1"
+SCHEMA = "memenc.memory-cache/2"
+# --- issue 9 (obj_ptr): older schemas that still open read-only, and the version of each
+READABLE_SCHEMAS = {"memenc.memory-cache/1": 1, SCHEMA: 2}
+PTR_DIM = 256  # SAM 2's hidden_dim: one object pointer per frame and object
+# --- end issue 9
 ATTRS_KEY = "memenc"
 """Group attribute under which memenc keeps its attributes."""
 
@@ -105,6 +113,7 @@ class ArraySpec:
     chunking: Mapping[str, int] = field(default_factory=dict)
     written_by: str = "coordinator"
     optional: bool = False
+    since: int = 1  # the schema version that added the array (issue 9)
 
     def resolved_dtype(self, store_dtype: str) -> np.dtype:
         return np.dtype(store_dtype if self.dtype == _STORE_DTYPE else self.dtype)
@@ -124,7 +133,7 @@ class ArraySpec:
         return tuple(max(1, c) for c in out)
 
 
-# The schema, memenc.memory-cache/1. Frame-chunked arrays share F, so one frame-chunk is
+# The schema, memenc.memory-cache/2. Frame-chunked arrays share F, so one frame-chunk is
 # one Zarr chunk per object of maskmem_features plus one chunk each of the others.
 ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec(
@@ -141,6 +150,16 @@ ARRAYS: tuple[ArraySpec, ...] = (
         "float32",
         {"frame": _CHUNK_FRAMES},
         written_by="worker",
+    ),
+    # issue 9: SAM 2's object pointer per frame and object, chunked like the scores. Its
+    # channel dimension has its own name: xarray wants one size per dimension name.
+    ArraySpec(
+        "obj_ptr",
+        ("frame", "object", "pointer_channel"),
+        "float32",
+        {"frame": _CHUNK_FRAMES},
+        written_by="worker",
+        since=2,
     ),
     ArraySpec("frame_index", ("frame",), "int64", {"frame": _CHUNK_FRAMES}),
     ArraySpec("timestamp", ("frame",), "float64", {"frame": _CHUNK_FRAMES}, written_by="worker"),
@@ -359,6 +378,7 @@ class StoreLayout:
             "frame": self.num_frames,
             "object": self.num_objects,
             "channel": MEM_DIM,
+            "pointer_channel": PTR_DIM,
             "y": h,
             "x": w,
             "slot": TPOS_SLOTS,
@@ -507,13 +527,16 @@ def _memenc_attrs(group: zarr.Group) -> dict[str, Any] | None:
 def _open_existing(loc: _Location, mode: str) -> tuple[zarr.Group, dict[str, Any]]:
     """Open a store memenc made, read-only (`mode` "r") or for chunk writes ("r+"), and
     return its group and ``memenc`` attributes. Raises StoreError when there is no store,
-    the path is something else, or its schema is not this version's."""
+    the path is something else, or its schema is not this version's (for reading: not
+    one of `READABLE_SCHEMAS`)."""
     kind = _check_memenc_location(loc)
     if kind in ("absent", "empty"):
         raise StoreError(f"{loc}: no memenc store here")
     group = _open_group(loc, mode)
     attrs = _memenc_attrs(group) or {}
-    if attrs.get("schema") != SCHEMA:
+    if attrs.get("schema") != SCHEMA and (
+        mode != "r" or attrs.get("schema") not in READABLE_SCHEMAS
+    ):
         raise StoreError(
             f"{loc}: store schema {attrs.get('schema')!r} is not {SCHEMA!r} "
             "(made by another memenc version)"
@@ -639,9 +662,12 @@ def _layout_from_group(group: zarr.Group, loc: _Location) -> StoreLayout:
             not match the schema.
     """
     attrs = _memenc_attrs(group) or {}
+    version = READABLE_SCHEMAS.get(attrs.get("schema"), READABLE_SCHEMAS[SCHEMA])
     try:
         arrays = {
-            name: group[name] for name in _SPECS if name in group or not _SPECS[name].optional
+            name: group[name]
+            for name, spec in _SPECS.items()
+            if name in group or not (spec.optional or spec.since > version)
         }
     except KeyError as exc:
         raise StoreError(f"{loc}: malformed store: array {exc} is missing") from exc
@@ -909,6 +935,7 @@ class CacheStore:
         features: np.ndarray,
         scores: np.ndarray,
         timestamps: np.ndarray,
+        pointers: np.ndarray,
     ) -> None:
         """Write one whole frame-chunk, then set its ``chunk_done`` marker.
 
@@ -918,11 +945,12 @@ class CacheStore:
                 dtype.
             scores: [n, O] object score logits.
             timestamps: [n] seconds.
+            pointers: [n, O, 256] object pointers (``obj_ptr``), stored as float32.
 
         Raises:
             IndexError: ``chunk`` out of range.
             ValueError: an argument has the wrong shape.
-            StoreError: non-finite features, features that overflow float16, the store is
+            StoreError: non-finite features or pointers, features that overflow float16, the store is
                 already complete, or the write failed (disk full, permission …). The marker
                 stays unset in every such case.
         """
@@ -932,10 +960,12 @@ class CacheStore:
         features = np.asarray(features)
         scores = np.asarray(scores)
         timestamps = np.asarray(timestamps)
+        pointers = np.asarray(pointers, dtype=np.float32)
         expected = {
             "features": (features, (n, layout.num_objects, MEM_DIM, h, w)),
             "scores": (scores, (n, layout.num_objects)),
             "timestamps": (timestamps, (n,)),
+            "pointers": (pointers, (n, layout.num_objects, PTR_DIM)),
         }
         for name, (value, shape) in expected.items():
             if value.shape != shape:
@@ -955,10 +985,16 @@ class CacheStore:
                     f"(max |x| = {peak:.4g}); use --store-dtype float32"
                 )
             raise StoreError(f"{self._loc}: non-finite (NaN/inf) features in {where}")
+        if not np.isfinite(pointers).all():
+            raise StoreError(
+                f"{self._loc}: non-finite (NaN/inf) object pointers in rows "
+                f"{rows.start}-{rows.stop - 1} (chunk {chunk})"
+            )
         sel = slice(rows.start, rows.stop)
         try:
             self._arrays["maskmem_features"][sel] = stored
             self._arrays["object_score_logits"][sel] = scores.astype(np.float32, copy=False)
+            self._arrays["obj_ptr"][sel] = pointers
             self._arrays["timestamp"][sel] = timestamps.astype(np.float64, copy=False)
             kill_point("chunk-data", chunk)
             # The marker goes last: a chunk counts as written only once its data is.
