@@ -16,9 +16,10 @@ the same code can fill disjoint chunk ranges in other processes or on other mach
 
 What a row holds, per object: `maskmem_features`, `object_score_logits` and `obj_ptr` of
 SAM 2's `track_step(mask_inputs=m, run_mem_encoder=True)` for the frame with its mask m
-(eval mode; also SAM 2's training path). `SAM2VideoPredictor.add_new_mask` keeps something
-slightly different: it re-encodes the memory later from its 256² low-resolution mask
-binarized to ±10 (so edges differ), and stores features in bfloat16.
+(eval mode; also SAM 2's training path). `SAM2VideoPredictor.add_new_mask` keeps the same
+pointer and score but a slightly different memory: it re-encodes it later from its
+low-resolution copy of the mask (256² at S=1024) upsampled and binarized to ±10 (so edges
+differ), and stores the features in bfloat16.
 """
 
 from __future__ import annotations

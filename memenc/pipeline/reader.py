@@ -13,9 +13,10 @@
 What the entries are: SAM 2's `track_step(mask_inputs=m, run_mem_encoder=True)` (eval
 mode) for each stored frame and its input mask m — `maskmem_features`, `maskmem_pos_enc`,
 `obj_ptr`, `object_score_logits` — which is also what SAM 2's training code computes for
-frames given as masks. `SAM2VideoPredictor.add_new_mask` keeps slightly different
-entries: it re-encodes the memory later from its 256² low-resolution mask binarized to
-±10 (mask edges differ) and keeps the features in bfloat16.
+frames given as masks. `SAM2VideoPredictor.add_new_mask` keeps the same pointer and score
+but a slightly different memory: it re-encodes it later from its low-resolution copy of
+the mask (256² at S=1024) upsampled and binarized to ±10 (mask edges differ), and keeps
+the features in bfloat16.
 
 Stores of schema memenc.memory-cache/1 (made before object pointers) open too; asking
 them for pointers (`pointer`, `sam2_output_dict`) raises `StoreError`.
