@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--annotate-every", type=int, default=8,
                    help="frames 0, N, 2N … are the annotated (cached) ones")  # fmt: skip
+    p.add_argument("--predict", default="::",
+                   help="START:STOP:STEP of the frames to predict (default: all)")  # fmt: skip
     p.add_argument("--store", type=Path, help="the memenc store (default: in -o)")
     p.add_argument("-o", "--out", type=Path, required=True, help="folder for predicted PNGs")
     p.add_argument("--device", default="cpu")
@@ -146,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         str(args.video), args.image_size, offload_video_to_cpu=True
     )
     num_frames = len(images)
+    selected = range(num_frames)[slice(*(int(x) if x else None for x in args.predict.split(":")))]
+    todo = [t for t in selected if t not in annotated]
     ious = []
-    for t in range(num_frames):
-        if t in annotated:
-            continue
+    for t in todo:
         preds = predict_frame(model, images[t].to(args.device), t, banks, num_frames)
         # as SAM 2's predictor: low-res logits resized to the video, > 0; overlaps go to the
         # object with the larger logit
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"frame {t}: " + "; ".join(parts))
     mean = f", mean IoU {np.mean(ious):.3f}" if ious else ""
     print(
-        f"predicted {num_frames - len(annotated)} frames × {len(cache.object_ids)} objects "
+        f"predicted {len(todo)} frames × {len(cache.object_ids)} objects "
         f"from {len(annotated)} cached frames{mean} -> {args.out}"
     )
     return 0
