@@ -25,7 +25,7 @@ def __getattr__(name: str):
 
         return load_model
     if name == "open_cache":
-        from memenc.pipeline.reader import open_cache
+        from memenc.store.reader import open_cache
 
         return open_cache
     raise AttributeError(f"module 'memenc' has no attribute {name!r}")

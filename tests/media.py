@@ -4,6 +4,7 @@ decoded (even resized) frame can be identified."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 
@@ -74,20 +75,49 @@ def scene_frames(labels: np.ndarray) -> np.ndarray:
     return frames
 
 
+def write_frames(path: Path, frames: Iterable, *, codec: str = "libx264", fps: int = 24,
+                 pix_fmt: str = "yuv420p", frame_format: str = "rgb24",
+                 options: dict | None = None, gop: int | None = None, rotation: int = 0,
+                 container: str | None = None, container_options: dict | None = None,
+                 ) -> Path:  # fmt: skip
+    """Encode frames into a video file; every synthetic video of the tests comes from here.
+
+    ``frames``: arrays [h, w, 3] or [h, w] in ``frame_format`` (for ``"pal8"``, pairs of
+    indices [h, w] and palette [256, 4]). ``options`` are the encoder's, ``gop`` its
+    keyframe interval, ``rotation`` the display rotation in degrees; ``container`` and
+    ``container_options`` the muxer's format name and options (e.g. ``movflags``).
+    """
+    frames = list(frames)
+    first = frames[0][0] if frame_format == "pal8" else frames[0]
+    with av.open(str(path), "w", format=container, options=container_options or {}) as c:
+        s = c.add_stream(codec, rate=Fraction(fps))
+        s.height, s.width = first.shape[:2]
+        s.pix_fmt = pix_fmt
+        if options:
+            s.options = options
+        if gop:
+            s.codec_context.gop_size = gop
+        if rotation:
+            s.set_display_rotation(rotation)
+        for f in frames:
+            data = f if frame_format == "pal8" else np.ascontiguousarray(f)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(data, format=frame_format)))
+        c.mux(s.encode())
+    return path
+
+
 def write_video(path: Path, frames: np.ndarray, fps: int = 24, codec: str = "libx264",
                 options: dict | None = None, container: str | None = None) -> Path:  # fmt: skip
     """Write RGB frames [T, h, w, 3] as a video file."""
-    with av.open(str(path), "w", format=container) as c:
-        s = c.add_stream(codec, rate=Fraction(fps))
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt = "yuv420p" if codec != "ffv1" else "bgr0"
-        s.options = options if options is not None else {"crf": "12", "g": "6"}
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    return write_frames(
+        path,
+        frames,
+        codec=codec,
+        fps=fps,
+        pix_fmt="yuv420p" if codec != "ffv1" else "bgr0",
+        options=options if options is not None else {"crf": "12", "g": "6"},
+        container=container,
+    )
 
 
 def write_png_labels(folder: Path, labels: np.ndarray) -> Path:
@@ -105,15 +135,19 @@ def write_png_labels(folder: Path, labels: np.ndarray) -> Path:
 
 def write_label_video(path: Path, labels: np.ndarray) -> Path:
     """A lossless (FFV1, grey) video whose pixel values are the label ids."""
+    return write_frames(path, labels, codec="ffv1", pix_fmt="gray", frame_format="gray")
+
+
+def write_audio(path: Path) -> Path:
+    """A file with one audio stream (a second of a 440 Hz tone, AAC) and no video."""
     with av.open(str(path), "w") as c:
-        s = c.add_stream("ffv1", rate=24)
-        s.height, s.width = labels.shape[1:3]
-        s.pix_fmt = "gray"
-        for lab in labels:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(lab), format="gray")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        s = c.add_stream("aac", rate=16000)
+        t = np.arange(16000, dtype=np.float32) / 16000
+        samples = (0.3 * np.sin(2 * np.pi * 440 * t))[None, :].astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        c.mux(s.encode(frame))
+        c.mux(s.encode())
     return path
 
 

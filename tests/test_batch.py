@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import media
@@ -20,7 +22,7 @@ import torch
 import zarr
 
 from memenc import encode_video, open_cache
-from memenc.errors import UsageError
+from memenc.errors import MemencError, UsageError
 from memenc.pipeline.batch import BatchSettings, expand_inputs, parse_shard, run_batch
 
 H, W = 48, 64
@@ -68,8 +70,10 @@ def references(dataset, tmp_path_factory):
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
-    z = zarr.open_group(str(path), mode="r")
-    return {k: z[k][:] for k in z.array_keys()}
+    with warnings.catch_warnings():  # the lock file "is not a component of a Zarr hierarchy"
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        z = zarr.open_group(str(path), mode="r")
+        return {k: z[k][:] for k in z.array_keys()}
 
 
 def _assert_equal_stores(path, want: dict[str, np.ndarray]) -> None:
@@ -169,8 +173,9 @@ def test_manifest_output_outside_the_folder_fails_only_that_input(tmp_path, data
 
 def _decode_in_daemon(q, path, fault):
     import memenc.pipeline.video as vid
+    from memenc.pipeline.video import process as vprocess
 
-    vid._CHILD_FAULT = fault
+    vprocess._CHILD_FAULT = fault
     try:
         with vid.VideoSource(path, 64, timeout_s=5) as source:
             q.put(("ok", tuple(source.read([0, 1, 2]).frames.shape)))
@@ -430,3 +435,39 @@ def test_after_a_prepare_pass_shards_split_long_videos_by_unit(tmp_path, dataset
         "c0": 2, "c1": 2, "c2": 2, "c3": 2, "c4": 3}  # fmt: skip
     for name in LENGTHS:
         _assert_equal_stores(out / f"{name}.zarr", references[name])
+
+
+def test_masks_template_finds_masks_elsewhere_and_bad_fields_are_usage_errors(
+    tmp_path, dataset, references
+):
+    videos, annotations = tmp_path / "videos", tmp_path / "annotations"
+    videos.mkdir()
+    annotations.mkdir()
+    (videos / "c1.mp4").write_bytes((dataset / "c1.mp4").read_bytes())
+    (annotations / "c1.npy").write_bytes((dataset / "c1.masks.npy").read_bytes())
+    out = tmp_path / "out"
+    summary = run_batch([videos], out, settings=SETTINGS,
+                        masks_template="{parent}/../annotations/{stem}.npy")  # fmt: skip
+    assert [r.status for r in summary.inputs] == ["complete"]
+    _assert_equal_stores(out / "c1.zarr", references["c1"])
+    plain = run_batch([videos], tmp_path / "out2", settings=SETTINGS)  # not beside it
+    assert plain.inputs[0].status == "failed" and "no masks found" in plain.inputs[0].error
+    with pytest.raises(UsageError, match="--masks-template"):
+        run_batch([videos], out, settings=SETTINGS, masks_template="{folder}/{stem}")
+
+
+def test_dask_cluster_without_workers_fails_instead_of_waiting(tmp_path, dataset, monkeypatch):
+    """A scheduler with no worker would take the units and never run them: the batch
+    stops with one error naming the cluster, within the wait it allows."""
+    import distributed
+
+    import memenc.pipeline.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "DASK_WORKER_WAIT_S", 3.0)
+    with distributed.LocalCluster(n_workers=0, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        t0 = time.monotonic()
+        with pytest.raises(MemencError, match=rf"--dask {address}: no worker joined") as err:
+            run_batch([dataset / "c0.mp4"], tmp_path / "out", settings=SETTINGS, dask=address)
+        assert time.monotonic() - t0 < 60
+        assert "\n" not in str(err.value)

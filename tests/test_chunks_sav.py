@@ -16,8 +16,8 @@ from memenc.encoders import load_model
 from memenc.errors import UsageError
 from memenc.pipeline.engine import run_chunks, store_layout
 from memenc.pipeline.masks import open_masks
-from memenc.pipeline.store import CacheStore
 from memenc.pipeline.video import VideoSource
+from memenc.store import CacheStore
 
 runner = CliRunner()
 S = 64

@@ -201,7 +201,7 @@ def test_weights_random_with_checkpoint_is_a_usage_error(clip):
 def test_progress_bar_follows_stderr_not_stdout(monkeypatch):
     """The bar is drawn on stderr: a terminal there (stdout piped) shows it, and a piped
     stderr (stdout a terminal) hides it."""
-    import memenc.cli.app as cli
+    import memenc.cli.options as cli
 
     class Stream:
         def __init__(self, tty: bool) -> None:
@@ -212,11 +212,11 @@ def test_progress_bar_follows_stderr_not_stdout(monkeypatch):
 
     monkeypatch.setattr(cli.sys, "stdout", Stream(False))
     monkeypatch.setattr(cli.sys, "stderr", Stream(True))
-    assert cli._progress_wanted(quiet=False, as_json=False)
-    assert not cli._progress_wanted(quiet=True, as_json=False)
+    assert cli.progress_wanted(quiet=False, as_json=False)
+    assert not cli.progress_wanted(quiet=True, as_json=False)
     monkeypatch.setattr(cli.sys, "stdout", Stream(True))
     monkeypatch.setattr(cli.sys, "stderr", Stream(False))
-    assert not cli._progress_wanted(quiet=False, as_json=False)
+    assert not cli.progress_wanted(quiet=False, as_json=False)
 
 
 @pytest.mark.parametrize(
@@ -268,7 +268,7 @@ def _bad_inputs(root: Path, clip_video: Path, labels: np.ndarray) -> dict:
     Image.new("RGB", (64, 48), (200, 10, 10)).save(root / "image.png")
     shutil.copy(root / "image.png", root / "png.mp4")
     video_case("PNG named .mp4", root / "png.mp4")
-    _write_audio(root / "audio.mp4")
+    media.write_audio(root / "audio.mp4")
     video_case("audio-only file", root / "audio.mp4")
     data = clip_video.read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
@@ -301,24 +301,6 @@ def _bad_inputs(root: Path, clip_video: Path, labels: np.ndarray) -> dict:
         "ckpt.pt",
     )
     return cases
-
-
-def _write_audio(path: Path) -> None:
-    import av
-
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        s.layout = "mono"
-        for i in range(20):
-            frame = av.AudioFrame.from_ndarray(
-                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
-            )
-            frame.sample_rate = 16000
-            frame.pts = i * 1024
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 def test_bad_inputs_give_one_line_and_exit_1(tmp_path, clip):
@@ -416,7 +398,7 @@ def test_second_writer_is_refused_with_a_clear_message(tmp_path, clip):
     out = tmp_path / "s.zarr"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from memenc.pipeline.store import store_lock\n"
+         "import sys; from memenc.store import store_lock\n"
          f"with store_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -9,7 +9,6 @@ frames decode is established independently of memenc: each frame carries its num
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -19,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from memenc.cli.app import app
-from memenc.pipeline.reader import MemoryCache
 from memenc.pipeline.video import probe_video
+from memenc.store import MemoryCache
 
 N = 24  # frames written
 GOP = 8
@@ -41,17 +40,10 @@ runner = CliRunner()
 
 
 def write(path: Path, fmt: str, options: dict) -> Path:
-    labels = media.moving_labels(N, H, W)
-    with av.open(str(path), "w", format=fmt, options=options) as c:
-        s = c.add_stream("libx264", rate=Fraction(24))
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.options = {"crf": "12", "g": str(GOP)}
-        for rgb in media.scene_frames(labels):
-            for p in s.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    frames = media.scene_frames(media.moving_labels(N, H, W))
+    return media.write_frames(
+        path, frames, options={"crf": "12", "g": str(GOP)}, container=fmt, container_options=options
+    )
 
 
 def damage(src: Path, dst: Path, kind: str) -> int:

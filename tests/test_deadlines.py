@@ -13,8 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from memenc.cli.app import app
-from memenc.pipeline import video as vid
 from memenc.pipeline.preview import render_preview
+from memenc.pipeline.video import process as vprocess
 
 T, H, W = 6, 48, 64
 runner = CliRunner()
@@ -37,7 +37,7 @@ def encode(video, masks, out, *extra):
 @pytest.mark.parametrize("fault", ["mask-probe:hang", "mask-read:hang"])
 def test_mask_video_that_hangs_fails_encode_within_the_deadline(tmp_path, clip, monkeypatch, fault):
     video, masks = clip
-    monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", fault)
     t0 = time.monotonic()
     r = encode(video, masks, tmp_path / "s.zarr", "--decode-timeout", "2")
     elapsed = time.monotonic() - t0
@@ -62,7 +62,7 @@ def test_preview_decodes_under_the_deadline(tmp_path, clip, monkeypatch):
     # the frame's decoder hangs: panel (a) is "unavailable"; the features are still shown
     # the mask video's decoder hangs: panel (b) is "unavailable"; the frame is still shown
     for fault, grey, same in (("read:hang", 0, 2), ("mask-probe:hang", 1, 0)):
-        monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+        monkeypatch.setattr(vprocess, "_CHILD_FAULT", fault)
         t0 = time.monotonic()
         out = render_preview(store, 2, tmp_path / "hung.png", panel_height=48, timeout_s=1.0)
         assert time.monotonic() - t0 < 20, fault

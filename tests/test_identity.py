@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from memenc.cli.app import app
-from memenc.pipeline.settings import NUMBERS_VERSION, RunSettings, content_sha256
+from memenc.store import NUMBERS_VERSION, RunSettings, content_sha256
 
 runner = CliRunner()
 T = 6

@@ -7,23 +7,23 @@ import pickle
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
+from media import write_frames, write_label_video
 from PIL import Image
 
 from memenc.errors import MaskError, UsageError, VideoDecodeError
-from memenc.pipeline import video as vid
 from memenc.pipeline.masks import (
     MaskSource,
     conventional_mask_paths,
     decode_rle,
     find_masks_beside,
     open_masks,
-    parse_objects,
     rle_string_to_counts,
 )
+from memenc.pipeline.selection import parse_objects
+from memenc.pipeline.video import process as vprocess
 
 # Masks at 24x16; the video is 48x32 (same aspect ratio, another resolution).
 T, H, W = 12, 16, 24
@@ -95,17 +95,6 @@ def write_grey_pngs(folder: Path, frames: np.ndarray) -> Path:
     return folder
 
 
-def write_mask_video(path: Path, frames: np.ndarray) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=24)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "gray"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="gray")))
-        container.mux(stream.encode())
-    return path
-
-
 def write_npz_booleans(path: Path, labels: np.ndarray, compressed: bool) -> Path:
     # channels deliberately in the order 7, 3: object_ids says which is which
     masks = np.stack([labels == 7, labels == 3], axis=1)
@@ -133,7 +122,7 @@ def write_all(tmp_path: Path, labels: np.ndarray) -> dict[str, Path]:
     """The same masks in every format."""
     return {
         "png": write_png_folder(tmp_path / "clip_masks", labels),
-        "video": write_mask_video(tmp_path / "masks.mkv", labels),
+        "video": write_label_video(tmp_path / "masks.mkv", labels),
         "npy": _save_npy(tmp_path / "labels.npy", labels),
         "npz": write_npz_booleans(tmp_path / "masks.npz", labels, compressed=True),
         "npz-stored": write_npz_booleans(tmp_path / "stored.npz", labels, compressed=False),
@@ -238,7 +227,7 @@ def test_binary_0_255_pngs_are_object_1(tmp_path, labels):
 
 def test_binary_0_255_mask_video_is_object_1(tmp_path, labels):
     binary = np.where(labels == 7, 255, 0).astype(np.uint8)
-    source = open_masks(write_mask_video(tmp_path / "m.mkv", binary), **VIDEO)
+    source = open_masks(write_label_video(tmp_path / "m.mkv", binary), **VIDEO)
     assert source.object_ids == [1]
     assert torch.equal(source.read([4, 5]), torch.from_numpy(binary[[4, 5], None] == 255))
 
@@ -358,7 +347,7 @@ def test_frame_count_mismatch_is_an_error(tmp_path, labels):
     bad = {
         "npy": _save_npy(tmp_path / "short.npy", labels[:11]),
         "npz": write_npz_booleans(tmp_path / "short.npz", labels[:11], compressed=True),
-        "video": write_mask_video(tmp_path / "short.mkv", labels[:11]),
+        "video": write_label_video(tmp_path / "short.mkv", labels[:11]),
         "sav-json": write_json(
             tmp_path / "long_manual.json", sav_json(np.concatenate([labels, labels[:4]]))
         ),
@@ -409,7 +398,7 @@ def test_aspect_ratio_every_format(tmp_path, name):
     square[:, 2:5, 2:5] = 3
     writers = {
         "png": lambda: write_png_folder(tmp_path / "sq", square),
-        "video": lambda: write_mask_video(tmp_path / "sq.mkv", square),
+        "video": lambda: write_label_video(tmp_path / "sq.mkv", square),
         "sav-json": lambda: write_json(tmp_path / "sq.json", sav_json(square)),
         "npz": lambda: write_npz_booleans(tmp_path / "sq.npz", square, compressed=True),
     }
@@ -644,23 +633,14 @@ def test_find_masks_beside_lists_the_places_it_looked(tmp_path):
 def _write_video_as(path: Path, frames: np.ndarray, codec: str, pix_fmt: str, fmt: str) -> Path:
     """Label frames [T, H, W] in a lossless video of the given pixel format (``fmt`` is how
     the frames are handed to the encoder)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=24)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt
-        for frame in frames:
-            if fmt == "rgb24":
-                data = np.repeat(frame[..., None], 3, axis=-1).astype(np.uint8)
-                video_frame = av.VideoFrame.from_ndarray(data, format="rgb24")
-            elif fmt == "pal8":
-                palette = np.array([[i * 37 % 256, 0, 255 - i, 255] for i in range(256)], np.uint8)
-                indices = frame.astype(np.uint8)
-                video_frame = av.VideoFrame.from_ndarray((indices, palette), format="pal8")
-            else:
-                video_frame = av.VideoFrame.from_ndarray(frame.astype(np.uint16), format=fmt)
-            container.mux(stream.encode(video_frame))
-        container.mux(stream.encode())
-    return path
+    if fmt == "rgb24":
+        data = [np.repeat(frame[..., None], 3, axis=-1).astype(np.uint8) for frame in frames]
+    elif fmt == "pal8":
+        palette = np.array([[i * 37 % 256, 0, 255 - i, 255] for i in range(256)], np.uint8)
+        data = [(frame.astype(np.uint8), palette) for frame in frames]
+    else:
+        data = [frame.astype(np.uint16) for frame in frames]
+    return write_frames(path, data, codec=codec, pix_fmt=pix_fmt, frame_format=fmt)
 
 
 @pytest.mark.parametrize(
@@ -681,14 +661,8 @@ def test_mask_video_label_values_are_exact(tmp_path, labels, codec, pix_fmt, fmt
 
 
 def test_colour_mask_video_is_refused(tmp_path, labels):
-    path = tmp_path / "colour.mkv"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=24)
-        stream.width, stream.height, stream.pix_fmt = W, H, "bgr0"
-        for frame in labels:
-            rgb = np.stack([frame, frame, frame * 0], axis=-1)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
+    rgb = [np.stack([frame, frame, frame * 0], axis=-1) for frame in labels]
+    path = write_frames(tmp_path / "colour.mkv", rgb, codec="ffv1", pix_fmt="bgr0")
     with pytest.raises(MaskError, match=r"colour\.mkv: frame 0 is in colour"):
         open_masks(path, **VIDEO)
 
@@ -702,7 +676,7 @@ def test_colour_mask_video_is_refused(tmp_path, labels):
     ],
 )
 def test_mask_video_decoder_that_hangs_or_crashes_fails_in_time(paths, monkeypatch, fault, problem):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", fault)
     t0 = time.monotonic()
     with (
         pytest.raises(MaskError, match=problem) as info,
@@ -725,14 +699,14 @@ def test_masks_for_more_frames_than_a_damaged_video_decodes_name_the_video(tmp_p
     longer = np.concatenate([labels, labels[:8]])  # 20 frames
     fit = {
         "npy": _save_npy(tmp_path / "fit.npy", labels),
-        "video": write_mask_video(tmp_path / "fit.mkv", labels),
+        "video": write_label_video(tmp_path / "fit.mkv", labels),
         "png": write_png_folder(tmp_path / "fit_pngs", labels),
     }
     for name, path in fit.items():
         assert open_masks(path, **damaged).object_ids == [3, 7], name
     bad = {
         _save_npy(tmp_path / "all.npy", longer): "masks for 20 frames",
-        write_mask_video(tmp_path / "all.mkv", longer): "the mask video has 20 frames",
+        write_label_video(tmp_path / "all.mkv", longer): "the mask video has 20 frames",
         write_png_folder(tmp_path / "all_pngs", longer) / "00019.png": "mask for frame 19",
     }
     for path, claim in bad.items():

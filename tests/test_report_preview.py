@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
+import media
 import numpy as np
 import pytest
 import zarr
@@ -19,8 +19,7 @@ from PIL import Image
 
 from memenc.errors import StoreError
 from memenc.pipeline.preview import CAPTION_HEIGHT, PANEL_GAP, render_preview
-from memenc.pipeline.report import describe_store
-from memenc.pipeline.store import SCHEMA, CacheStore, StoreLayout, fingerprint
+from memenc.store import SCHEMA, CacheStore, StoreLayout, describe_store, fingerprint
 
 T, H, W, F = 6, 4, 4, 4
 OBJECT_IDS = [1, 2]
@@ -36,18 +35,8 @@ OBJECT_COLOURS = [(255, 64, 64), (64, 255, 64)]  # preview's colours for the 1st
 
 def write_video(path: Path) -> Path:
     """Six frames, frame k a solid COLOURS[k] (H.264, so colours are close, not exact)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=24)
-        stream.width, stream.height = VIDEO_W, VIDEO_H
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for colour in COLOURS:
-            rgb = np.empty((VIDEO_H, VIDEO_W, 3), np.uint8)
-            rgb[...] = colour
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+    frames = [np.full((VIDEO_H, VIDEO_W, 3), colour, np.uint8) for colour in COLOURS]
+    return media.write_frames(path, frames, options={"crf": "10"})
 
 
 def object_box(object_id: int, frame: int) -> tuple[slice, slice]:
@@ -115,32 +104,39 @@ def layout(video: Path | None = None, masks: Path | None = None) -> StoreLayout:
     )
 
 
-def make_store(
-    path: Path,
-    video: Path | None = None,
-    masks: Path | None = None,
-    chunks: list[int] | None = None,
-) -> Path:
-    """A store whose every row holds `object_features`; complete unless chunks is given."""
-    store = CacheStore.prepare(path, layout(video, masks))
-    feats = np.stack([object_features(oid) for oid in OBJECT_IDS])  # [O, 64, H, W]
-    for chunk in range(store.num_chunks) if chunks is None else chunks:
-        n = len(store.chunk_rows(chunk))
-        scores = np.tile(np.array([10.0, -10.0], np.float32), (n, 1))
-        pointers = np.full((n, len(OBJECT_IDS), 256), 0.5, np.float32)
-        store.write_chunk(
-            chunk, np.broadcast_to(feats, (n, *feats.shape)), scores, np.arange(n) / 24, pointers
-        )
-    if chunks is None:
-        store.finalize()
-    return path
+@pytest.fixture
+def written_store(tmp_path: Path):
+    """Factory for a store at ``tmp_path/<name>`` whose every row holds `object_features`,
+    its attributes pointing at `video` and `masks`; complete unless `chunks` (the chunks
+    to write) is given. Returns the store's path."""
+
+    def make(
+        name: str = "v.zarr",
+        video: Path | None = None,
+        masks: Path | None = None,
+        chunks: list[int] | None = None,
+    ) -> Path:
+        path = tmp_path / name
+        store = CacheStore.prepare(path, layout(video, masks))
+        feats = np.stack([object_features(oid) for oid in OBJECT_IDS])  # [O, 64, H, W]
+        for chunk in range(store.num_chunks) if chunks is None else chunks:
+            n = len(store.chunk_rows(chunk))
+            scores = np.tile(np.array([10.0, -10.0], np.float32), (n, 1))
+            pointers = np.full((n, len(OBJECT_IDS), 256), 0.5, np.float32)
+            feats_n = np.broadcast_to(feats, (n, *feats.shape))
+            store.write_chunk(chunk, feats_n, scores, np.arange(n) / 24, pointers)
+        if chunks is None:
+            store.finalize()
+        return path
+
+    return make
 
 
 @pytest.fixture
-def scene(tmp_path: Path) -> dict[str, Path]:
+def scene(tmp_path: Path, written_store) -> dict[str, Path]:
     video = write_video(tmp_path / "clip.mp4")
     masks = write_masks(tmp_path / "clip_masks")
-    store = make_store(tmp_path / "clip.zarr", video, masks)
+    store = written_store("clip.zarr", video, masks)
     return {"video": video, "masks": masks, "store": store, "dir": tmp_path}
 
 
@@ -166,8 +162,8 @@ def panel_box(object_id: int, frame: int) -> np.ndarray:
 # ----------------------------------------------------------------- describe_store
 
 
-def test_describe_partial_store(tmp_path: Path) -> None:
-    path = make_store(tmp_path / "v.zarr", chunks=[0])
+def test_describe_partial_store(written_store) -> None:
+    path = written_store(chunks=[0])
     before = snapshot(path)
     info = describe_store(path)
     assert snapshot(path) == before  # read-only: nothing written, not even a lock file
@@ -219,22 +215,22 @@ def test_describe_partial_store(tmp_path: Path) -> None:
     json.dumps(info, allow_nan=False)  # JSON as it is, no default= needed
 
 
-def test_describe_complete_store(tmp_path: Path) -> None:
-    path = make_store(tmp_path / "v.zarr")
+def test_describe_complete_store(written_store) -> None:
+    path = written_store()
     info = describe_store(str(path))
     assert info["status"] == "complete"
     assert (info["chunks_done"], info["chunks_total"], info["chunks_pending"]) == (2, 2, "")
     feats = next(a for a in info["arrays"] if a["name"] == "maskmem_features")
     assert feats["stored_chunks"] == 4
-    partial = describe_store(make_store(tmp_path / "p.zarr", chunks=[0]))
+    partial = describe_store(written_store("p.zarr", chunks=[0]))
     assert feats["stored_bytes"] > next(
         a["stored_bytes"] for a in partial["arrays"] if a["name"] == "maskmem_features"
     )
     assert json.loads(json.dumps(info)) == info
 
 
-def test_describe_reports_unfinished_creation(tmp_path: Path) -> None:
-    path = make_store(tmp_path / "v.zarr", chunks=[])
+def test_describe_reports_unfinished_creation(written_store) -> None:
+    path = written_store(chunks=[])
     group = zarr.open_group(path, mode="r+")
     group.attrs["memenc"] = {**group.attrs["memenc"], "status": "creating"}
     info = describe_store(path)
@@ -359,14 +355,14 @@ def test_preview_of_unreadable_video(scene: dict[str, Path]) -> None:
     np.testing.assert_array_equal((mask_panel == OBJECT_COLOURS[0]).all(axis=-1), panel_box(1, 2))
 
 
-def test_preview_of_logit_masks(tmp_path: Path) -> None:
+def test_preview_of_logit_masks(tmp_path: Path, written_store) -> None:
     video = write_video(tmp_path / "clip.mp4")
     logits = np.full((T, 2, VIDEO_H, VIDEO_W), -5.0, np.float32)
     for t in range(T):
         for o, oid in enumerate(OBJECT_IDS):
             logits[(t, o, *object_box(oid, t))] = 3.0
     np.save(tmp_path / "logits.npy", logits)
-    store = make_store(tmp_path / "v.zarr", video, tmp_path / "logits.npy")
+    store = written_store("v.zarr", video, tmp_path / "logits.npy")
     out = render_preview(store, 4, tmp_path / "l.png", 2, panel_height=PANEL_H)
     _, mask_panel, _ = panels(out)
     np.testing.assert_array_equal((mask_panel == OBJECT_COLOURS[1]).all(axis=-1), panel_box(2, 4))
@@ -388,8 +384,8 @@ def test_preview_errors(scene: dict[str, Path]) -> None:
     assert not list(folder.glob("*.partial"))
 
 
-def test_preview_of_unwritten_chunk(tmp_path: Path) -> None:
-    store = make_store(tmp_path / "v.zarr", chunks=[0])
+def test_preview_of_unwritten_chunk(tmp_path: Path, written_store) -> None:
+    store = written_store(chunks=[0])
     out = render_preview(store, 3, tmp_path / "ok.png", panel_height=PANEL_H)  # chunk 0: fine
     assert out.is_file()
     with pytest.raises(StoreError, match=r"row 4 \(frame 4\) is in chunk 1, which is not written"):

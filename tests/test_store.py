@@ -23,17 +23,17 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from memenc.errors import StoreError, StoreLockedError
-from memenc.pipeline.reader import open_cache
-from memenc.pipeline.store import (
+from memenc.store import (
     ARRAYS,
-    LOCK_FILE,
     SCHEMA,
     CacheStore,
     StoreLayout,
     default_chunk_frames,
     fingerprint,
+    open_cache,
     store_lock,
 )
+from memenc.store.schema import LOCK_FILE
 
 T, OBJ, H, W, F = 10, 2, 4, 4, 3
 OBJECT_IDS = [3, 7]
@@ -81,6 +81,35 @@ def expected_features(store_dtype: str) -> np.ndarray:
     """[T, OBJ, 64, H, W] as the store should hold it (after the cast), as float32."""
     parts = [chunk_data(c, len(range(c * F, min(c * F + F, T))))[0] for c in range(4)]
     return np.concatenate(parts).astype(store_dtype).astype(np.float32)
+
+
+def flip_bit(chunk_file: Path, bit: int) -> None:
+    """Damage one stored chunk: flip `bit` of the byte in the middle of the file."""
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= bit
+    chunk_file.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def written_store(tmp_path: Path):
+    """Factory for a store at ``tmp_path/v.zarr``: prepared with `layout` (default
+    `make_layout()`), `chunks` written (all by default), finalized when `finalize`.
+    Returns (path, store)."""
+
+    def make(
+        layout: StoreLayout | None = None,
+        chunks: list[int] | None = None,
+        *,
+        finalize: bool = True,
+    ) -> tuple[Path, CacheStore]:
+        path = tmp_path / "v.zarr"
+        store = CacheStore.prepare(path, make_layout() if layout is None else layout)
+        write(store, chunks)
+        if finalize:
+            store.finalize()
+        return path, store
+
+    return make
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -177,11 +206,8 @@ def test_round_trip(tmp_path: Path, store_dtype: str) -> None:
     assert isinstance(attrs["memenc_version"], str) and attrs["memenc_version"]
 
 
-def test_schema_dims_chunks_dtypes_and_checksums(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout("float16"))
-    write(store)
-    store.finalize()
+def test_schema_dims_chunks_dtypes_and_checksums(written_store) -> None:
+    path, _ = written_store(make_layout("float16"))
     group = zarr.open_group(path, mode="r")
     want = {
         "maskmem_features": (("frame", "object", "channel", "y", "x"), (T, OBJ, 64, H, W),
@@ -210,20 +236,14 @@ def test_schema_dims_chunks_dtypes_and_checksums(tmp_path: Path) -> None:
     assert sorted(p.name for p in (path / "chunk_done" / "c").iterdir()) == ["0", "1", "2", "3"]
 
 
-def test_store_without_tpos_enc(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout(tpos=False))
-    write(store)
-    store.finalize()
+def test_store_without_tpos_enc(written_store) -> None:
+    path, _ = written_store(make_layout(tpos=False))
     assert "maskmem_tpos_enc" not in zarr.open_group(path, mode="r")
     assert open_cache(path).tpos_enc is None
 
 
-def test_sam2_output_dict_is_the_bank_by_source_frame(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout("float16"))
-    write(store)
-    store.finalize()
+def test_sam2_output_dict_is_the_bank_by_source_frame(written_store) -> None:
+    path, store = written_store(make_layout("float16"))
     cache = open_cache(path)
     assert cache.has_pointers
     pointers = np.concatenate([chunk_data(c, len(store.chunk_rows(c)))[3] for c in range(4)])
@@ -272,7 +292,7 @@ def make_v1_store(path: Path) -> None:
 
 
 def test_v1_store_opens_and_asking_for_pointers_says_how_to_recompute(tmp_path: Path) -> None:
-    from memenc.pipeline.report import describe_store, summary_lines
+    from memenc.store.report import describe_store, summary_lines
 
     path = tmp_path / "old.zarr"
     make_v1_store(path)
@@ -295,11 +315,8 @@ def test_v1_store_opens_and_asking_for_pointers_says_how_to_recompute(tmp_path: 
     assert fresh.attrs["schema"] == SCHEMA and fresh.pending_chunks() == [0, 1, 2, 3]
 
 
-def test_for_sam2_shapes_and_dtypes(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout("float32"))
-    write(store)
-    store.finalize()
+def test_for_sam2_shapes_and_dtypes(written_store) -> None:
+    path, _ = written_store(make_layout("float32"))
     cache = open_cache(path)
     row = cache.row_of(5 + 2 * 4)  # frame_index = 2*row + 5
     assert row == 4
@@ -321,12 +338,9 @@ def test_for_sam2_shapes_and_dtypes(tmp_path: Path) -> None:
         cache.features(T, 3)
 
 
-def test_xarray_and_dask_read_the_store(tmp_path: Path) -> None:
+def test_xarray_and_dask_read_the_store(written_store) -> None:
     xr = pytest.importorskip("xarray")
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout("float16"))
-    write(store)
-    store.finalize()
+    path, _ = written_store(make_layout("float16"))
     with warnings.catch_warnings():
         # Complete stores carry consolidated metadata: no listing, so no complaint about
         # the lock file or about missing consolidated metadata.
@@ -367,19 +381,16 @@ def test_fsspec_url_round_trip() -> None:
 # ----------------------------------------------------------------- completion and resume
 
 
-def test_finalize_refuses_with_missing_chunks(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout())
-    write(store, [0, 2])
+def test_finalize_refuses_with_missing_chunks(written_store) -> None:
+    path, store = written_store(chunks=[0, 2], finalize=False)
     with pytest.raises(StoreError, match=r"2 of 4 chunks not written \(chunks 1, 3\)"):
         store.finalize()
     assert store.status == "in_progress"
     assert zarr.open_group(path, mode="r").attrs["memenc"]["status"] == "in_progress"
 
 
-def test_resume_keeps_written_chunks(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    write(CacheStore.prepare(path, make_layout()), [0, 2])
+def test_resume_keeps_written_chunks(written_store) -> None:
+    path, _ = written_store(chunks=[0, 2], finalize=False)
     chunk0 = (path / "maskmem_features" / "c" / "0" / "0" / "0" / "0" / "0").read_bytes()
 
     store = CacheStore.prepare(path, make_layout())
@@ -392,11 +403,8 @@ def test_resume_keeps_written_chunks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cache.features(1, 3).numpy(), expected_features("float16")[1, 0])
 
 
-def test_complete_store_with_same_fingerprint_is_a_no_op(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout())
-    write(store)
-    store.finalize()
+def test_complete_store_with_same_fingerprint_is_a_no_op(written_store) -> None:
+    path, _ = written_store()
     before = snapshot(path)
 
     again = CacheStore.prepare(path, make_layout())
@@ -407,12 +415,8 @@ def test_complete_store_with_same_fingerprint_is_a_no_op(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("finish", [False, True], ids=["in_progress", "complete"])
-def test_other_fingerprint_is_refused_unless_overwrite(tmp_path: Path, finish: bool) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout())
-    write(store, [0, 1, 2, 3] if finish else [0])
-    if finish:
-        store.finalize()
+def test_other_fingerprint_is_refused_unless_overwrite(written_store, finish: bool) -> None:
+    path, _ = written_store(chunks=[0, 1, 2, 3] if finish else [0], finalize=finish)
     before = snapshot(path)
     other = {**SETTINGS, "model": {"variant": "tiny", "seed": 1}}
 
@@ -427,9 +431,8 @@ def test_other_fingerprint_is_refused_unless_overwrite(tmp_path: Path, finish: b
     assert not (path / "maskmem_features" / "c").exists()  # old data gone
 
 
-def test_other_chunking_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    write(CacheStore.prepare(path, make_layout()), [0])
+def test_other_chunking_is_refused(written_store) -> None:
+    path, _ = written_store(chunks=[0], finalize=False)
     with pytest.raises(StoreError, match="chunk_frames"):
         CacheStore.prepare(path, make_layout(chunk_frames=5))
     with pytest.raises(StoreError, match="store_dtype"):
@@ -449,9 +452,8 @@ def test_interrupted_creation_is_redone(tmp_path: Path) -> None:
     assert store.attrs["fingerprint"] == fingerprint(other)
 
 
-def test_leftover_partial_files_are_removed(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    write(CacheStore.prepare(path, make_layout()), [0])
+def test_leftover_partial_files_are_removed(written_store) -> None:
+    path, _ = written_store(chunks=[0], finalize=False)
     leftovers = [
         path / "maskmem_features" / "c" / "1" / "0" / "0" / "0" / "0.3f2a9c.partial",
         path / "zarr.77aa01.partial",
@@ -513,7 +515,7 @@ def test_open_for_write_needs_an_in_progress_store(tmp_path: Path) -> None:
 WORKER = """
 import sys
 import numpy as np
-from memenc.pipeline.store import CacheStore
+from memenc.store import CacheStore
 T, OBJ, H, W, F = {consts}
 {chunk_data}
 store = CacheStore.open_for_write(sys.argv[1])
@@ -623,10 +625,8 @@ def test_read_only_parent_is_refused(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- reading partial and damaged stores
 
 
-def test_reader_on_in_progress_store_trusts_only_markers(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout())
-    write(store, [0])
+def test_reader_on_in_progress_store_trusts_only_markers(written_store) -> None:
+    path, store = written_store(chunks=[0], finalize=False)
     cache = open_cache(path)
     assert cache.status == "in_progress"
     np.testing.assert_array_equal(cache.features(2, 3).numpy(), expected_features("float16")[2, 0])
@@ -641,15 +641,9 @@ def test_reader_on_in_progress_store_trusts_only_markers(tmp_path: Path) -> None
     np.testing.assert_array_equal(cache.features(3, 3).numpy(), expected_features("float16")[3, 0])
 
 
-def test_flipped_bit_is_detected_on_read(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout("float32"))
-    write(store)
-    store.finalize()
-    chunk_file = path / "maskmem_features" / "c" / "1" / "0" / "0" / "0" / "0"
-    data = bytearray(chunk_file.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    chunk_file.write_bytes(bytes(data))
+def test_flipped_bit_is_detected_on_read(written_store) -> None:
+    path, _ = written_store(make_layout("float32"))
+    flip_bit(path / "maskmem_features" / "c" / "1" / "0" / "0" / "0" / "0", 0x10)
 
     cache = open_cache(path)
     with pytest.raises(StoreError, match="maskmem_features chunk 1 object 3 is damaged"):
@@ -660,15 +654,9 @@ def test_flipped_bit_is_detected_on_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cache.features(0, 3).numpy(), expected_features("float32")[0, 0])
 
 
-def test_damaged_small_array_fails_at_open(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout())
-    write(store)
-    store.finalize()
-    chunk_file = path / "maskmem_pos_enc" / "c" / "0" / "0" / "0"
-    data = bytearray(chunk_file.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    chunk_file.write_bytes(bytes(data))
+def test_damaged_small_array_fails_at_open(written_store) -> None:
+    path, _ = written_store()
+    flip_bit(path / "maskmem_pos_enc" / "c" / "0" / "0" / "0", 0x01)
     with pytest.raises(StoreError, match="damaged"):
         open_cache(path)
 
@@ -678,7 +666,7 @@ def test_damaged_small_array_fails_at_open(tmp_path: Path) -> None:
 
 HOLDER = """
 import sys
-from memenc.pipeline.store import store_lock
+from memenc.store import store_lock
 with store_lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()
@@ -733,10 +721,8 @@ def test_lock_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: 
         pass
 
 
-def test_reader_sees_rows_finished_after_it_opened(tmp_path: Path) -> None:
-    path = tmp_path / "v.zarr"
-    store = CacheStore.prepare(path, make_layout())
-    write(store, [0])
+def test_reader_sees_rows_finished_after_it_opened(written_store) -> None:
+    path, store = written_store(chunks=[0], finalize=False)
     cache = open_cache(path)  # opened while the store is in progress
     assert np.isnan(cache.timestamps[3:]).all()
     np.testing.assert_allclose(cache.timestamps[:3], np.arange(3) / 24.0)

@@ -19,18 +19,16 @@ import decord
 import numpy as np
 import pytest
 import torch
-from media import remux
+from media import remux, write_audio, write_frames
 from PIL import Image
 
 from memenc.errors import UsageError, VideoDecodeError
-from memenc.pipeline import video as vid
-from memenc.pipeline.video import (
-    FrameBatch,
-    VideoSource,
-    parse_frames,
-    probe_video,
-    read_frame,
-)
+from memenc.pipeline.selection import parse_frames
+from memenc.pipeline.video import FrameBatch, VideoSource, probe_video, read_frame
+from memenc.pipeline.video import probe as vprobe
+from memenc.pipeline.video import process as vprocess
+from memenc.pipeline.video import readers as vreaders
+from memenc.pipeline.video import source as vsource
 
 W, H = 160, 120  # source frame size
 N = 40  # frames per test video
@@ -73,18 +71,16 @@ def write_video(
     gop: int | None = None,
     options: dict | None = None,
 ) -> Path:
-    with av.open(str(path), "w", format=fmt, options=options or {}) as c:
-        s = c.add_stream("libx264", rate=FPS)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.options = {"crf": "18"}
-        if gop:
-            s.codec_context.gop_size = gop
-        for k in range(n):
-            for p in s.encode(av.VideoFrame.from_ndarray(pattern(k), format="rgb24")):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    return path
+    frames = [pattern(k) for k in range(n)]
+    return write_frames(
+        path,
+        frames,
+        fps=FPS,
+        options={"crf": "18"},
+        gop=gop,
+        container=fmt,
+        container_options=options,
+    )
 
 
 def pyav_times(path: Path) -> list[float]:
@@ -234,7 +230,7 @@ def test_abandoned_iteration_then_read(media):
 
 
 def test_bounded_readahead_seeks_without_changing_frames(media, monkeypatch):
-    monkeypatch.setattr(vid, "_READAHEAD_BUDGET_BYTES", 0)  # seek whenever the child idles
+    monkeypatch.setattr(vsource, "_READAHEAD_BUDGET_BYTES", 0)  # seek whenever the child idles
     with VideoSource(media["mp4"], 64) as src:
         got = []
         for b in src.iter_batches(range(N), batch_size=5, prefetch=0):
@@ -319,9 +315,9 @@ def test_pyav_random_access_seeks_and_reopens(media):
 def test_pyav_resize_matches_decord_pixel_for_pixel(media):
     """The PyAV path on a file decord reads correctly: the same pixels (measured max 0)."""
     path = str(media["mp4"])
-    probe = vid._probe_file(path, lambda: None)
+    probe = vprobe.probe_file(path, lambda: None)
     for size in (64, 128, 100):
-        reader = vid._PyAVReader(path, probe, size)
+        reader = vreaders.PyAVReader(path, probe, size)
         out = np.zeros((N, 3, size, size), np.uint8)
         reader.read(np.arange(N), out)
         reader.close()
@@ -332,20 +328,11 @@ def test_pyav_resize_matches_decord_pixel_for_pixel(media):
 
 
 def test_rotated_video_matches_decord(tmp_path):
-    path = tmp_path / "rot.mp4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=FPS)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.set_display_rotation(90)
-        for k in range(8):
-            for p in s.encode(av.VideoFrame.from_ndarray(pattern(k), format="rgb24")):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
+    path = write_frames(tmp_path / "rot.mp4", [pattern(k) for k in range(8)], fps=FPS, rotation=90)
     want = decord_frames(path, 64, list(range(8)))
-    probe = vid._probe_file(str(path), lambda: None)
+    probe = vprobe.probe_file(str(path), lambda: None)
     assert (probe.info["width"], probe.info["height"]) == (H, W)  # displayed size, like SAM 2
-    reader = vid._PyAVReader(str(path), probe, 64)
+    reader = vreaders.PyAVReader(str(path), probe, 64)
     out = np.zeros((8, 3, 64, 64), np.uint8)
     reader.read(np.arange(8), out)
     reader.close()
@@ -393,19 +380,6 @@ def test_damaged_frame_names_the_frame_and_the_source_goes_on(tmp_path):
 # -- bad inputs -------------------------------------------------------------------------------
 
 
-def _audio_only(path: Path) -> None:
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        t = np.arange(16000, dtype=np.float32) / 16000
-        samples = (0.3 * np.sin(2 * np.pi * 440 * t))[None, :].astype(np.float32)
-        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for p in s.encode(frame):
-            c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-
-
 def make_bad(kind: str, d: Path, good: Path) -> tuple[Path, str]:
     """A bad input of the given kind, and a pattern its error message must match."""
     p = d / f"{kind}.mp4"
@@ -424,7 +398,7 @@ def make_bad(kind: str, d: Path, good: Path) -> tuple[Path, str]:
         Image.fromarray(pattern(1)).save(p, format="PNG")
         return p, r"not a video \(image file"
     if kind == "audio_only":
-        _audio_only(p)
+        write_audio(p)
         return p, "no video stream"
     if kind == "random_bytes":
         p.write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
@@ -494,7 +468,7 @@ def test_killed_decoder_is_an_error_not_a_crash(media):
     ],
 )
 def test_decoder_fault_during_read(media, monkeypatch, fault, problem):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", fault)
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", fault)
     src = VideoSource(media["mp4"], 64, timeout_s=1.0)
     proc = src._decoder.proc
     t0 = time.monotonic()
@@ -506,7 +480,7 @@ def test_decoder_fault_during_read(media, monkeypatch, fault, problem):
 
 
 def test_probe_that_hangs_times_out(media, monkeypatch):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", "probe:hang")
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", "probe:hang")
     t0 = time.monotonic()
     with pytest.raises(VideoDecodeError, match="timed out after 1s"):
         probe_video(media["mp4"], timeout_s=1.0)
@@ -574,7 +548,7 @@ def test_decord_error_in_the_idle_seek_is_not_raised(media, capfd, error):
         def seek(self, index):
             raise error("seek refused")
 
-    reader = vid._DecordReader(RefusesSeek(), budget=-1)  # any read-ahead is over budget
+    reader = vreaders.DecordReader(RefusesSeek(), budget=-1)  # any read-ahead is over budget
     out = np.zeros((2, 3, 64, 64), np.uint8)
     reader.read(np.arange(2), out)
     reader.idle()  # seeks to stop the read-ahead; decord refuses
@@ -588,11 +562,13 @@ def test_decord_error_in_the_idle_seek_is_not_raised(media, capfd, error):
     "error, problem",
     [
         (OSError(11, "Resource temporarily unavailable"), "cannot start a decoder process"),
-        (AssertionError("daemonic processes are not allowed"), "distributed.worker.daemon"),
+        # a daemonic parent no longer gets here (it starts a plain subprocess); any other
+        # failure to start is the same one-line error
+        (AssertionError("daemonic processes are not allowed"), "cannot start a decoder"),
     ],
 )
 def test_failed_decoder_start_closes_both_pipe_ends(media, monkeypatch, error, problem):
-    real = vid._mp_context()
+    real = vprocess._mp_context()
     made = []
 
     class FailingStart:  # the real context, whose processes fail to start
@@ -610,7 +586,7 @@ def test_failed_decoder_start_closes_both_pipe_ends(media, monkeypatch, error, p
             proc.start = start
             return proc
 
-    monkeypatch.setattr(vid, "_mp_context", lambda: FailingStart())
+    monkeypatch.setattr(vprocess, "_mp_context", lambda: FailingStart())
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(VideoDecodeError, match=problem) as err:
         VideoSource(media["mp4"], 64)
@@ -638,7 +614,7 @@ def test_read_frame_gives_the_frame_at_its_displayed_size(media, tmp_path):
 
 
 def test_read_frame_that_hangs_times_out(media, monkeypatch):
-    monkeypatch.setattr(vid, "_CHILD_FAULT", "read:hang")
+    monkeypatch.setattr(vprocess, "_CHILD_FAULT", "read:hang")
     t0 = time.monotonic()
     with pytest.raises(VideoDecodeError, match=r"clip\.mp4: decoder timed out after 1s"):
         read_frame(media["mp4"], 3, timeout_s=1.0)

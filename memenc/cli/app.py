@@ -14,7 +14,6 @@ Only `typer` is imported, never `click` directly: Typer 0.29+ vendors its own co
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 import sys
@@ -25,17 +24,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from typer.core import TyperCommand
 
+from memenc.cli.console import out_console, progress_bar
+from memenc.cli.options import Json, Quiet, RunOptions, progress_wanted, with_run_options
 from memenc.errors import MemencError, MemencWarning, UsageError
 
 # The parser's own exception classes, taken from Typer so that they are the ones its parser
@@ -133,47 +125,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-out_console = Console()
-err_console = Console(stderr=True)
-
-# Options shared by several commands, defined once
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
-
-
-def _progress_wanted(quiet: bool, as_json: bool) -> bool:
-    """The bar is drawn on stderr, so it is shown when stderr is a terminal."""
-    return not (quiet or as_json) and sys.stderr.isatty()
-
-
-class Weights(str, enum.Enum):
-    checkpoint = "checkpoint"
-    random = "random"
-
-
-class Precision(str, enum.Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class StoreDtype(str, enum.Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-def _image_size(value: Optional[int]) -> Optional[int]:
-    """--image-size: the library's rule (a positive multiple of 32), checked while parsing."""
-    from memenc.pipeline.engine import check_image_size
-
-    try:
-        check_image_size(value)
-    except UsageError as e:
-        raise typer.BadParameter(str(e).removeprefix("--image-size ")) from None
-    return value
-
 
 @app.command(cls=_ErrorMappingCommand)
+@with_run_options
 def encode(
     video: Annotated[Path, typer.Argument(help="A video file, or a folder of frame images.")],
     masks: Annotated[
@@ -183,23 +137,6 @@ def encode(
             "Default: <stem>_masks/, <stem>.masks.npy|npz or <stem>_manual.json beside the video."
         ),
     ] = None,
-    sav_step: Annotated[
-        int, typer.Option(help="SA-V JSON masks: annotation k is video frame k*N (SA-V: 4).")
-    ] = 4,
-    checkpoint: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Checkpoint file, or an official name (sam2.1_hiera_tiny, ...). "
-            "Default: $MEMENC_CHECKPOINT, else sam2.1_hiera_base_plus (downloaded once)."
-        ),
-    ] = None,
-    weights: Annotated[
-        Weights, typer.Option(help="'checkpoint', or 'random' for seeded random weights.")
-    ] = Weights.checkpoint,
-    seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
-    variant: Annotated[
-        Optional[str], typer.Option(help="Force the model variant (default: detected).")
-    ] = None,
     out: Annotated[
         Optional[str],
         typer.Option(
@@ -208,64 +145,21 @@ def encode(
             help="Output store, a path or URL (default: <video stem>.zarr beside it).",
         ),
     ] = None,
-    image_size: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Model image size S, a positive multiple of 32 (default 1024).",
-            callback=_image_size,
-        ),
-    ] = None,
-    frames: Annotated[
-        Optional[str], typer.Option(help="Source frames START:STOP:STEP (Python slice).")
-    ] = None,
-    objects: Annotated[Optional[str], typer.Option(help="Object ids to keep, e.g. 1,2.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Frames per batch.")] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help="Compute precision.")] = Precision.fp32,
-    store_dtype: Annotated[
-        StoreDtype, typer.Option(help="Stored feature dtype.")
-    ] = StoreDtype.float16,
-    chunk_frames: Annotated[
-        Optional[int], typer.Option(min=1, help="Frames per chunk (default: ~1-4 MB chunks).")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing store made with other settings.")
-    ] = False,
-    skip_unmasked: Annotated[
-        bool, typer.Option(help="Encode only frames that have a mask instead of failing.")
-    ] = False,
-    decode_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds a decoder may take for one batch before it is killed."),
-    ] = 120.0,
+    *,
+    run: RunOptions,  # the model and store options shared with batch (cli/options.py)
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
     """Encode a video's SAM 2 memories into a Zarr store (resumable)."""
     from memenc.pipeline.engine import encode_video
 
-    show = _progress_wanted(quiet, as_json)
+    show = progress_wanted(quiet, as_json)
     with _ProgressView(show) as view, _warnings_as_lines():
         result = encode_video(
             video,
             masks=masks,
-            sav_step=sav_step,
-            checkpoint=checkpoint,
-            weights=weights.value,
-            variant=variant,
-            seed=seed,
             out=out,
-            image_size=image_size,
-            frames=frames,
-            objects=objects,
-            batch_size=batch_size,
-            device=device,
-            precision=precision.value,
-            store_dtype=store_dtype.value,
-            chunk_frames=chunk_frames,
-            overwrite=overwrite,
-            skip_unmasked=skip_unmasked,
-            decode_timeout_s=decode_timeout,
+            **run.library_kwargs(),
             progress=view.update if show else None,
         )
     if as_json:
@@ -288,16 +182,7 @@ class _ProgressView:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=False,
-        )
+        self.bar = progress_bar("{task.description}", "{task.fields[rate]}")
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> _ProgressView:
@@ -325,7 +210,7 @@ def inspect(
     ] = False,
 ) -> None:
     """Summarise a store: video, model, masks, objects, frames, status, chunks, size, arrays."""
-    from memenc.pipeline.report import _human_bytes, describe_store, summary_lines
+    from memenc.store.report import describe_store, human_bytes, summary_lines
 
     info = describe_store(store)
     if as_json:
@@ -344,7 +229,7 @@ def inspect(
             "×".join(map(str, a["shape"])),
             str(a["dtype"]),
             "×".join(map(str, a["chunks"])),
-            _human_bytes(a.get("stored_bytes")),
+            human_bytes(a.get("stored_bytes")),
         )
         for a in info["arrays"]
     ]

@@ -8,31 +8,15 @@ import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from memenc.cli.app import (
-    Json,
-    Precision,
-    Quiet,
-    StoreDtype,
-    Weights,
-    _image_size,
-    _progress_wanted,
-    err_console,
-    out_console,
-)
+from memenc.cli.console import out_console, progress_bar
+from memenc.cli.options import Json, Quiet, RunOptions, progress_wanted, with_run_options
 
 EXIT_SOME_FAILED = 3
 
 
+@with_run_options
 def batch(
     inputs: Annotated[
         list[str],
@@ -86,50 +70,8 @@ def batch(
             "--shard runs split long videos by unit too."
         ),
     ] = False,
-    checkpoint: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Checkpoint file, or an official name (sam2.1_hiera_tiny, ...). "
-            "Default: $MEMENC_CHECKPOINT, else sam2.1_hiera_base_plus (downloaded once)."
-        ),
-    ] = None,
-    weights: Annotated[
-        Weights, typer.Option(help="'checkpoint', or 'random' for seeded random weights.")
-    ] = Weights.checkpoint,
-    seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
-    variant: Annotated[
-        Optional[str], typer.Option(help="Force the model variant (default: detected).")
-    ] = None,
-    image_size: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Model image size S, a positive multiple of 32 (default 1024).",
-            callback=_image_size,
-        ),
-    ] = None,
-    frames: Annotated[
-        Optional[str], typer.Option(help="Source frames START:STOP:STEP (Python slice).")
-    ] = None,
-    objects: Annotated[Optional[str], typer.Option(help="Object ids to keep, e.g. 1,2.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Frames per batch.")] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help="Compute precision.")] = Precision.fp32,
-    store_dtype: Annotated[
-        StoreDtype, typer.Option(help="Stored feature dtype.")
-    ] = StoreDtype.float16,
-    chunk_frames: Annotated[
-        Optional[int], typer.Option(min=1, help="Frames per chunk (default: ~1-4 MB chunks).")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace existing stores made with other settings.")
-    ] = False,
-    skip_unmasked: Annotated[
-        bool, typer.Option(help="Encode only frames that have a mask instead of failing.")
-    ] = False,
-    decode_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds a decoder may take for one batch before it is killed."),
-    ] = 120.0,
+    *,
+    run: RunOptions,  # encode's model and store options (cli/options.py)
     verbose: Annotated[bool, typer.Option(help="Show the workers' logs.")] = False,
     quiet: Quiet = False,
     as_json: Json = False,
@@ -137,22 +79,10 @@ def batch(
     """Encode many videos, one store each under --out (resumable; exit 3 if some failed)."""
     from memenc.pipeline.batch import BatchSettings, run_batch
 
-    settings = BatchSettings(
-        checkpoint=checkpoint,
-        weights=weights.value,
-        variant=variant,
-        seed=seed,
-        image_size=image_size,
-        batch_size=batch_size,
-        device=device,
-        precision=precision.value,
-        store_dtype=store_dtype.value,
-        chunk_frames=chunk_frames,
-        overwrite=overwrite,
-        skip_unmasked=skip_unmasked,
-        decode_timeout_s=decode_timeout,
-    )
-    show = _progress_wanted(quiet, as_json)
+    shared = run.library_kwargs()
+    frames, objects = shared.pop("frames"), shared.pop("objects")  # per input, in a manifest
+    settings = BatchSettings(**shared)
+    show = progress_wanted(quiet, as_json)
     with _BatchBar(show) as bar:
         summary = run_batch(
             inputs,
@@ -208,14 +138,8 @@ class _BatchBar:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bar = Progress(
-            TextColumn("batch"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("frames · {task.fields[videos]} videos · {task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
+        self.bar = progress_bar(
+            "batch", "frames · {task.fields[videos]} videos · {task.fields[rate]}"
         )
         self.task = None
 

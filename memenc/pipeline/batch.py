@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from memenc.errors import MemencError, StoreError, StoreLockedError, UsageError
-from memenc.pipeline.urls import check_url
-from memenc.pipeline.urls import is_url as _is_url
+from memenc.store.urls import check_url
+from memenc.store.urls import is_url as _is_url
 
 __all__ = [
     "BatchInput",
@@ -62,6 +62,7 @@ __all__ = [
 SUMMARY_FILE = "batch-summary.json"
 PLAN_FILE = "batch-plan.json"
 DEFAULT_UNIT_FRAMES = 256
+DASK_WORKER_WAIT_S = 120.0  # how long `--dask` waits for a cluster's first worker
 VIDEO_SUFFIXES = frozenset(
     (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg")
     + (".flv", ".wmv", ".h264", ".264", ".hevc", ".265")
@@ -478,8 +479,8 @@ def run_unit(
     from memenc.pipeline.engine import limit_malloc_arenas, pick_device, run_chunks
     from memenc.pipeline.faults import kill_point
     from memenc.pipeline.masks import open_masks
-    from memenc.pipeline.store import CacheStore
     from memenc.pipeline.video import VideoSource
+    from memenc.store import CacheStore
 
     t0 = time.monotonic()
     worker = f"{os.uname().nodename}:{os.getpid()}"
@@ -540,7 +541,7 @@ def run_unit(
 
 
 def _is_complete(path: str) -> bool:
-    from memenc.pipeline.reader import open_cache
+    from memenc.store import open_cache
 
     try:
         return open_cache(path).status == "complete"
@@ -683,6 +684,14 @@ class _DaskExecutor(_Executor):
                 self.client = distributed.Client(address, timeout="30s")
             except (OSError, TimeoutError, ValueError) as e:
                 raise UsageError(f"--dask {address}: cannot connect ({_one_line(e)})") from None
+        try:  # a cluster without workers would take units and never run them
+            self.client.wait_for_workers(1, timeout=DASK_WORKER_WAIT_S)
+        except (TimeoutError, OSError) as e:
+            self.close()
+            raise MemencError(
+                f"--dask {address}: no worker joined the cluster within "
+                f"{DASK_WORKER_WAIT_S:g}s ({_one_line(e)})"
+            ) from None
         workers = self.client.scheduler_info().get("workers", {})
         self.workers = len(workers)
         has_gpu = any("GPU" in (w.get("resources") or {}) for w in workers.values())
@@ -777,7 +786,7 @@ class _Coordinator:
     def plan(self, inp: BatchInput) -> _Video:
         """Probe, open masks, lay out and prepare the store; the lock stays held until
         `finish`. A failure is recorded on the result, never raised."""
-        from memenc.pipeline.store import CacheStore, store_lock
+        from memenc.store import CacheStore, store_lock
 
         t = time.monotonic()
         path = store_path(self.out, inp.name)
@@ -795,6 +804,10 @@ class _Coordinator:
         except MemencError as e:
             v.lock.close()
             v.result.status, v.result.error = "failed", _one_line(e)
+            return v
+        except Exception as e:  # a library's surprise on one input: that input fails
+            v.lock.close()
+            v.result.status, v.result.error = "failed", f"{type(e).__name__}: {_one_line(e)}"
             return v
         finally:
             self.coordinator_s += time.monotonic() - t
@@ -851,8 +864,8 @@ class _Coordinator:
     def _layout(self, inp: BatchInput) -> tuple[Any, str]:
         # the same planning as encode_video, so a batch store equals an encode store
         from memenc.pipeline.engine import open_run_masks, plan_frames, plan_layout
-        from memenc.pipeline.masks import parse_objects
-        from memenc.pipeline.video import parse_frames, probe_video
+        from memenc.pipeline.selection import parse_frames, parse_objects
+        from memenc.pipeline.video import probe_video
 
         s = self.settings
         selection = parse_frames(inp.frames if inp.frames is not None else self.frames)
@@ -899,7 +912,7 @@ class _Coordinator:
     def finish(self, v: _Video) -> None:
         """All units of a video are in: mark the store complete (or record the failure) and
         release its lock."""
-        from memenc.pipeline.store import CacheStore
+        from memenc.store import CacheStore
 
         t = time.monotonic()
         try:
@@ -925,8 +938,7 @@ class _Coordinator:
 def _finalize_if_done(path: str) -> str:
     """After a shard's share of a planned video: mark the store complete when every chunk
     is written (by whichever shard); ``complete`` or ``incomplete``."""
-    from memenc.pipeline.reader import open_cache
-    from memenc.pipeline.store import CacheStore, store_lock
+    from memenc.store import CacheStore, open_cache, store_lock
 
     try:
         with store_lock(path):
@@ -952,8 +964,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
         choose_checkpoint,
         pick_device,
     )
-    from memenc.pipeline.masks import parse_objects
-    from memenc.pipeline.video import parse_frames
+    from memenc.pipeline.selection import parse_frames, parse_objects
 
     choose_checkpoint(settings.checkpoint, settings.weights)
     if settings.variant is not None:
@@ -1027,6 +1038,14 @@ def run_batch(
     _check_out(out)
     if unit_frames < 1:
         raise UsageError(f"--unit-frames {unit_frames}: must be at least 1")
+    if masks_template is not None:
+        try:
+            masks_template.format(parent="p", stem="s", name="n", video="v")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UsageError(
+                f"--masks-template {masks_template!r}: {_one_line(e)} is not one of "
+                "{parent}, {stem}, {name}, {video}"
+            ) from None
     if retries < 0:
         raise UsageError(f"--retries {retries}: must be 0 or more")
     if workers is not None and workers < 1:
@@ -1246,7 +1265,7 @@ def _plan_shares(
 
 def _finalize_all(inputs: list[BatchInput], out: str, t0: float) -> BatchSummary:
     """The finalize pass: mark complete every store whose markers are all set."""
-    from memenc.pipeline.store import CacheStore, store_lock
+    from memenc.store import CacheStore, store_lock
 
     results = []
     t = time.monotonic()
@@ -1259,7 +1278,7 @@ def _finalize_all(inputs: list[BatchInput], out: str, t0: float) -> BatchSummary
             continue
         try:
             with store_lock(path):
-                from memenc.pipeline.reader import open_cache
+                from memenc.store import open_cache
 
                 cache = open_cache(path)
                 r.frames = cache.num_frames

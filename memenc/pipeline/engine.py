@@ -47,17 +47,20 @@ from memenc.pipeline.masks import (
     MaskSource,
     find_masks_beside,
     open_masks,
-    parse_objects,
 )
-from memenc.pipeline.settings import NUMBERS_VERSION, RunSettings, content_sha256
-from memenc.pipeline.store import (
+from memenc.pipeline.selection import parse_frames, parse_objects
+from memenc.pipeline.video import VideoInfo, VideoSource, list_images
+from memenc.store import (
+    NUMBERS_VERSION,
     CacheStore,
+    RunSettings,
     StoreLayout,
+    check_url,
+    content_sha256,
     default_chunk_frames,
+    is_url,
     store_lock,
 )
-from memenc.pipeline.urls import check_url, is_url
-from memenc.pipeline.video import VideoInfo, VideoSource, list_images, parse_frames
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = ("float16", "float32")
@@ -359,6 +362,42 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 _DONE = object()
 
 
+class _Stages:
+    """The stages of a work unit, each in its own thread, and their coordinator.
+
+    A stage that raises `_Stop` ends quietly (another stage failed); any other error is
+    recorded and sets `stop`, which ends the other stages; `join` re-raises the first.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def run(self, stage: Callable[[], None]) -> None:
+        """Run `stage` in this thread, handing its error to the coordinator."""
+        try:
+            stage()
+        except _Stop:
+            pass
+        except BaseException as e:  # handed to the coordinator
+            self._errors.append(e)
+            self.stop.set()
+
+    def start(self, stage: Callable[[], None], name: str) -> None:
+        """Run `stage` in a new (daemon) thread called `name`."""
+        thread = threading.Thread(target=self.run, args=(stage,), name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def join(self) -> None:
+        """Wait for the stage threads; raise the first error any stage raised."""
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+
 class _ChunkBuffer:
     """Host arrays for one frame-chunk, filled row by row as batches finish."""
 
@@ -424,47 +463,33 @@ def run_chunks(
         return 0
     frame_of = layout.frame_index
     autocast = autocast_for(model.device, precision)
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    stages = _Stages()
+    stop = stages.stop
     decoded: queue.Queue = queue.Queue(maxsize=queue_depth)
     finished: queue.Queue = queue.Queue(maxsize=queue_depth)
 
     def decode() -> None:
-        try:
-            frame_numbers = [int(frame_of[r]) for r in rows]
-            start = 0
-            for batch in video.iter_batches(frame_numbers, batch_size):
-                n = len(batch.frame_index)
-                m = masks.read(batch.frame_index.tolist())
-                _put(decoded, (rows[start : start + n], batch, m), stop)
-                start += n
-            _put(decoded, _DONE, stop)
-        except _Stop:
-            pass
-        except BaseException as e:  # handed to the main thread
-            errors.append(e)
-            stop.set()
+        frame_numbers = [int(frame_of[r]) for r in rows]
+        start = 0
+        for batch in video.iter_batches(frame_numbers, batch_size):
+            n = len(batch.frame_index)
+            m = masks.read(batch.frame_index.tolist())
+            _put(decoded, (rows[start : start + n], batch, m), stop)
+            start += n
+        _put(decoded, _DONE, stop)
 
     def write() -> None:
-        try:
-            while (item := _get(finished, stop)) is not _DONE:
-                store.write_chunk(*item)
-        except _Stop:
-            pass
-        except BaseException as e:
-            errors.append(e)
-            stop.set()
+        while (item := _get(finished, stop)) is not _DONE:
+            store.write_chunk(*item)
 
-    threads = [
-        threading.Thread(target=decode, name="memenc-decode", daemon=True),
-        threading.Thread(target=write, name="memenc-write", daemon=True),
-    ]
-    for t in threads:
-        t.start()
+    stages.start(decode, "memenc-decode")
+    stages.start(write, "memenc-write")
 
     buffers: dict[int, _ChunkBuffer] = {}  # chunks being filled, by chunk index
     written = 0
-    try:
+
+    def encode() -> None:
+        nonlocal written
         while (item := _get(decoded, stop)) is not _DONE:
             batch_rows, batch, m = item
             with autocast:
@@ -487,15 +512,9 @@ def run_chunks(
             if progress:
                 progress(len(batch_rows))
         _put(finished, _DONE, stop)
-    except _Stop:
-        pass
-    except BaseException as e:
-        errors.append(e)
-        stop.set()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+
+    stages.run(encode)  # the coordinator's own stage, in this thread
+    stages.join()
     return written
 
 

@@ -66,7 +66,6 @@ __all__ = [
     "decode_rle",
     "find_masks_beside",
     "open_masks",
-    "parse_objects",
     "rle_string_to_counts",
 ]
 
@@ -83,33 +82,6 @@ _NPZ_ARRAY_NAMES = ("masks", "labels", "logits")
 SAV_STEP = 4
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-
-
-# --------------------------------------------------------------------------- options
-
-
-def parse_objects(spec: str | None) -> list[int] | None:
-    """Parse the `--objects` option.
-
-    Takes a comma-separated list of non-negative object ids (``"1,2,7"``, spaces
-    allowed) or None. Returns the ids in the order given, or None when `spec` is
-    None (meaning: every object). Raises `UsageError` on an empty list, an empty
-    item, something that is not a non-negative integer, or a repeated id.
-    """
-    if spec is None:
-        return None
-    items = [item.strip() for item in spec.split(",")]
-    if not spec.strip() or any(not item for item in items):
-        raise UsageError(f"--objects {spec!r}: expected comma-separated object ids, e.g. 1,2,7")
-    ids: list[int] = []
-    for item in items:
-        if not re.fullmatch(r"[0-9]+", item):
-            raise UsageError(f"--objects {spec!r}: {item!r} is not a non-negative integer id")
-        value = int(item)
-        if value in ids:
-            raise UsageError(f"--objects {spec!r}: id {value} is given twice")
-        ids.append(value)
-    return ids
 
 
 # --------------------------------------------------------------------------- finding

@@ -32,9 +32,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from memenc.errors import MemencError, StoreError, UsageError
-from memenc.pipeline.reader import MemoryCache
-from memenc.pipeline.store import _describe_os_error
 from memenc.pipeline.video import read_frame
+from memenc.store.location import describe_os_error
+from memenc.store.reader import MemoryCache
 
 __all__ = ["CAPTION_HEIGHT", "PANEL_GAP", "render_preview"]
 
@@ -325,5 +325,5 @@ def _save_png(image: Image.Image, out: Path) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise StoreError(f"{out}: cannot write the preview: {_describe_os_error(exc)}") from exc
+        raise StoreError(f"{out}: cannot write the preview: {describe_os_error(exc)}") from exc
     return out

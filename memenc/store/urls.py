@@ -1,7 +1,7 @@
 """Store paths that are URLs: which fsspec backend each needs, and the extra that installs it.
 
-A path with ``://`` (other than ``file://``) stays a string until `memenc.pipeline.store`'s
-location object parses it: ``pathlib.Path("s3://b/k")`` is ``s3:/b/k``, a local folder.
+A path with ``://`` (other than ``file://``) stays a string until
+`memenc.store.location.Location` parses it: ``pathlib.Path("s3://b/k")`` is ``s3:/b/k``, a local folder.
 """
 
 from __future__ import annotations

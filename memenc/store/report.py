@@ -21,25 +21,20 @@ import numpy as np
 import zarr
 
 from memenc.errors import StoreError
-from memenc.pipeline.store import (
-    _SPECS,
-    ATTRS_KEY,
+from memenc.store.location import Location, describe_os_error, open_existing
+from memenc.store.schema import (
     LOCK_FILE,
     READABLE_SCHEMAS,
     SCHEMA,
+    SPECS,
     STATUS_COMPLETE,
     STATUS_IN_PROGRESS,
-    _check_memenc_location,
-    _chunk_ranges,
-    _describe_os_error,
-    _json_safe,
-    _layout_from_group,
-    _Location,
-    _memenc_attrs,
-    _open_group,
+    chunk_ranges,
+    layout_from_group,
 )
+from memenc.store.settings import json_safe
 
-__all__ = ["describe_store", "summary_lines"]
+__all__ = ["describe_store", "human_bytes", "summary_lines"]
 
 
 def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -77,17 +72,9 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         StoreError: the path does not exist, is an empty directory, a file, a directory or
             Zarr group that is not a memenc store, or cannot be read.
     """
-    loc = _Location(path)
-    kind = _check_memenc_location(loc)  # raises for files, other directories, other Zarr
-    if kind == "absent":
-        raise StoreError(f"{loc}: not a memenc store (no such file or directory)")
-    if kind == "empty":
-        raise StoreError(f"{loc}: not a memenc store (empty directory)")
-    group = _open_group(loc, "r")
-    attrs = _memenc_attrs(group)
-    if attrs is None:  # removed between the check and the open
-        raise StoreError(f"{loc}: not a memenc store (no '{ATTRS_KEY}' schema)")
-    attrs = _json_safe(attrs)
+    loc = Location(path)
+    group, attrs = open_existing(loc, "r", any_schema=True)
+    attrs = json_safe(attrs)
 
     problems: list[str] = []
     status = attrs.get("status")
@@ -97,7 +84,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         problems.append(f"store creation did not finish (status {status!r})")
     else:
         try:
-            _layout_from_group(group, loc)
+            layout_from_group(group, loc)
         except StoreError as exc:
             problems.append(str(exc).removeprefix(f"{loc}: "))
 
@@ -200,7 +187,7 @@ def summary_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("pointers", _pointers_text(info)),
         ("status", str(info.get("status"))),
         ("chunks done", chunks_text),
-        ("size on disk", _human_bytes(info.get("size_on_disk"))),
+        ("size on disk", human_bytes(info.get("size_on_disk"))),
     ]
     rows += [("problem", p) for p in info.get("problems") or []]
     return rows
@@ -223,7 +210,7 @@ def _count(video: dict) -> str:
     return f"{n} frames" if n is not None else ""
 
 
-def _human_bytes(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
     """1536 -> '1.5 KB'; None -> '-'."""
     if n is None:
         return "-"
@@ -235,7 +222,7 @@ def _human_bytes(n: int | None) -> str:
     return str(n)
 
 
-def _arrays(group: zarr.Group, loc: _Location, problems: list[str]) -> list[dict[str, Any]]:
+def _arrays(group: zarr.Group, loc: Location, problems: list[str]) -> list[dict[str, Any]]:
     """One description per array of the group: the schema's arrays first, then others."""
     try:
         with warnings.catch_warnings():
@@ -244,8 +231,8 @@ def _arrays(group: zarr.Group, loc: _Location, problems: list[str]) -> list[dict
             warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
             names = list(group.array_keys())
     except OSError as exc:
-        raise StoreError(f"{loc}: cannot list arrays: {_describe_os_error(exc)}") from exc
-    order = {name: i for i, name in enumerate(_SPECS)}
+        raise StoreError(f"{loc}: cannot list arrays: {describe_os_error(exc)}") from exc
+    order = {name: i for i, name in enumerate(SPECS)}
     names.sort(key=lambda n: (order.get(n, len(order)), n))
     out = []
     for name in names:
@@ -300,7 +287,7 @@ def _chunk_files(folder: Path, problems: list[str]) -> tuple[int, int]:
                 total += os.lstat(os.path.join(root, name)).st_size
                 count += 1
     except OSError as exc:
-        problems.append(f"{folder}: cannot read: {_describe_os_error(exc)}")
+        problems.append(f"{folder}: cannot read: {describe_os_error(exc)}")
     return total, count
 
 
@@ -314,7 +301,7 @@ def _tree_bytes(root: Path, problems: list[str]) -> int:
                     continue
                 total += os.lstat(os.path.join(folder, name)).st_size
     except OSError as exc:
-        problems.append(f"{root}: cannot read: {_describe_os_error(exc)}")
+        problems.append(f"{root}: cannot read: {describe_os_error(exc)}")
     return total
 
 
@@ -338,4 +325,4 @@ def _chunk_progress(
     if markers is None:
         return None, None, None
     pending = [int(i) for i in np.flatnonzero(markers != 1)]
-    return int(markers.size - len(pending)), int(markers.size), _chunk_ranges(pending)
+    return int(markers.size - len(pending)), int(markers.size), chunk_ranges(pending)

@@ -3,10 +3,11 @@
 multiprocessing refuses to start children from a daemonic process, and Dask's worker
 processes are daemonic by default (a cluster started with default settings). A plain
 ``subprocess.Popen`` is not refused there. `start` runs ``python -m
-memenc.pipeline.decoder_process`` and gives the parent what `memenc.pipeline.video`'s
-decoder handle uses from a ``multiprocessing.Process`` — a duplex `Connection` (over a
-socket pair) and a process object with ``sentinel``, ``exitcode``, ``is_alive``, ``kill``
-and ``join`` — so the deadlines, crash reports and kills work the same way.
+memenc.pipeline.video.plain_process`` and gives the parent what
+`memenc.pipeline.video.process.Decoder` uses from a ``multiprocessing.Process`` — a
+duplex `Connection` (over a socket pair) and a process object with ``sentinel``,
+``exitcode``, ``is_alive``, ``kill`` and ``join`` — so the deadlines, crash reports and
+kills work the same way.
 
 The sentinel is the read end of a pipe whose only write end the child holds: it becomes
 readable (EOF) when the child exits, however it exits.
@@ -67,7 +68,9 @@ def start(
     os.set_inheritable(read_end, False)
     env = dict(os.environ)
     # the child must import this memenc, wherever the parent found it
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.abspath(__file__)
+    for _ in range(4):  # memenc/pipeline/video/plain_process.py -> the folder above memenc
+        root = os.path.dirname(root)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
         popen = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""A run's settings, declared once: what the store records and what its fingerprint covers.
+"""A run's settings, declared once: what the store records and what its fingerprint covers,
+and the canonical JSON and content hashing the fingerprint is made of.
 
 `RunSettings` holds every setting of an `encode` run. Each field declares, in its
 metadata, whether it is *stored* (written to the store's ``memenc`` attributes, for
@@ -24,15 +25,22 @@ complete). Measured on the 2-core development machine, file in the page cache: s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from memenc.pipeline.store import fingerprint
+import numpy as np
 
-__all__ = ["NUMBERS_VERSION", "RunSettings", "content_sha256"]
+__all__ = [
+    "NUMBERS_VERSION",
+    "RunSettings",
+    "content_sha256",
+    "fingerprint",
+    "json_safe",
+]
 
 NUMBERS_VERSION = 2
 """Version of the numbers memenc stores. Bump it whenever a code change alters what a
@@ -44,6 +52,45 @@ with "other settings" unless ``--overwrite`` is given (which recomputes it, poin
 included): intended, since it has no pointers to resume."""
 
 _BLOCK = 1 << 20  # hashing reads 1 MiB at a time
+
+
+def _json_default(value: Any) -> Any:
+    """`json.dumps` default: paths, numpy values and sets as JSON values."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"not JSON-serialisable: {value!r} ({type(value).__name__})")
+
+
+def _canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default
+    )
+
+
+def json_safe(value: Any) -> Any:
+    """The value as it reads back from JSON (paths → str, tuples → lists, numpy → Python)."""
+    return json.loads(_canonical_json(value))
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of everything that determines a store's data.
+
+    Canonical: keys sorted, no whitespace; paths become strings, numpy scalars and arrays
+    Python values, tuples lists. Equal settings give equal fingerprints whatever the key
+    order.
+
+    Raises:
+        TypeError: a value that has no JSON form.
+        ValueError: a NaN or infinite float.
+    """
+    return hashlib.sha256(_canonical_json(dict(settings)).encode()).hexdigest()
 
 
 def content_sha256(files: Iterable[str | os.PathLike[str]]) -> str:

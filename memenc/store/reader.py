@@ -37,15 +37,13 @@ import numpy as np
 import torch
 
 from memenc.errors import StoreError
-from memenc.pipeline.store import (
+from memenc.store.location import Location, describe_os_error, open_existing
+from memenc.store.schema import (
     ATTRS_KEY,
     READABLE_SCHEMAS,
     STATUS_COMPLETE,
     STATUS_IN_PROGRESS,
-    _describe_os_error,
-    _layout_from_group,
-    _Location,
-    _open_existing,
+    layout_from_group,
 )
 
 __all__ = ["MemoryCache", "open_cache"]
@@ -89,12 +87,12 @@ class MemoryCache:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        loc = _Location(path)
-        group, attrs = _open_existing(loc, "r")
+        loc = Location(path)
+        group, attrs = open_existing(loc, "r")
         self.status: str = str(attrs.get("status"))
         if self.status not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
             raise StoreError(f"{loc}: store creation did not finish (status {self.status!r})")
-        layout = _layout_from_group(group, loc)
+        layout = layout_from_group(group, loc)
 
         self._loc = loc
         self._layout = layout
@@ -205,7 +203,7 @@ class MemoryCache:
         try:
             return read()
         except OSError as exc:
-            raise StoreError(f"{self.path}: cannot read {what}: {_describe_os_error(exc)}") from exc
+            raise StoreError(f"{self.path}: cannot read {what}: {describe_os_error(exc)}") from exc
         except (ValueError, RuntimeError) as exc:
             # Crc32c mismatch ("checksum do not match") or a codec failing on damaged bytes.
             raise StoreError(

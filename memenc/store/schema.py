@@ -1,0 +1,402 @@
+"""The store's schema, memenc.memory-cache/2: the `ARRAYS` table, `StoreLayout`, and how
+an existing group is read back into a layout and checked against the table.
+
+The schema — array names, dimension names, dtypes, chunking, codecs and attributes — is
+declared once, in `ARRAYS` below, and everything else (creation, validation on open, the
+reader, the report) derives from it.
+
+Every array's codec chain ends with a CRC32C checksum, so a damaged chunk raises on read
+instead of returning wrong numbers.
+
+Schema versions: ``/2`` added ``obj_ptr`` (SAM 2's object pointers). Stores of ``/1`` still
+open for reading (`READABLE_SCHEMAS`; they have no pointers), never for writing or resuming.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from memenc.errors import StoreError
+from memenc.store.settings import json_safe
+
+if TYPE_CHECKING:
+    from memenc.store.location import Location
+
+__all__ = [
+    "ARRAYS",
+    "ATTRS_KEY",
+    "COMPRESSORS",
+    "LOCK_FILE",
+    "MEM_DIM",
+    "PTR_DIM",
+    "READABLE_SCHEMAS",
+    "SCHEMA",
+    "SPECS",
+    "STATUS_COMPLETE",
+    "STATUS_CREATING",
+    "STATUS_IN_PROGRESS",
+    "STORE_DTYPES",
+    "TPOS_SLOTS",
+    "ArraySpec",
+    "StoreLayout",
+    "chunk_ranges",
+    "default_chunk_frames",
+    "layout_from_group",
+    "memenc_attrs",
+]
+
+SCHEMA = "memenc.memory-cache/2"
+# --- issue 9 (obj_ptr): older schemas that still open read-only, and the version of each
+READABLE_SCHEMAS = {"memenc.memory-cache/1": 1, SCHEMA: 2}
+PTR_DIM = 256  # SAM 2's hidden_dim: one object pointer per frame and object
+# --- end issue 9
+ATTRS_KEY = "memenc"
+"""Group attribute under which memenc keeps its attributes."""
+
+STATUS_CREATING = "creating"  # prepare started but did not finish: nothing in it is usable
+STATUS_IN_PROGRESS = "in_progress"
+STATUS_COMPLETE = "complete"
+
+STORE_DTYPES = ("float16", "float32")
+MEM_DIM = 64  # SAM 2's memory channel count (mem_dim)
+TPOS_SLOTS = 7  # SAM 2's num_maskmem
+LOCK_FILE = ".memenc.lock"
+
+# Attribute keys memenc writes itself; a caller's attrs may repeat them only with equal values.
+_OWNED_KEYS = ("schema", "memenc_version", "status", "fingerprint", "storage_dtype", "chunk_frames")
+
+_CHUNK_FRAMES = -1  # in ArraySpec.chunking: "this dimension is chunked by F frames"
+_STORE_DTYPE = "store"  # in ArraySpec.dtype: "the layout's store_dtype"
+
+# Zstd for size, then CRC32C over the compressed bytes: a flipped bit fails the read.
+COMPRESSORS = (ZstdCodec(level=3), Crc32cCodec())
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the schema.
+
+    ``chunking`` maps a dimension to its chunk length (``_CHUNK_FRAMES`` for F); a
+    dimension not named there is stored whole. ``written_by`` is ``"coordinator"`` (data
+    written by `CacheStore.prepare`) or ``"worker"`` (written chunk by chunk).
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    chunking: Mapping[str, int] = field(default_factory=dict)
+    written_by: str = "coordinator"
+    optional: bool = False
+    since: int = 1  # the schema version that added the array (issue 9)
+
+    def resolved_dtype(self, store_dtype: str) -> np.dtype:
+        return np.dtype(store_dtype if self.dtype == _STORE_DTYPE else self.dtype)
+
+    def fill_value(self, store_dtype: str) -> float | int:
+        """NaN for floats, so data never written is visibly missing to plain readers."""
+        return math.nan if self.resolved_dtype(store_dtype).kind == "f" else 0
+
+    def shape(self, layout: StoreLayout) -> tuple[int, ...]:
+        return tuple(layout.dim_sizes[d] for d in self.dims)
+
+    def chunks(self, layout: StoreLayout) -> tuple[int, ...]:
+        out = []
+        for dim, size in zip(self.dims, self.shape(layout), strict=True):
+            c = self.chunking.get(dim, size)
+            out.append(layout.chunk_frames if c == _CHUNK_FRAMES else c)
+        return tuple(max(1, c) for c in out)
+
+
+# The schema, memenc.memory-cache/2. Frame-chunked arrays share F, so one frame-chunk is
+# one Zarr chunk per object of maskmem_features plus one chunk each of the others.
+ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec(
+        "maskmem_features",
+        ("frame", "object", "channel", "y", "x"),
+        _STORE_DTYPE,
+        {"frame": _CHUNK_FRAMES, "object": 1},
+        written_by="worker",
+    ),
+    ArraySpec("maskmem_pos_enc", ("channel", "y", "x"), "float32"),
+    ArraySpec(
+        "object_score_logits",
+        ("frame", "object"),
+        "float32",
+        {"frame": _CHUNK_FRAMES},
+        written_by="worker",
+    ),
+    # issue 9: SAM 2's object pointer per frame and object, chunked like the scores. Its
+    # channel dimension has its own name: xarray wants one size per dimension name.
+    ArraySpec(
+        "obj_ptr",
+        ("frame", "object", "pointer_channel"),
+        "float32",
+        {"frame": _CHUNK_FRAMES},
+        written_by="worker",
+        since=2,
+    ),
+    ArraySpec("frame_index", ("frame",), "int64", {"frame": _CHUNK_FRAMES}),
+    ArraySpec("timestamp", ("frame",), "float64", {"frame": _CHUNK_FRAMES}, written_by="worker"),
+    ArraySpec("object_id", ("object",), "int32"),
+    ArraySpec("maskmem_tpos_enc", ("slot", "channel"), "float32", optional=True),
+    ArraySpec("chunk_done", ("chunk",), "uint8", {"chunk": 1}, written_by="worker"),
+)
+SPECS = {spec.name: spec for spec in ARRAYS}
+
+
+def default_chunk_frames(num_objects: int, h: int, w: int, dtype: Any) -> int:
+    """Frames per chunk F so that one chunk of ``maskmem_features`` is about 2 MB.
+
+    Args:
+        num_objects: number of objects O (a chunk holds one object, so O does not change F;
+            it is checked to be at least 1).
+        h, w: feature map size (S/16).
+        dtype: the store dtype (``"float16"``, ``np.float32``, ``torch.float16`` …).
+
+    Returns:
+        F ≥ 1; a chunk of shape (F, 1, 64, h, w) is 1–4 MB unless one frame alone is larger.
+
+    Raises:
+        ValueError: on a non-positive size.
+    """
+    if num_objects < 1 or h < 1 or w < 1:
+        raise ValueError(f"num_objects, h and w must be ≥ 1, got {num_objects}, {h}, {w}")
+    itemsize = np.dtype(_dtype_name(dtype)).itemsize
+    frame_bytes = MEM_DIM * h * w * itemsize
+    return max(1, (2 * 1024 * 1024) // frame_bytes)
+
+
+def _dtype_name(dtype: Any) -> str:
+    """'float16' for "float16", np.float16, np.dtype("float16") or torch.float16."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return text
+
+
+def _memenc_version() -> str:
+    import memenc
+
+    version = getattr(memenc, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version("memenc")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "unknown"
+
+
+def chunk_ranges(chunks: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts: list[str] = []
+    start = prev = None
+    for c in chunks:
+        if start is None:
+            start = prev = c
+        elif c == prev + 1:
+            prev = c
+        else:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = c
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True, eq=False)
+class StoreLayout:
+    """Everything needed to create a store's metadata.
+
+    Attributes:
+        num_frames: T, rows of the store.
+        object_ids: the O object ids, in store order.
+        feat_hw: (h, w) of the feature maps (S/16, S/16).
+        store_dtype: ``"float16"`` or ``"float32"`` for ``maskmem_features``.
+        chunk_frames: F, frames per chunk.
+        frame_index: int64 [T], the source frame number of each row.
+        pos_enc: float32 [64, h, w].
+        tpos_enc: float32 [7, 64] (the checkpoint's [7, 1, 1, 64] is accepted), or None.
+        attrs: JSON-safe settings stored under the ``memenc`` attribute (source video, frame
+            selection, model, masks, memory settings …).
+        fingerprint: `fingerprint` of the settings that determine the data.
+        identity: optional; maps stored attributes to the fingerprinted settings among them
+            (`RunSettings.stored_identity`), so a refusal names the settings that differ.
+            Without it every attribute is compared.
+
+    Raises:
+        ValueError: on inconsistent sizes or shapes (a bug in the caller).
+    """
+
+    num_frames: int
+    object_ids: Sequence[int]
+    feat_hw: tuple[int, int]
+    store_dtype: str
+    chunk_frames: int
+    frame_index: np.ndarray
+    pos_enc: np.ndarray
+    tpos_enc: np.ndarray | None
+    attrs: Mapping[str, Any]
+    fingerprint: str
+    identity: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once
+        set_(self, "object_ids", tuple(int(i) for i in self.object_ids))
+        set_(self, "feat_hw", (int(self.feat_hw[0]), int(self.feat_hw[1])))
+        set_(self, "store_dtype", _dtype_name(self.store_dtype))
+        set_(self, "frame_index", np.asarray(self.frame_index))
+        set_(self, "pos_enc", np.asarray(self.pos_enc, dtype=np.float32))
+        h, w = self.feat_hw
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be ≥ 1, got {self.num_frames}")
+        if not self.object_ids:
+            raise ValueError("object_ids is empty")
+        if len(set(self.object_ids)) != len(self.object_ids):
+            raise ValueError(f"object_ids has duplicates: {list(self.object_ids)}")
+        if h < 1 or w < 1:
+            raise ValueError(f"feat_hw must be positive, got {self.feat_hw}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype}")
+        if self.chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be ≥ 1, got {self.chunk_frames}")
+        if self.frame_index.shape != (self.num_frames,) or self.frame_index.dtype.kind not in "iu":
+            raise ValueError(
+                f"frame_index must be integers of shape ({self.num_frames},), "
+                f"got {self.frame_index.dtype} {self.frame_index.shape}"
+            )
+        set_(self, "frame_index", self.frame_index.astype(np.int64))
+        if self.pos_enc.shape != (MEM_DIM, h, w):
+            raise ValueError(f"pos_enc must be [{MEM_DIM}, {h}, {w}], got {self.pos_enc.shape}")
+        if self.tpos_enc is not None:
+            tpos = np.asarray(self.tpos_enc, dtype=np.float32)
+            if tpos.size != TPOS_SLOTS * MEM_DIM:
+                raise ValueError(f"tpos_enc must be [{TPOS_SLOTS}, {MEM_DIM}], got {tpos.shape}")
+            set_(self, "tpos_enc", tpos.reshape(TPOS_SLOTS, MEM_DIM))  # [7,1,1,64] -> [7,64]
+        if not isinstance(self.fingerprint, str) or not self.fingerprint:
+            raise ValueError("fingerprint must be a non-empty string")
+        attrs = json_safe(dict(self.attrs))
+        for key, ours in self._owned_attrs(STATUS_IN_PROGRESS).items():
+            if key in attrs and attrs[key] != ours:
+                raise ValueError(f"attrs[{key!r}] = {attrs[key]!r} conflicts with {ours!r}")
+        set_(self, "attrs", attrs)
+
+    @property
+    def num_objects(self) -> int:
+        return len(self.object_ids)
+
+    @property
+    def num_chunks(self) -> int:
+        """ceil(T / F)."""
+        return -(-self.num_frames // self.chunk_frames)
+
+    @property
+    def dim_sizes(self) -> dict[str, int]:
+        h, w = self.feat_hw
+        return {
+            "frame": self.num_frames,
+            "object": self.num_objects,
+            "channel": MEM_DIM,
+            "pointer_channel": PTR_DIM,
+            "y": h,
+            "x": w,
+            "slot": TPOS_SLOTS,
+            "chunk": self.num_chunks,
+        }
+
+    def chunk_rows(self, chunk: int) -> range:
+        """Rows of frame-chunk ``chunk``; IndexError outside [0, num_chunks)."""
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"chunk {chunk} out of range [0, {self.num_chunks})")
+        start = chunk * self.chunk_frames
+        return range(start, min(start + self.chunk_frames, self.num_frames))
+
+    def _owned_attrs(self, status: str) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "memenc_version": _memenc_version(),
+            "status": status,
+            "fingerprint": self.fingerprint,
+            "storage_dtype": self.store_dtype,
+            "chunk_frames": self.chunk_frames,
+        }
+
+    def group_attrs(self, status: str) -> dict[str, Any]:
+        """The ``memenc`` group attribute for this layout with the given status."""
+        return {**self.attrs, **self._owned_attrs(status)}
+
+
+def memenc_attrs(group: zarr.Group) -> dict[str, Any] | None:
+    attrs = group.attrs.asdict().get(ATTRS_KEY)
+    if isinstance(attrs, dict) and str(attrs.get("schema", "")).startswith("memenc."):
+        return attrs
+    return None
+
+
+def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
+    """Rebuild the layout of an existing store and check every array against the schema.
+
+    Raises:
+        StoreError: an array is missing, or its shape, dtype, chunks or dimension names do
+            not match the schema.
+    """
+    attrs = memenc_attrs(group) or {}
+    version = READABLE_SCHEMAS.get(attrs.get("schema"), READABLE_SCHEMAS[SCHEMA])
+    try:
+        arrays = {
+            name: group[name]
+            for name, spec in SPECS.items()
+            if name in group or not (spec.optional or spec.since > version)
+        }
+    except KeyError as exc:
+        raise StoreError(f"{loc}: malformed store: array {exc} is missing") from exc
+    try:
+        features = arrays["maskmem_features"]
+        frame_index = arrays["frame_index"][:]
+        pos_enc = arrays["maskmem_pos_enc"][:]
+        tpos = arrays["maskmem_tpos_enc"][:] if "maskmem_tpos_enc" in arrays else None
+        object_ids = arrays["object_id"][:]
+        layout = StoreLayout(
+            num_frames=features.shape[0],
+            object_ids=object_ids.tolist(),
+            feat_hw=(features.shape[3], features.shape[4]),
+            store_dtype=str(features.dtype),
+            chunk_frames=features.chunks[0],
+            frame_index=frame_index,
+            pos_enc=pos_enc,
+            tpos_enc=tpos,
+            attrs={k: v for k, v in attrs.items() if k not in _OWNED_KEYS},
+            fingerprint=str(attrs.get("fingerprint") or "?"),
+        )
+    except (ValueError, IndexError, TypeError, OSError) as exc:
+        raise StoreError(f"{loc}: malformed or damaged store: {exc}") from exc
+    for name, array in arrays.items():
+        spec = SPECS[name]
+        want = (
+            spec.shape(layout),
+            spec.chunks(layout),
+            spec.resolved_dtype(layout.store_dtype),
+            spec.dims,
+        )
+        have = (
+            array.shape,
+            array.chunks,
+            np.dtype(str(array.dtype)),
+            array.metadata.dimension_names,
+        )
+        if want != have:
+            raise StoreError(
+                f"{loc}: malformed store: {name} has shape/chunks/dtype/dims {have}, "
+                f"schema says {want}"
+            )
+    return layout

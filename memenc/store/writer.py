@@ -1,0 +1,389 @@
+"""Writing a memenc store: `CacheStore` (prepare, open_for_write, write_chunk, finalize).
+
+Who writes what (see RELIABILITY.md, Zarr section):
+
+- The coordinator calls `CacheStore.prepare` once: it creates every array and the small
+  ones' data, and writes the group attributes (status ``in_progress``). It is the only
+  writer of metadata and attributes, and the only caller of `CacheStore.finalize`, which
+  checks every ``chunk_done`` marker and then writes status ``complete``.
+- Workers (in this process or others) call `CacheStore.open_for_write` and
+  `CacheStore.write_chunk`: they write whole frame-chunks only, data first, then that
+  chunk's ``chunk_done`` entry. ``chunk_done`` is chunked by 1, so two workers never
+  share a Zarr chunk.
+- Resume trusts only the markers: a chunk never written reads as the fill value without
+  error, so data without its marker is redone.
+
+Paths are local directories, ``file://`` URLs or fsspec URLs (``s3://…``); the write lock
+exists only for local paths (see `store_lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import zarr
+
+from memenc.errors import StoreError
+from memenc.pipeline.faults import kill_point
+from memenc.store.location import (
+    Location,
+    check_memenc_location,
+    describe_os_error,
+    open_existing,
+    open_group,
+)
+from memenc.store.lock import store_lock
+from memenc.store.schema import (
+    ARRAYS,
+    ATTRS_KEY,
+    COMPRESSORS,
+    MEM_DIM,
+    PTR_DIM,
+    SCHEMA,
+    SPECS,
+    STATUS_COMPLETE,
+    STATUS_CREATING,
+    STATUS_IN_PROGRESS,
+    StoreLayout,
+    chunk_ranges,
+    layout_from_group,
+    memenc_attrs,
+)
+
+__all__ = ["CacheStore"]
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+class CacheStore:
+    """Write access to one memenc store. Make it with `prepare` (coordinator) or
+    `open_for_write` (workers), not directly."""
+
+    def __init__(self, loc: Location, group: zarr.Group, layout: StoreLayout) -> None:
+        self._loc = loc
+        self._group = group
+        self._layout = layout
+        self._attrs: dict[str, Any] = dict(memenc_attrs(group) or {})
+        self._arrays = {name: group[name] for name in SPECS if name in group}
+
+    # ---- making one
+
+    @classmethod
+    def prepare(
+        cls, path: str | os.PathLike[str], layout: StoreLayout, *, overwrite: bool = False
+    ) -> CacheStore:
+        """Create the store, or resume it (coordinator side; takes the lock while it works).
+
+        - New path (or an empty directory): creates every array, writes ``frame_index``,
+          ``maskmem_pos_enc``, ``object_id``, ``maskmem_tpos_enc`` (when given), and the
+          ``memenc`` attributes with status ``in_progress``.
+        - ``in_progress`` store with the same fingerprint and layout: resumed, data kept;
+          `pending_chunks` lists what is left.
+        - ``complete`` store with the same fingerprint and layout: returned as is, nothing
+          pending (`finalize` is then a no-op).
+        - Anything else memenc made (other fingerprint, layout or schema version, or a
+          creation that was cut short) is deleted and recreated when ``overwrite`` is true.
+
+        Leftover ``*.partial`` temp files (from killed writers) are removed.
+
+        Args:
+            path: a directory path, ``file://`` or fsspec URL.
+            layout: the store's layout, attributes and fingerprint.
+            overwrite: replace an existing memenc store made with other settings.
+
+        Returns:
+            The store, open for writing.
+
+        Raises:
+            StoreError: the store was made with other settings (without ``overwrite``); the
+                path exists but is not a memenc store (never touched, even with
+                ``overwrite``); the path cannot be created or written (permission denied …).
+            StoreLockedError: another process holds the store's lock.
+        """
+        loc = Location(path)
+        with store_lock(loc):
+            kind = check_memenc_location(loc)
+            if kind == "zarr":
+                group = open_group(loc, "r+")
+                attrs = memenc_attrs(group) or {}
+                if overwrite or attrs.get("status") == STATUS_CREATING:
+                    loc.clear()
+                else:
+                    store = cls._resume(loc, group, attrs, layout)
+                    loc.remove_partials()
+                    return store
+            loc.remove_partials()
+            return cls._create(loc, layout)
+
+    @classmethod
+    def _resume(
+        cls, loc: Location, group: zarr.Group, attrs: dict[str, Any], layout: StoreLayout
+    ) -> CacheStore:
+        differs: list[str] = []
+        if attrs.get("schema") != SCHEMA:
+            differs.append(f"schema {attrs.get('schema')!r}")
+        try:
+            old = layout_from_group(group, loc)
+        except StoreError as exc:
+            raise StoreError(f"{exc}; use --overwrite") from exc
+        for name in ("num_frames", "object_ids", "feat_hw", "store_dtype", "chunk_frames"):
+            if getattr(old, name) != getattr(layout, name):
+                differs.append(name)
+        if old.num_frames == layout.num_frames and not np.array_equal(
+            old.frame_index, layout.frame_index
+        ):
+            differs.append("frame_index")
+        if attrs.get("fingerprint") != layout.fingerprint:
+            if layout.identity is not None:  # only the settings the fingerprint covers
+                before = _flat(dict(layout.identity(attrs)))
+                after = _flat(dict(layout.identity(layout.attrs)))
+            else:
+                before = _flat(old.attrs)
+                after = _flat(layout.attrs)
+            keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            differs.extend(keys or ["fingerprint"])
+        if attrs.get("status") not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
+            differs.append(f"status {attrs.get('status')!r}")
+        if differs:
+            shown = ", ".join(differs[:8]) + (", …" if len(differs) > 8 else "")
+            raise StoreError(
+                f"{loc}: store was made with other settings ({shown} differ); use --overwrite"
+            )
+        return cls(loc, group, old)
+
+    @classmethod
+    def _create(cls, loc: Location, layout: StoreLayout) -> CacheStore:
+        loc.make_dir()
+        try:
+            group = zarr.create_group(
+                loc.zarr_store(read_only=False),
+                zarr_format=3,
+                attributes={ATTRS_KEY: layout.group_attrs(STATUS_CREATING)},
+            )
+            for spec in ARRAYS:
+                if spec.optional and layout.tpos_enc is None:
+                    continue
+                group.create_array(
+                    spec.name,
+                    shape=spec.shape(layout),
+                    dtype=spec.resolved_dtype(layout.store_dtype),
+                    chunks=spec.chunks(layout),
+                    compressors=COMPRESSORS,
+                    fill_value=spec.fill_value(layout.store_dtype),
+                    dimension_names=spec.dims,
+                )
+            group["frame_index"][:] = layout.frame_index
+            group["maskmem_pos_enc"][:] = layout.pos_enc
+            group["object_id"][:] = np.asarray(layout.object_ids, dtype=np.int32)
+            if layout.tpos_enc is not None:
+                group["maskmem_tpos_enc"][:] = layout.tpos_enc
+            # Written last: until here the store says "creating" and a rerun starts over.
+            group.attrs[ATTRS_KEY] = layout.group_attrs(STATUS_IN_PROGRESS)
+        except OSError as exc:
+            raise StoreError(f"{loc}: cannot create store: {describe_os_error(exc)}") from exc
+        return cls(loc, group, layout)
+
+    @classmethod
+    def open_for_write(cls, path: str | os.PathLike[str]) -> CacheStore:
+        """Open an ``in_progress`` store to write chunks (worker side; no metadata writes,
+        no lock — the coordinator holds it).
+
+        Raises:
+            StoreError: the path is not a memenc store, is malformed, is not
+                ``in_progress`` (creation unfinished, or already complete), or has another
+                schema version.
+        """
+        loc = Location(path)
+        group, attrs = open_existing(loc, "r+")
+        status = attrs.get("status")
+        if status != STATUS_IN_PROGRESS:
+            raise StoreError(f"{loc}: store is {status!r}, not in_progress; nothing to write")
+        return cls(loc, group, layout_from_group(group, loc))
+
+    # ---- properties
+
+    @property
+    def path(self) -> str:
+        return str(self._loc)
+
+    @property
+    def layout(self) -> StoreLayout:
+        return self._layout
+
+    @property
+    def status(self) -> str:
+        """``in_progress`` or ``complete`` (as this object last wrote or read it)."""
+        return str(self._attrs.get("status"))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """A copy of the ``memenc`` group attribute."""
+        return json.loads(json.dumps(self._attrs))
+
+    @property
+    def num_chunks(self) -> int:
+        return self._layout.num_chunks
+
+    # ---- work
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[CacheStore]:
+        """`store_lock` on this store: ``with store.lock(): …``. Yields the store.
+
+        Raises:
+            StoreLockedError: another process holds the lock.
+        """
+        with store_lock(self._loc):
+            yield self
+
+    def _done_markers(self) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays["chunk_done"][:])
+        except OSError as exc:
+            raise StoreError(
+                f"{self._loc}: cannot read chunk_done: {describe_os_error(exc)}"
+            ) from exc
+        except (ValueError, RuntimeError) as exc:
+            raise StoreError(f"{self._loc}: chunk_done is damaged: {exc}") from exc
+
+    def pending_chunks(self) -> list[int]:
+        """Frame-chunks whose ``chunk_done`` marker is not set, ascending.
+
+        Raises:
+            StoreError: the markers cannot be read.
+        """
+        return [int(i) for i in np.flatnonzero(self._done_markers() != 1)]
+
+    def chunk_rows(self, chunk: int) -> range:
+        """Store rows covered by frame-chunk ``chunk`` (the last one may be short).
+
+        Raises:
+            IndexError: ``chunk`` outside [0, num_chunks).
+        """
+        return self._layout.chunk_rows(chunk)
+
+    def write_chunk(
+        self,
+        chunk: int,
+        features: np.ndarray,
+        scores: np.ndarray,
+        timestamps: np.ndarray,
+        pointers: np.ndarray,
+    ) -> None:
+        """Write one whole frame-chunk, then set its ``chunk_done`` marker.
+
+        Args:
+            chunk: the frame-chunk index.
+            features: [n, O, 64, h, w] float, n = len(chunk_rows(chunk)); cast to the store
+                dtype.
+            scores: [n, O] object score logits.
+            timestamps: [n] seconds.
+            pointers: [n, O, 256] object pointers (``obj_ptr``), stored as float32.
+
+        Raises:
+            IndexError: ``chunk`` out of range.
+            ValueError: an argument has the wrong shape.
+            StoreError: non-finite features or pointers, features that overflow float16, the store is
+                already complete, or the write failed (disk full, permission …). The marker
+                stays unset in every such case.
+        """
+        rows = self.chunk_rows(chunk)
+        layout = self._layout
+        n, h, w = len(rows), *layout.feat_hw
+        features = np.asarray(features)
+        scores = np.asarray(scores)
+        timestamps = np.asarray(timestamps)
+        pointers = np.asarray(pointers, dtype=np.float32)
+        expected = {
+            "features": (features, (n, layout.num_objects, MEM_DIM, h, w)),
+            "scores": (scores, (n, layout.num_objects)),
+            "timestamps": (timestamps, (n,)),
+            "pointers": (pointers, (n, layout.num_objects, PTR_DIM)),
+        }
+        for name, (value, shape) in expected.items():
+            if value.shape != shape:
+                raise ValueError(
+                    f"chunk {chunk}: {name} must have shape {shape}, got {value.shape}"
+                )
+        if self.status == STATUS_COMPLETE:
+            raise StoreError(f"{self._loc}: store is complete; refusing to rewrite chunk {chunk}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = features.astype(layout.store_dtype, copy=False)
+        if not np.isfinite(stored).all():
+            where = f"rows {rows.start}-{rows.stop - 1} (chunk {chunk})"
+            if np.isfinite(features).all():
+                peak = float(np.abs(features).max())
+                raise StoreError(
+                    f"{self._loc}: features in {where} exceed the float16 range "
+                    f"(max |x| = {peak:.4g}); use --store-dtype float32"
+                )
+            raise StoreError(f"{self._loc}: non-finite (NaN/inf) features in {where}")
+        if not np.isfinite(pointers).all():
+            raise StoreError(
+                f"{self._loc}: non-finite (NaN/inf) object pointers in rows "
+                f"{rows.start}-{rows.stop - 1} (chunk {chunk})"
+            )
+        sel = slice(rows.start, rows.stop)
+        try:
+            self._arrays["maskmem_features"][sel] = stored
+            self._arrays["object_score_logits"][sel] = scores.astype(np.float32, copy=False)
+            self._arrays["obj_ptr"][sel] = pointers
+            self._arrays["timestamp"][sel] = timestamps.astype(np.float64, copy=False)
+            kill_point("chunk-data", chunk)
+            # The marker goes last: a chunk counts as written only once its data is.
+            self._arrays["chunk_done"][chunk] = 1
+            kill_point("chunk-done", chunk)
+        except OSError as exc:
+            raise StoreError(
+                f"{self._loc}: writing chunk {chunk} failed: {describe_os_error(exc)}"
+            ) from exc
+
+    def finalize(self) -> None:
+        """Mark the store complete once every ``chunk_done`` marker is set (coordinator).
+
+        Also writes consolidated metadata (so xarray and zarr open it without listing).
+        A no-op on a store that is already complete.
+
+        Raises:
+            StoreError: chunks are missing (listed), or the attributes cannot be written.
+        """
+        missing = self.pending_chunks()
+        if missing:
+            raise StoreError(
+                f"{self._loc}: cannot mark complete: {len(missing)} of {self.num_chunks} "
+                f"chunks not written (chunks {chunk_ranges(missing)})"
+            )
+        if self.status == STATUS_COMPLETE:
+            return
+        kill_point("before-complete")
+        attrs = {**self._attrs, "status": STATUS_COMPLETE}
+        try:
+            with warnings.catch_warnings():
+                # "consolidated metadata is not in the v3 spec", and the lock file is
+                # "not a component of a Zarr hierarchy": both expected here.
+                warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+                zarr.consolidate_metadata(self._group.store)
+            group = open_group(self._loc, "r+")
+            group.attrs[ATTRS_KEY] = attrs  # status "complete" is the last write
+        except OSError as exc:
+            raise StoreError(
+                f"{self._loc}: cannot mark complete: {describe_os_error(exc)}"
+            ) from exc
+        self._group = group
+        self._attrs = attrs
+
+    def __repr__(self) -> str:
+        return f"CacheStore({self.path!r}, status={self.status!r}, chunks={self.num_chunks})"
