@@ -72,6 +72,9 @@ def test_encode_json_summary_and_inspect(tmp_path, clip):
     assert rows["status"].strip() == "complete"
     assert rows["chunks done"].strip().startswith(f"{info['chunks_total']}/")
     assert "maskmem_features" in r.stdout
+    assert rows["pointers"].strip().startswith("obj_ptr")
+    assert any(ln.split()[:2] == ["obj_ptr", "frame,object,pointer_channel"] for ln in
+               r.stdout.splitlines())  # fmt: skip
     # a summary, not the raw attribute record
     assert "{" not in r.stdout and "fingerprint" not in r.stdout and "sigmoid" not in r.stdout
 

@@ -122,9 +122,9 @@ def written_store(tmp_path: Path):
         for chunk in range(store.num_chunks) if chunks is None else chunks:
             n = len(store.chunk_rows(chunk))
             scores = np.tile(np.array([10.0, -10.0], np.float32), (n, 1))
-            store.write_chunk(
-                chunk, np.broadcast_to(feats, (n, *feats.shape)), scores, np.arange(n) / 24
-            )
+            pointers = np.full((n, len(OBJECT_IDS), 256), 0.5, np.float32)
+            feats_n = np.broadcast_to(feats, (n, *feats.shape))
+            store.write_chunk(chunk, feats_n, scores, np.arange(n) / 24, pointers)
         if chunks is None:
             store.finalize()
         return path
@@ -185,12 +185,17 @@ def test_describe_partial_store(written_store) -> None:
         "maskmem_features",
         "maskmem_pos_enc",
         "object_score_logits",
+        "obj_ptr",
         "frame_index",
         "timestamp",
         "object_id",
         "maskmem_tpos_enc",
         "chunk_done",
     }
+    ptr = arrays["obj_ptr"]
+    assert ptr["dimension_names"] == ["frame", "object", "pointer_channel"]
+    assert (ptr["shape"], ptr["chunks"], ptr["dtype"]) == ([T, 2, 256], [F, 2, 256], "float32")
+    assert ptr["stored_chunks"] == 1  # chunk 0; chunk 1 not written
     feats = arrays["maskmem_features"]
     assert feats["dimension_names"] == ["frame", "object", "channel", "y", "x"]
     assert feats["shape"] == [T, 2, 64, H, W]

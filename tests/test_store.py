@@ -1,4 +1,4 @@
-"""The memenc Zarr store (schema memenc.memory-cache/1) and its reader.
+"""The memenc Zarr store (schema memenc.memory-cache/2) and its reader.
 
 Small stores throughout: T=10 frames, 2 objects, 4x4 features, F=3 frames per chunk,
 so 4 chunks with a short last one.
@@ -62,13 +62,14 @@ def make_layout(
     )
 
 
-def chunk_data(chunk: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def chunk_data(chunk: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic data for one chunk (also used by the worker subprocesses)."""
     rng = np.random.default_rng(1000 + chunk)
     features = rng.standard_normal((n, OBJ, 64, H, W)).astype(np.float32)
     scores = rng.choice([-10.0, 10.0], size=(n, OBJ)).astype(np.float32)
     timestamps = (np.arange(n) + chunk * F) / 24.0
-    return features, scores, timestamps
+    pointers = rng.standard_normal((n, OBJ, 256)).astype(np.float32)
+    return features, scores, timestamps, pointers
 
 
 def write(store: CacheStore, chunks: list[int] | None = None) -> None:
@@ -213,6 +214,8 @@ def test_schema_dims_chunks_dtypes_and_checksums(written_store) -> None:
                              (F, 1, 64, H, W), "float16"),
         "maskmem_pos_enc": (("channel", "y", "x"), (64, H, W), (64, H, W), "float32"),
         "object_score_logits": (("frame", "object"), (T, OBJ), (F, OBJ), "float32"),
+        "obj_ptr": (("frame", "object", "pointer_channel"), (T, OBJ, 256), (F, OBJ, 256),
+                    "float32"),
         "frame_index": (("frame",), (T,), (F,), "int64"),
         "timestamp": (("frame",), (T,), (F,), "float64"),
         "object_id": (("object",), (OBJ,), (OBJ,), "int32"),
@@ -237,6 +240,79 @@ def test_store_without_tpos_enc(written_store) -> None:
     path, _ = written_store(make_layout(tpos=False))
     assert "maskmem_tpos_enc" not in zarr.open_group(path, mode="r")
     assert open_cache(path).tpos_enc is None
+
+
+def test_sam2_output_dict_is_the_bank_by_source_frame(written_store) -> None:
+    path, store = written_store(make_layout("float16"))
+    cache = open_cache(path)
+    assert cache.has_pointers
+    pointers = np.concatenate([chunk_data(c, len(store.chunk_rows(c)))[3] for c in range(4)])
+    scores = np.concatenate([chunk_data(c, len(store.chunk_rows(c)))[1] for c in range(4)])
+    bank = cache.sam2_output_dict(7)
+    assert set(bank) == {"cond_frame_outputs", "non_cond_frame_outputs"}
+    assert bank["non_cond_frame_outputs"] == {}
+    cond = bank["cond_frame_outputs"]
+    assert list(cond) == (np.arange(T) * 2 + 5).tolist()  # source frame numbers
+    want = expected_features("float16")
+    for row, frame in enumerate(cond):
+        out = cond[frame]
+        assert set(out) == {"maskmem_features", "maskmem_pos_enc", "obj_ptr", "object_score_logits"}
+        assert out["maskmem_features"].shape == (1, 64, H, W)
+        assert out["maskmem_features"].dtype == torch.float32
+        np.testing.assert_array_equal(out["maskmem_features"][0].numpy(), want[row, 1])
+        assert out["obj_ptr"].shape == (1, 256) and out["obj_ptr"].dtype == torch.float32
+        np.testing.assert_array_equal(out["obj_ptr"][0].numpy(), pointers[row, 1])
+        np.testing.assert_array_equal(cache.pointer(row, 7).numpy(), pointers[row, 1])
+        assert out["object_score_logits"].tolist() == [[float(scores[row, 1])]]
+        assert len(out["maskmem_pos_enc"]) == 1
+        torch.testing.assert_close(out["maskmem_pos_enc"][0][0], cache.pos_enc, rtol=0, atol=0)
+    some = cache.sam2_output_dict(3, [9, 5, 9], dtype=torch.bfloat16)["cond_frame_outputs"]
+    assert list(some) == [9, 5]
+    assert some[9]["obj_ptr"].dtype == torch.bfloat16
+    assert torch.equal(some[9]["obj_ptr"][0], torch.from_numpy(pointers[2, 0]).bfloat16())
+    with pytest.raises(StoreError, match="frame 6 is not in the store"):
+        cache.sam2_output_dict(3, [6])
+    with pytest.raises(StoreError, match="object 4"):
+        cache.sam2_output_dict(4)
+
+
+def make_v1_store(path: Path) -> None:
+    """A store as memenc made it before object pointers: schema memenc.memory-cache/1, the
+    same arrays without obj_ptr."""
+    store = CacheStore.prepare(path, make_layout("float32"))
+    write(store)
+    store.finalize()
+    group = zarr.open_group(path, mode="r+")
+    del group["obj_ptr"]
+    attrs = group.attrs["memenc"]
+    group.attrs["memenc"] = {**attrs, "schema": "memenc.memory-cache/1"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        zarr.consolidate_metadata(path)
+
+
+def test_v1_store_opens_and_asking_for_pointers_says_how_to_recompute(tmp_path: Path) -> None:
+    from memenc.store.report import describe_store, summary_lines
+
+    path = tmp_path / "old.zarr"
+    make_v1_store(path)
+    cache = open_cache(path)
+    assert not cache.has_pointers
+    np.testing.assert_array_equal(cache.features(4, 7).numpy(), expected_features("float32")[4, 1])
+    assert cache.for_sam2(4, 7)["maskmem_features"].shape == (1, 64, H, W)
+    for ask in (lambda: cache.pointer(4, 7), lambda: cache.sam2_output_dict(7)):
+        with pytest.raises(StoreError, match=r"no object pointers.*memenc encode .*--overwrite"):
+            ask()
+    info = describe_store(path)
+    assert info["problems"] == [] and info["schema"] == "memenc.memory-cache/1"
+    assert "obj_ptr" not in [a["name"] for a in info["arrays"]]
+    assert dict(summary_lines(info))["pointers"].startswith("none")
+    with pytest.raises(StoreError, match="not in_progress|is not"):
+        CacheStore.open_for_write(path)
+    with pytest.raises(StoreError, match=r"schema 'memenc.memory-cache/1'.*--overwrite"):
+        CacheStore.prepare(path, make_layout("float32"))
+    fresh = CacheStore.prepare(path, make_layout("float32"), overwrite=True)
+    assert fresh.attrs["schema"] == SCHEMA and fresh.pending_chunks() == [0, 1, 2, 3]
 
 
 def test_for_sam2_shapes_and_dtypes(written_store) -> None:
@@ -274,6 +350,8 @@ def test_xarray_and_dask_read_the_store(written_store) -> None:
     assert ds["maskmem_features"].dims == ("frame", "object", "channel", "y", "x")
     assert ds["maskmem_pos_enc"].dims == ("channel", "y", "x")
     assert ds["object_score_logits"].dims == ("frame", "object")
+    assert ds["obj_ptr"].dims == ("frame", "object", "pointer_channel")
+    assert ds.sizes["channel"] == 64 and ds.sizes["pointer_channel"] == 256
     assert ds["maskmem_tpos_enc"].dims == ("slot", "channel")
     assert ds["chunk_done"].dims == ("chunk",)
     np.testing.assert_array_equal(
@@ -394,24 +472,30 @@ def test_leftover_partial_files_are_removed(written_store) -> None:
 
 def test_write_chunk_checks_shapes_and_range(tmp_path: Path) -> None:
     store = CacheStore.prepare(tmp_path / "v.zarr", make_layout())
-    features, scores, timestamps = chunk_data(3, 1)
+    features, scores, timestamps, pointers = chunk_data(3, 1)
     with pytest.raises(ValueError, match=r"features must have shape \(3, 2, 64, 4, 4\)"):
-        store.write_chunk(0, features, scores, timestamps)  # chunk 0 has 3 rows
+        store.write_chunk(0, features, scores, timestamps, pointers)  # chunk 0 has 3 rows
     with pytest.raises(ValueError, match="scores"):
-        store.write_chunk(3, features, scores[:, :1], timestamps)
+        store.write_chunk(3, features, scores[:, :1], timestamps, pointers)
+    with pytest.raises(ValueError, match=r"pointers must have shape \(1, 2, 256\)"):
+        store.write_chunk(3, features, scores, timestamps, pointers[..., :64])
     with pytest.raises(IndexError):
-        store.write_chunk(4, features, scores, timestamps)
+        store.write_chunk(4, features, scores, timestamps, pointers)
     assert store.pending_chunks() == [0, 1, 2, 3]
 
 
 def test_write_chunk_refuses_float16_overflow_and_nan(tmp_path: Path) -> None:
     store = CacheStore.prepare(tmp_path / "v.zarr", make_layout("float16"))
-    features, scores, timestamps = chunk_data(3, 1)
+    features, scores, timestamps, pointers = chunk_data(3, 1)
     with pytest.raises(StoreError, match="float16 range.*--store-dtype float32"):
-        store.write_chunk(3, features * 1e6, scores, timestamps)
+        store.write_chunk(3, features * 1e6, scores, timestamps, pointers)
+    bad = pointers.copy()
+    bad[0, 1, 5] = np.inf
+    with pytest.raises(StoreError, match="non-finite.*object pointers"):
+        store.write_chunk(3, features, scores, timestamps, bad)
     features[0, 0, 0, 0, 0] = np.nan
     with pytest.raises(StoreError, match="non-finite"):
-        store.write_chunk(3, features, scores, timestamps)
+        store.write_chunk(3, features, scores, timestamps, pointers)
     assert store.pending_chunks() == [0, 1, 2, 3]
 
 
@@ -549,7 +633,7 @@ def test_reader_on_in_progress_store_trusts_only_markers(written_store) -> None:
     with pytest.raises(StoreError, match="chunk 1, which is not written yet"):
         cache.features(3, 3)
     # Data written but marker not set yet (a writer killed between the two): still refused.
-    features, scores, timestamps = chunk_data(2, 3)
+    features = chunk_data(2, 3)[0]
     zarr.open_group(path, mode="r+")["maskmem_features"][6:9] = features.astype(np.float16)
     with pytest.raises(StoreError, match="chunk 2, which is not written yet"):
         cache.features(6, 3)

@@ -5,13 +5,21 @@
 Three stages overlap, joined by bounded queues so memory does not grow with the video:
 
     decode thread   VideoSource batches (decoded in a child process) + the batch's masks
-    main thread     image_features + encode_memory on the device, results to host memory
+    main thread     image_features + encode_memory (memories and object pointers) on the
+                    device, results to host memory
     writer thread   whole frame-chunks into the store, each followed by its chunk_done marker
 
 `encode_video` is the coordinator: it plans the rows, creates or resumes the store, runs
 the one work unit "all pending chunks", and marks the store complete. `run_chunks` is
 that work unit on its own — a store that exists, a video and a set of frame-chunks — so
 the same code can fill disjoint chunk ranges in other processes or on other machines.
+
+What a row holds, per object: `maskmem_features`, `object_score_logits` and `obj_ptr` of
+SAM 2's `track_step(mask_inputs=m, run_mem_encoder=True)` for the frame with its mask m
+(eval mode; also SAM 2's training path). `SAM2VideoPredictor.add_new_mask` keeps the same
+pointer and score but a slightly different memory: it re-encodes it later from its
+low-resolution copy of the mask (256² at S=1024) upsampled and binarized to ±10 (so edges
+differ), and stores the features in bfloat16.
 """
 
 from __future__ import annotations
@@ -393,17 +401,30 @@ class _Stages:
 class _ChunkBuffer:
     """Host arrays for one frame-chunk, filled row by row as batches finish."""
 
-    def __init__(self, rows: int, row_shape: tuple[int, ...]) -> None:
+    def __init__(self, rows: int, row_shape: tuple[int, ...], ptr_dim: int) -> None:
         self.features = np.empty((rows, *row_shape), np.float32)  # [n, O, 64, h, w]
         self.scores = np.empty((rows, row_shape[0]), np.float32)  # [n, O]
         self.timestamps = np.empty(rows, np.float64)
+        self.pointers = np.empty((rows, row_shape[0], ptr_dim), np.float32)  # [n, O, 256]
         self.missing = rows
 
-    def put(self, k: int, features: np.ndarray, scores: np.ndarray, timestamp: float) -> bool:
+    def put(
+        self,
+        k: int,
+        features: np.ndarray,
+        scores: np.ndarray,
+        timestamp: float,
+        pointers: np.ndarray,
+    ) -> bool:
         """Fill row k; True once every row is filled."""
         self.features[k], self.scores[k], self.timestamps[k] = features, scores, timestamp
+        self.pointers[k] = pointers
         self.missing -= 1
         return self.missing == 0
+
+    def chunk(self, c: int) -> tuple:
+        """`CacheStore.write_chunk`'s arguments for frame-chunk c."""
+        return (c, self.features, self.scores, self.timestamps, self.pointers)
 
 
 def run_chunks(
@@ -473,16 +494,19 @@ def run_chunks(
             batch_rows, batch, m = item
             with autocast:
                 pix = model.image_features(batch.frames)
-                out = model.encode_memory(pix, m)
+                out = model.encode_memory(pix, m, pointers=True)
             feats = out.features.float().cpu().numpy()  # one device->host copy per batch
             scores = out.object_score_logits.float().cpu().numpy()
+            ptrs = out.obj_ptr.float().cpu().numpy()  # [b, O, 256]
             for i, r in enumerate(batch_rows):
                 c = r // layout.chunk_frames
                 if c not in buffers:
-                    buffers[c] = _ChunkBuffer(len(store.chunk_rows(c)), feats.shape[1:])
+                    n = len(store.chunk_rows(c))
+                    buffers[c] = _ChunkBuffer(n, feats.shape[1:], ptrs.shape[-1])
                 buf = buffers[c]
-                if buf.put(r - c * layout.chunk_frames, feats[i], scores[i], batch.timestamps[i]):
-                    _put(finished, (c, buf.features, buf.scores, buf.timestamps), stop)
+                k = r - c * layout.chunk_frames
+                if buf.put(k, feats[i], scores[i], batch.timestamps[i], ptrs[i]):
+                    _put(finished, buf.chunk(c), stop)
                     del buffers[c]
                     written += 1
             if progress:

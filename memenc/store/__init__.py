@@ -1,4 +1,4 @@
-"""The memenc memory-cache store: one Zarr v3 group per video (schema memenc.memory-cache/1).
+"""The memenc memory-cache store: one Zarr v3 group per video (schema memenc.memory-cache/2).
 
 Modules, one concern each:
 

@@ -20,7 +20,7 @@ import zarr
 import zarr.storage
 
 from memenc.errors import StoreError
-from memenc.store.schema import ATTRS_KEY, LOCK_FILE, SCHEMA, memenc_attrs
+from memenc.store.schema import ATTRS_KEY, LOCK_FILE, READABLE_SCHEMAS, SCHEMA, memenc_attrs
 from memenc.store.urls import check_url, is_url
 
 __all__ = [
@@ -174,7 +174,9 @@ def open_existing(
             raise StoreError(f"{loc}: not a memenc store (no '{ATTRS_KEY}' schema)")
         return group, attrs
     attrs = attrs or {}
-    if attrs.get("schema") != SCHEMA:
+    # older schema versions open read-only (issue 9: /1 has no obj_ptr), never for writing
+    readable = mode == "r" and attrs.get("schema") in READABLE_SCHEMAS
+    if attrs.get("schema") != SCHEMA and not readable:
         raise StoreError(
             f"{loc}: store schema {attrs.get('schema')!r} is not {SCHEMA!r} "
             "(made by another memenc version)"

@@ -6,6 +6,21 @@
     mem["maskmem_features"]   # bfloat16 [1, 64, h, w]
     mem["maskmem_pos_enc"]    # [float32 [1, 64, h, w]]
 
+    # the whole memory bank of object 1 as SAM 2's `track_step` takes it (output_dict)
+    bank = cache.sam2_output_dict(1, device="cuda")
+    bank["cond_frame_outputs"][120]["obj_ptr"]   # float32 [1, 256]
+
+What the entries are: SAM 2's `track_step(mask_inputs=m, run_mem_encoder=True)` (eval
+mode) for each stored frame and its input mask m — `maskmem_features`, `maskmem_pos_enc`,
+`obj_ptr`, `object_score_logits` — which is also what SAM 2's training code computes for
+frames given as masks. `SAM2VideoPredictor.add_new_mask` keeps the same pointer and score
+but a slightly different memory: it re-encodes it later from its low-resolution copy of
+the mask (256² at S=1024) upsampled and binarized to ±10 (mask edges differ), and keeps
+the features in bfloat16.
+
+Stores of schema memenc.memory-cache/1 (made before object pointers) open too; asking
+them for pointers (`pointer`, `sam2_output_dict`) raises `StoreError`.
+
 A store still being written (status ``in_progress``) can be opened; rows whose frame-chunk
 has no ``chunk_done`` marker yet raise `StoreError` instead of returning the fill value.
 """
@@ -15,6 +30,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -24,6 +40,7 @@ from memenc.errors import StoreError
 from memenc.store.location import Location, describe_os_error, open_existing
 from memenc.store.schema import (
     ATTRS_KEY,
+    READABLE_SCHEMAS,
     STATUS_COMPLETE,
     STATUS_IN_PROGRESS,
     layout_from_group,
@@ -65,6 +82,8 @@ class MemoryCache:
         pos_enc: float32 [64, h, w], the same for every frame and object.
         tpos_enc: float32 [7, 64] from the checkpoint, or None (SAM 2 holds it as
             [7, 1, 1, 64]).
+        has_pointers: whether the store holds object pointers (``obj_ptr``; schema
+            memenc.memory-cache/2 and later).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -79,6 +98,8 @@ class MemoryCache:
         self._layout = layout
         self._features = group["maskmem_features"]
         self._scores = group["object_score_logits"]
+        self.has_pointers: bool = READABLE_SCHEMAS[attrs["schema"]] >= 2
+        self._pointers = group["obj_ptr"] if self.has_pointers else None
         self._chunk_done_array = group["chunk_done"]
         self.path = str(loc)
         self.attrs: dict[str, Any] = dict(group.attrs.asdict()[ATTRS_KEY])
@@ -99,7 +120,7 @@ class MemoryCache:
         h, w = layout.feat_hw
         chunk_bytes = layout.chunk_frames * 64 * h * w * np.dtype(layout.store_dtype).itemsize
         self._cache_size = max(1, _CACHE_BYTES // chunk_bytes)
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
 
     @property
@@ -255,3 +276,107 @@ class MemoryCache:
             "maskmem_pos_enc": [self.pos_enc.to(device).unsqueeze(0)],
             "object_score_logits": torch.tensor([[score]], dtype=torch.float32, device=device),
         }
+
+    # ---- object pointers and the memory bank (issue 9)
+
+    def _pointer_chunk(self, chunk: int) -> np.ndarray:
+        """Decoded obj_ptr of one frame-chunk: float32 [n, O, 256] (kept in the chunk cache)."""
+        if self._pointers is None:
+            video = (self.attrs.get("source_video") or {}).get("path") or "VIDEO"
+            raise StoreError(
+                f"{self.path}: store has no object pointers (schema {self.attrs.get('schema')!r}, "
+                f"made by an older memenc); recompute it with `memenc encode {video} "
+                f"-o {self.path} --overwrite` and the options it was made with"
+            )
+        key = (chunk, -1)
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+        rows = self._layout.chunk_rows(chunk)
+        pointers = self._pointers
+        data = self._read(f"obj_ptr chunk {chunk}", lambda: pointers[rows.start : rows.stop])
+        with self._cache_lock:
+            self._cache[key] = data
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return data
+
+    def pointer(self, row: int, object_id: int) -> torch.Tensor:
+        """Object pointer of one row and object (SAM 2's ``obj_ptr``).
+
+        Returns:
+            float32 [256].
+
+        Raises:
+            IndexError: ``row`` out of range.
+            StoreError: unknown object, the row's chunk not written yet, damaged data, or
+                a store without pointers (schema memenc.memory-cache/1; the message says how
+                to recompute it).
+        """
+        obj = self._object(object_id)
+        if self._pointers is None:
+            self._pointer_chunk(0)  # raises: no pointers
+        chunk = self._chunk_of(row)
+        block = self._pointer_chunk(chunk)
+        return torch.from_numpy(block[row - chunk * self.chunk_frames, obj].copy())
+
+    def sam2_output_dict(
+        self,
+        object_id: int,
+        frames: Iterable[int] | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, dict[int, dict[str, Any]]]:
+        """One object's memory bank in the form of SAM 2's ``output_dict``.
+
+        SAM 2's `track_step` (and `_prepare_memory_conditioned_features`) takes the result
+        as its ``output_dict`` unchanged: every stored frame is a conditioning frame, as a
+        frame given with a mask is in SAM 2, keyed by its *source* frame number, so pass
+        `track_step` the source frame number as ``frame_idx`` and the video's frame count
+        as ``num_frames``.
+
+        Args:
+            object_id: the object.
+            frames: source frame numbers to include (each must be in the store); None: every
+                stored frame.
+            device: where the tensors go.
+            dtype: the dtype of every tensor (float32 keeps the stored numbers exactly).
+
+        Returns:
+            ``{"cond_frame_outputs": {frame: {"maskmem_features": [1, 64, h, w],
+            "maskmem_pos_enc": [[1, 64, h, w]], "obj_ptr": [1, 256],
+            "object_score_logits": [1, 1]}}, "non_cond_frame_outputs": {}}``; the position
+            encoding is one tensor shared by every frame.
+
+        Raises:
+            StoreError: unknown object or frame, a chunk not written yet, damaged data, or a
+                store without pointers (schema memenc.memory-cache/1: recompute it with
+                ``memenc encode … --overwrite``; the message names the command).
+        """
+        obj = self._object(object_id)
+        if self._pointers is None:
+            self._pointer_chunk(0)  # raises: no pointers
+        wanted = self.frame_index.tolist() if frames is None else [int(f) for f in frames]
+        pos = [self.pos_enc.to(device=device, dtype=dtype).unsqueeze(0)]
+        cond: dict[int, dict[str, Any]] = {}
+        for frame in wanted:
+            if frame in cond:
+                continue
+            row = self.row_of(frame)
+            chunk = self._chunk_of(row)
+            k = row - chunk * self.chunk_frames
+            feats = self._feature_chunk(chunk, obj)[k]
+            ptr = self._pointer_chunk(chunk)[k, obj]
+            score = self._read("object_score_logits", lambda r=row: self._scores[r, obj])
+            cond[frame] = {
+                "maskmem_features": torch.from_numpy(feats.astype(np.float32))
+                .to(device=device, dtype=dtype)
+                .unsqueeze(0),
+                "maskmem_pos_enc": pos,
+                "obj_ptr": torch.from_numpy(ptr.copy()).to(device=device, dtype=dtype)[None],
+                "object_score_logits": torch.tensor([[float(score)]], dtype=dtype, device=device),
+            }
+        return {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}}

@@ -24,6 +24,7 @@ from memenc.errors import StoreError
 from memenc.store.location import Location, describe_os_error, open_existing
 from memenc.store.schema import (
     LOCK_FILE,
+    READABLE_SCHEMAS,
     SCHEMA,
     SPECS,
     STATUS_COMPLETE,
@@ -62,9 +63,10 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         - ``size_on_disk``: bytes of every file in the store (metadata included); None
           for remote stores.
         - ``attrs``: the whole ``memenc`` group attribute.
-        - ``problems``: what makes the store unreadable by `memenc.open_cache` (another
-          schema version, an unfinished creation, arrays that do not match the schema);
-          empty for a healthy store.
+        - ``problems``: what makes the store unreadable by `memenc.open_cache` (a schema
+          version it cannot read, an unfinished creation, arrays that do not match the
+          schema); empty for a healthy store. A store of the older schema
+          memenc.memory-cache/1 has no problem listed but no ``obj_ptr`` array.
 
     Raises:
         StoreError: the path does not exist, is an empty directory, a file, a directory or
@@ -76,7 +78,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     problems: list[str] = []
     status = attrs.get("status")
-    if attrs.get("schema") != SCHEMA:
+    if attrs.get("schema") not in READABLE_SCHEMAS:  # older readable ones: no obj_ptr
         problems.append(f"schema {attrs.get('schema')!r} is not {SCHEMA!r}")
     if status not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
         problems.append(f"store creation did not finish (status {status!r})")
@@ -122,7 +124,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def summary_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     """The human summary `memenc inspect` prints: (label, text) rows for the video, the
-    model, the masks, objects, frames, storage dtype, status, chunks and size, from a
+    model, the masks, objects, frames, storage dtype, pointers, status, chunks and size, from a
     `describe_store` result. Fields the store does not record read "-"."""
     attrs = info.get("attrs") or {}
     video = attrs.get("source_video") or {}
@@ -182,12 +184,20 @@ def summary_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("objects", "-" if objects is None else ", ".join(map(str, objects)) or "none"),
         ("frames", frames_text),
         ("storage", f"{info.get('store_dtype') or '-'}, computed in {attrs.get('precision', '-')}"),
+        ("pointers", _pointers_text(info)),
         ("status", str(info.get("status"))),
         ("chunks done", chunks_text),
         ("size on disk", human_bytes(info.get("size_on_disk"))),
     ]
     rows += [("problem", p) for p in info.get("problems") or []]
     return rows
+
+
+def _pointers_text(info: dict[str, Any]) -> str:
+    """Whether the store holds object pointers (issue 9: schema memenc.memory-cache/2)."""
+    if any(a.get("name") == "obj_ptr" for a in info.get("arrays") or []):
+        return "obj_ptr (SAM 2 object pointers, float32)"
+    return "none (older schema; recompute with `memenc encode … --overwrite`)"
 
 
 def _fps(video: dict) -> str:

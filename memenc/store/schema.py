@@ -1,4 +1,4 @@
-"""The store's schema, memenc.memory-cache/1: the `ARRAYS` table, `StoreLayout`, and how
+"""The store's schema, memenc.memory-cache/2: the `ARRAYS` table, `StoreLayout`, and how
 an existing group is read back into a layout and checked against the table.
 
 The schema — array names, dimension names, dtypes, chunking, codecs and attributes — is
@@ -7,6 +7,9 @@ reader, the report) derives from it.
 
 Every array's codec chain ends with a CRC32C checksum, so a damaged chunk raises on read
 instead of returning wrong numbers.
+
+Schema versions: ``/2`` added ``obj_ptr`` (SAM 2's object pointers). Stores of ``/1`` still
+open for reading (`READABLE_SCHEMAS`; they have no pointers), never for writing or resuming.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ __all__ = [
     "COMPRESSORS",
     "LOCK_FILE",
     "MEM_DIM",
+    "PTR_DIM",
+    "READABLE_SCHEMAS",
     "SCHEMA",
     "SPECS",
     "STATUS_COMPLETE",
@@ -48,7 +53,11 @@ __all__ = [
     "memenc_attrs",
 ]
 
-SCHEMA = "memenc.memory-cache/1"
+SCHEMA = "memenc.memory-cache/2"
+# --- issue 9 (obj_ptr): older schemas that still open read-only, and the version of each
+READABLE_SCHEMAS = {"memenc.memory-cache/1": 1, SCHEMA: 2}
+PTR_DIM = 256  # SAM 2's hidden_dim: one object pointer per frame and object
+# --- end issue 9
 ATTRS_KEY = "memenc"
 """Group attribute under which memenc keeps its attributes."""
 
@@ -86,6 +95,7 @@ class ArraySpec:
     chunking: Mapping[str, int] = field(default_factory=dict)
     written_by: str = "coordinator"
     optional: bool = False
+    since: int = 1  # the schema version that added the array (issue 9)
 
     def resolved_dtype(self, store_dtype: str) -> np.dtype:
         return np.dtype(store_dtype if self.dtype == _STORE_DTYPE else self.dtype)
@@ -105,7 +115,7 @@ class ArraySpec:
         return tuple(max(1, c) for c in out)
 
 
-# The schema, memenc.memory-cache/1. Frame-chunked arrays share F, so one frame-chunk is
+# The schema, memenc.memory-cache/2. Frame-chunked arrays share F, so one frame-chunk is
 # one Zarr chunk per object of maskmem_features plus one chunk each of the others.
 ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec(
@@ -122,6 +132,16 @@ ARRAYS: tuple[ArraySpec, ...] = (
         "float32",
         {"frame": _CHUNK_FRAMES},
         written_by="worker",
+    ),
+    # issue 9: SAM 2's object pointer per frame and object, chunked like the scores. Its
+    # channel dimension has its own name: xarray wants one size per dimension name.
+    ArraySpec(
+        "obj_ptr",
+        ("frame", "object", "pointer_channel"),
+        "float32",
+        {"frame": _CHUNK_FRAMES},
+        written_by="worker",
+        since=2,
     ),
     ArraySpec("frame_index", ("frame",), "int64", {"frame": _CHUNK_FRAMES}),
     ArraySpec("timestamp", ("frame",), "float64", {"frame": _CHUNK_FRAMES}, written_by="worker"),
@@ -287,6 +307,7 @@ class StoreLayout:
             "frame": self.num_frames,
             "object": self.num_objects,
             "channel": MEM_DIM,
+            "pointer_channel": PTR_DIM,
             "y": h,
             "x": w,
             "slot": TPOS_SLOTS,
@@ -330,8 +351,13 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
             not match the schema.
     """
     attrs = memenc_attrs(group) or {}
+    version = READABLE_SCHEMAS.get(attrs.get("schema"), READABLE_SCHEMAS[SCHEMA])
     try:
-        arrays = {name: group[name] for name in SPECS if name in group or not SPECS[name].optional}
+        arrays = {
+            name: group[name]
+            for name, spec in SPECS.items()
+            if name in group or not (spec.optional or spec.since > version)
+        }
     except KeyError as exc:
         raise StoreError(f"{loc}: malformed store: array {exc} is missing") from exc
     try:

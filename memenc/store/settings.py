@@ -42,9 +42,14 @@ __all__ = [
     "json_safe",
 ]
 
-NUMBERS_VERSION = 1
+NUMBERS_VERSION = 2
 """Version of the numbers memenc stores. Bump it whenever a code change alters what a
-run writes for the same inputs and settings, so stores made before are not resumed."""
+run writes for the same inputs and settings, so stores made before are not resumed.
+
+2: stores hold SAM 2's object pointers (``obj_ptr``, schema memenc.memory-cache/2). A
+store made by an earlier memenc has another fingerprint, so a rerun refuses it as made
+with "other settings" unless ``--overwrite`` is given (which recomputes it, pointers
+included): intended, since it has no pointers to resume."""
 
 _BLOCK = 1 << 20  # hashing reads 1 MiB at a time
 

@@ -44,6 +44,7 @@ from memenc.store.schema import (
     ATTRS_KEY,
     COMPRESSORS,
     MEM_DIM,
+    PTR_DIM,
     SCHEMA,
     SPECS,
     STATUS_COMPLETE,
@@ -280,6 +281,7 @@ class CacheStore:
         features: np.ndarray,
         scores: np.ndarray,
         timestamps: np.ndarray,
+        pointers: np.ndarray,
     ) -> None:
         """Write one whole frame-chunk, then set its ``chunk_done`` marker.
 
@@ -289,11 +291,12 @@ class CacheStore:
                 dtype.
             scores: [n, O] object score logits.
             timestamps: [n] seconds.
+            pointers: [n, O, 256] object pointers (``obj_ptr``), stored as float32.
 
         Raises:
             IndexError: ``chunk`` out of range.
             ValueError: an argument has the wrong shape.
-            StoreError: non-finite features, features that overflow float16, the store is
+            StoreError: non-finite features or pointers, features that overflow float16, the store is
                 already complete, or the write failed (disk full, permission …). The marker
                 stays unset in every such case.
         """
@@ -303,10 +306,12 @@ class CacheStore:
         features = np.asarray(features)
         scores = np.asarray(scores)
         timestamps = np.asarray(timestamps)
+        pointers = np.asarray(pointers, dtype=np.float32)
         expected = {
             "features": (features, (n, layout.num_objects, MEM_DIM, h, w)),
             "scores": (scores, (n, layout.num_objects)),
             "timestamps": (timestamps, (n,)),
+            "pointers": (pointers, (n, layout.num_objects, PTR_DIM)),
         }
         for name, (value, shape) in expected.items():
             if value.shape != shape:
@@ -326,10 +331,16 @@ class CacheStore:
                     f"(max |x| = {peak:.4g}); use --store-dtype float32"
                 )
             raise StoreError(f"{self._loc}: non-finite (NaN/inf) features in {where}")
+        if not np.isfinite(pointers).all():
+            raise StoreError(
+                f"{self._loc}: non-finite (NaN/inf) object pointers in rows "
+                f"{rows.start}-{rows.stop - 1} (chunk {chunk})"
+            )
         sel = slice(rows.start, rows.stop)
         try:
             self._arrays["maskmem_features"][sel] = stored
             self._arrays["object_score_logits"][sel] = scores.astype(np.float32, copy=False)
+            self._arrays["obj_ptr"][sel] = pointers
             self._arrays["timestamp"][sel] = timestamps.astype(np.float64, copy=False)
             kill_point("chunk-data", chunk)
             # The marker goes last: a chunk counts as written only once its data is.
