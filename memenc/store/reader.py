@@ -212,17 +212,21 @@ class MemoryCache:
 
     def _feature_chunk(self, chunk: int, obj: int) -> np.ndarray:
         """Decoded maskmem_features of one frame-chunk and object: [n, 64, h, w] store dtype."""
-        key = (chunk, obj)
+        rows = self._layout.chunk_rows(chunk)
+        return self._cached(
+            (chunk, obj),
+            f"maskmem_features chunk {chunk} object {self.object_ids[obj]}",
+            lambda: self._features[rows.start : rows.stop, obj],
+        )
+
+    def _cached(self, key: tuple[int, int], what: str, read: Any) -> np.ndarray:
+        """`read()` through the LRU chunk cache (``key``: chunk, object or -1 for pointers)."""
         with self._cache_lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        rows = self._layout.chunk_rows(chunk)
-        data = self._read(
-            f"maskmem_features chunk {chunk} object {self.object_ids[obj]}",
-            lambda: self._features[rows.start : rows.stop, obj],
-        )
+        data = self._read(what, read)
         with self._cache_lock:
             self._cache[key] = data
             while len(self._cache) > self._cache_size:
@@ -288,20 +292,11 @@ class MemoryCache:
                 f"made by an older memenc); recompute it with `memenc encode {video} "
                 f"-o {self.path} --overwrite` and the options it was made with"
             )
-        key = (chunk, -1)
-        with self._cache_lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                return cached
         rows = self._layout.chunk_rows(chunk)
         pointers = self._pointers
-        data = self._read(f"obj_ptr chunk {chunk}", lambda: pointers[rows.start : rows.stop])
-        with self._cache_lock:
-            self._cache[key] = data
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return data
+        return self._cached(
+            (chunk, -1), f"obj_ptr chunk {chunk}", lambda: pointers[rows.start : rows.stop]
+        )
 
     def pointer(self, row: int, object_id: int) -> torch.Tensor:
         """Object pointer of one row and object (SAM 2's ``obj_ptr``).
