@@ -18,7 +18,7 @@ from memenc.encoders.checkpoint import (
     sha256_file,
     used_keys,
 )
-from memenc.encoders.model import MemencModel, MemoryOutput
+from memenc.encoders.model import MemencModel, MemoryOutput, empty_model
 from memenc.encoders.variants import (
     DEFAULT_VARIANT,
     VARIANTS,
@@ -90,7 +90,7 @@ def load_model(
     if weights not in ("checkpoint", "random"):
         raise CheckpointError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
     if weights == "random":
-        model = MemencModel(get_variant(variant or DEFAULT_VARIANT), image_size)
+        model = empty_model(get_variant(variant or DEFAULT_VARIANT), image_size)
         _randomize(model, seed)
         model.weights, model.seed = "random", seed
         return model.eval().to(device)
@@ -102,7 +102,7 @@ def load_model(
     path = resolve_checkpoint(checkpoint, progress)
     state = read_state_dict(path)
     var = get_variant(variant) if variant else detect_variant(state, str(path))
-    model = MemencModel(var, image_size)
+    model = empty_model(var, image_size)
     _load_strict(model, used_keys(state), path)
     model.weights = "checkpoint"
     model.checkpoint = str(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memenc.encoders.two_way import MLP, TwoWayTransformer
+from memenc.encoders.two_way import MLP, Tokens, TwoWayTransformer
 
 NUM_MASK_TOKENS = 4  # the single-mask token and 3 multimask tokens
 
@@ -28,9 +28,9 @@ class MaskDecoder(nn.Module):
     def __init__(self, transformer: TwoWayTransformer, dim: int = 256, score_mlp: bool = True):
         super().__init__()
         self.transformer = transformer
-        self.obj_score_token = nn.Embedding(1, dim)
-        self.iou_token = nn.Embedding(1, dim)
-        self.mask_tokens = nn.Embedding(NUM_MASK_TOKENS, dim)
+        self.obj_score_token = Tokens(1, dim)
+        self.iou_token = Tokens(1, dim)
+        self.mask_tokens = Tokens(NUM_MASK_TOKENS, dim)
         self.pred_obj_score_head = MLP(dim, dim, 1, 3) if score_mlp else nn.Linear(dim, 1)
 
     def forward(

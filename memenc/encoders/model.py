@@ -269,3 +269,27 @@ class MemencModel(nn.Module):
         return MemoryOutput(
             features=features, pos_enc=pos_enc, object_score_logits=scores, obj_ptr=obj_ptr
         )
+
+
+def empty_model(variant: Variant, image_size: int | None = None) -> MemencModel:
+    """A `MemencModel` whose parameters are allocated but not initialised, for weights that
+    are about to be loaded or drawn: building it on the meta device skips the modules'
+    own random initialisation (about a second of CPU for sam2.1 tiny, more for larger
+    variants), which the loaded weights would overwrite anyway. The fixed buffers (the
+    ImageNet statistics) are set; every parameter and the prompt encoder's Fourier matrix
+    must still be filled by the caller."""
+    with torch.device("meta"):
+        model = MemencModel(variant, image_size)
+    # allocate by hand: `to_empty` goes through torch's reference ops for meta tensors,
+    # whose first use imports sympy (about a second)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                empty = torch.empty(p.shape, dtype=p.dtype)
+                module._parameters[name] = nn.Parameter(empty, requires_grad=p.requires_grad)
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype)
+    model.pixel_mean.copy_(torch.tensor(PIXEL_MEAN)[:, None, None])
+    model.pixel_std.copy_(torch.tensor(PIXEL_STD)[:, None, None])
+    return model

@@ -61,6 +61,21 @@ def object_pointers(
     if o == 0:
         return pix_feat.new_zeros(b, 0, heads.no_obj_ptr.shape[-1])
     image_pe = heads.sam_prompt_encoder.get_dense_pe(*pix_feat.shape[-2:])
+    if objects_per_call == 1:
+        # One object per call: an object whose mask is empty gets `no_obj_ptr` from the
+        # second gate whatever the decoder says (0·ptr + 1·no_obj_ptr, exactly), so its
+        # decoder run is skipped. (Batched calls keep their shapes and run every object.)
+        rows = []
+        for f in range(b):
+            row = [
+                _pointers(heads, pix_feat[f : f + 1], image_pe, masks[f : f + 1, k : k + 1],
+                          present[f : f + 1, k : k + 1])
+                if bool(present[f, k])
+                else heads.no_obj_ptr.view(1, 1, -1)
+                for k in range(o)
+            ]  # fmt: skip
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)
     step = objects_per_call or o
     parts = [
         _pointers(heads, pix_feat, image_pe, m, p)

@@ -17,6 +17,7 @@ from torch import nn
 
 from memenc.encoders.memory import LayerNorm2d
 from memenc.encoders.position import PositionEmbeddingRandom
+from memenc.encoders.two_way import Tokens
 
 # SAM's padding for "no points": the given point (label −1) and the one the encoder appends
 NUM_PADDING_POINTS = 2
@@ -29,7 +30,7 @@ class PromptEncoder(nn.Module):
     def __init__(self, embed_dim: int = 256, mask_in_chans: int = 16) -> None:
         super().__init__()
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
-        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.not_a_point_embed = Tokens(1, embed_dim)
         mid = mask_in_chans // 4
         # two 2×2 stride-2 convs (stride 4 in all), each with LayerNorm2d and GELU, then 1×1
         self.mask_downscaling = nn.Sequential(

@@ -16,6 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Tokens(nn.Module):
+    """Learned tokens `weight` `[n, dim]`: what SAM keeps in an `nn.Embedding` and reads
+    only as a table (same checkpoint key, `<name>.weight`). Unlike `nn.Embedding` it draws
+    no random initial values: the weights always come from a checkpoint or a seed, and
+    skipping `normal_` keeps building the model on the meta device cheap."""
+
+    def __init__(self, n: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n, dim))
+
+
 class MLP(nn.Module):
     """`num_layers` linears (keys `layers.{i}`) with ReLU between them."""
 
