@@ -1,0 +1,719 @@
+"""memenc against the reference, one command: `python -m benchmarks.run --device cpu|cuda`.
+
+    python -m benchmarks.run --device cpu --out bench-out          # this machine's suite
+    python -m benchmarks.run --device cuda --suite gpu --out DIR   # what benchmarks/gpu.sh runs
+    python -m benchmarks.run --device cuda --suite gpu --dry-run   # everything short of CUDA
+
+Everything is measured in one run, the two sides interleaved (A B, B A, ...) so drift on a
+noisy machine cancels; the tables give medians, min–max and ratios, and DIR/benchmark.json
+holds every sample with the machine's facts (CPU, GPU, torch and package versions).
+
+What it measures (same checkpoint, written by the reference with randn·0.1 weights; same
+clip: generated 1280×720 H.264 with two moving objects and PNG label masks):
+
+- `image_features` against the reference's `forward_image`; `encode_memory` (B frames × 2
+  objects, memories only) against `_encode_new_memory` per frame and object.
+- Whole runs, each in a fresh process, timed from outside (interpreter start, imports and
+  model build included on both sides), with the peak RSS of the process tree sampled every
+  50 ms: `memenc encode` (the CLI) against the reference loop of REFERENCE.md. The
+  reference loop computes what memenc stores: sam2's `load_video_frames`, then per frame
+  `forward_image` and per object `track_step(mask_inputs=m, run_mem_encoder=True)`
+  (memory, object pointer, score), keeping the bank in RAM (bfloat16 features, as SAM 2's
+  predictor does). A second reference, "memories only", runs `_encode_new_memory` instead
+  (no pointers), REFERENCE.md's first loop.
+- memenc's stages alone on the same frames: decode-only (K decoders), compute-only
+  (`image_features` + `encode_memory` on decoded frames and read masks), write-only
+  (`CacheStore.write_chunk` of the computed chunks into a fresh store), and the end-to-end
+  run against the slowest of them.
+- Zarr against `np.save` for the same bytes (each chunk's stored features, interleaved).
+- bf16: memenc's `--precision bf16` run against the reference's fp32 loop, and the relative
+  L2 distance of its stored features from the fp32 store's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.memory import _tree_rss_mb  # noqa: E402
+
+OBJECTS = (3, 7)  # the label ids tests/media.py draws
+
+
+@dataclass(frozen=True)
+class Case:
+    """One whole-run comparison: a clip, a model size and the frames encoded."""
+
+    name: str
+    variant: str
+    image_size: int
+    frames: int
+    width: int = 1280
+    height: int = 720
+
+
+@dataclass(frozen=True)
+class Suite:
+    cases: tuple[Case, ...]
+    precisions: tuple[str, ...]
+    compiled: tuple[bool, ...]
+    decoders: tuple[int, ...]
+    micro_size: int
+    micro_variant: str
+    repeats: int
+    stages_case: str  # which case the stage breakdown runs on
+    parity_frames: int  # CUDA: frames re-encoded on the CPU to check the CUDA stores
+
+
+SUITES = {
+    "cpu": Suite(
+        cases=(
+            Case("short clip at 1024", "sam2.1_hiera_tiny", 1024, 6),
+            Case("240 frames at 512", "sam2.1_hiera_tiny", 512, 240, 640, 360),
+        ),
+        precisions=("fp32", "bf16"),
+        compiled=(False,),
+        decoders=(1, 2),
+        micro_size=1024,
+        micro_variant="sam2.1_hiera_tiny",
+        repeats=3,
+        stages_case="240 frames at 512",
+        parity_frames=0,
+    ),
+    "gpu": Suite(
+        cases=(
+            Case("tiny at 1024", "sam2.1_hiera_tiny", 1024, 96),
+            Case("base_plus at 1024", "sam2.1_hiera_base_plus", 1024, 96),
+        ),
+        precisions=("fp32", "bf16"),
+        compiled=(False, True),
+        decoders=(1, 2, 4, 8),
+        micro_size=1024,
+        micro_variant="sam2.1_hiera_tiny",
+        repeats=3,
+        stages_case="tiny at 1024",
+        parity_frames=4,
+    ),
+    "quick": Suite(  # a smoke test of the whole benchmark (minutes on 2 cores)
+        cases=(Case("quick at 256", "sam2.1_hiera_tiny", 256, 8, 320, 240),),
+        precisions=("fp32", "bf16"),
+        compiled=(False,),
+        decoders=(1, 2),
+        micro_size=256,
+        micro_variant="sam2.1_hiera_tiny",
+        repeats=1,
+        stages_case="quick at 256",
+        parity_frames=2,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class Measure:
+    """Samples of one quantity (seconds unless `unit` says otherwise)."""
+
+    unit: str = "s"
+    samples: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.samples.append(float(value))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.samples
+        return {
+            "unit": self.unit,
+            "median": self.median,
+            "min": min(s) if s else None,
+            "max": max(s) if s else None,
+            "samples": s,
+        }
+
+    def span(self, fmt: str = "{:.2f}") -> str:
+        if not self.samples:
+            return "–"
+        return f"{fmt.format(self.median)} ({fmt.format(min(self.samples))}–" + (
+            f"{fmt.format(max(self.samples))})"
+        )
+
+
+class Results:
+    """Every measure by name, the markdown lines so far, and the facts."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.measures: dict[str, Measure] = {}
+        self.ratios: dict[str, float] = {}
+        self.facts: dict[str, Any] = {}
+        self.lines: list[str] = []
+
+    def m(self, name: str, unit: str = "s") -> Measure:
+        return self.measures.setdefault(name, Measure(unit))
+
+    def say(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+        self.save()
+
+    def save(self) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "benchmark.md").write_text("\n".join(self.lines) + "\n")
+        data = {
+            "facts": self.facts,
+            "measures": {k: v.to_dict() for k, v in self.measures.items()},
+            "ratios": self.ratios,
+        }
+        (self.out / "benchmark.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def interleave(rounds: int, runs: dict[str, Callable[[], None]], res: Results, prefix: str):
+    """Run each callable `rounds` times, alternating the order each round (after one
+    untimed warm-up of each), recording wall seconds under `prefix/name`."""
+    for fn in runs.values():
+        fn()
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t = time.perf_counter()
+            runs[name]()
+            res.m(f"{prefix}/{name}").add(time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------------------- facts
+
+
+def machine_facts(device: str) -> dict[str, Any]:
+    import torch
+
+    facts: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    for pkg in ("memenc", "zarr", "numcodecs", "decord", "av", "sam2", "numpy"):
+        try:
+            mod = __import__(pkg)
+            facts[pkg] = getattr(mod, "__version__", "?")
+        except ImportError:
+            facts[pkg] = None
+    return facts
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def gpu_facts() -> dict[str, Any]:
+    import torch
+
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": p.name,
+        "gpu_memory_gb": round(p.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+    }
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Inputs:
+    video: Path
+    masks: Path
+    checkpoint: Path | None  # None: no reference here (memenc's seeded random weights)
+    case: Case
+
+
+def make_inputs(tmp: Path, case: Case, have_reference: bool) -> Inputs:
+    import media
+
+    folder = tmp / case.name.replace(" ", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = media.moving_labels(case.frames, case.height, case.width)
+    video = media.write_video(folder / "clip.mp4", media.scene_frames(labels))
+    masks = media.write_png_labels(folder / "clip_masks", labels)
+    ckpt = None
+    if have_reference:
+        ckpt = tmp / f"{case.variant}_{case.image_size}.pt"
+        if not ckpt.exists():
+            import oracle
+
+            oracle.save_checkpoint(oracle.reference_model(case.variant, case.image_size), ckpt)
+            oracle.reference_model.cache_clear()
+    return Inputs(video, masks, ckpt, case)
+
+
+def has_reference() -> bool:
+    try:
+        import sam2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+
+def timed_process(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd`; wall seconds from start to exit, and the peak summed RSS of its process
+    tree (sampled every 50 ms). The child's last stdout line, when JSON, is merged in."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    peak = 0.0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss_mb(proc.pid))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: {err[-1500:]}")
+    result: dict[str, Any] = {"seconds": seconds, "tree_peak_mb": peak}
+    lines = out.strip().splitlines()
+    if lines and lines[-1].startswith("{"):
+        result.update(json.loads(lines[-1]))
+    return result
+
+
+def memenc_cmd(inp: Inputs, out: Path, device: str, precision: str, compiled: bool) -> list[str]:
+    c = inp.case
+    cmd = [sys.executable, "-m", "memenc", "encode", str(inp.video), "--masks", str(inp.masks)]
+    cmd += ["--checkpoint", str(inp.checkpoint)] if inp.checkpoint else ["--weights", "random"]
+    cmd += ["--variant", c.variant, "--image-size", str(c.image_size), "--device", device]
+    cmd += ["--precision", precision, "-o", str(out), "--overwrite", "--quiet"]
+    cmd += ["--compile"] if compiled else []
+    return cmd
+
+
+def reference_cmd(inp: Inputs, device: str, precision: str, kind: str) -> list[str]:
+    c = inp.case
+    return [
+        sys.executable, "-m", "benchmarks.run", "--child", kind, str(inp.video), str(inp.masks),
+        str(inp.checkpoint), c.variant, str(c.image_size), device, precision,
+    ]  # fmt: skip
+
+
+def child_reference(
+    kind: str, video: str, masks: str, ckpt: str, variant: str, size: str, device: str,
+    precision: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The reference loop in this (fresh) process: build from the checkpoint, load the
+    whole video, then per frame and object `track_step` ("bank") or `_encode_new_memory`
+    ("memories"), keeping every result in RAM as SAM 2 does."""
+    from contextlib import nullcontext
+
+    import oracle
+    import torch
+    from PIL import Image
+    from sam2.build_sam import build_sam2
+    from sam2.utils.misc import load_video_frames
+
+    s = int(size)
+    t0 = time.perf_counter()
+    ref = build_sam2(
+        oracle.CONFIGS[variant], ckpt_path=ckpt, device=device,
+        hydra_overrides_extra=[f"++model.image_size={s}"],
+    ).eval()  # fmt: skip
+    t_build = time.perf_counter() - t0
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    cast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype else nullcontext()
+    images, _, _ = load_video_frames(
+        video, s, offload_video_to_cpu=device == "cpu", compute_device=torch.device(device)
+    )
+    bank = []
+    empty = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    with torch.inference_mode(), cast:
+        for f in range(images.shape[0]):
+            bo = ref.forward_image(images[f][None].to(device))
+            _, vf, vpos, fs = ref._prepare_backbone_features(bo)
+            labels = torch.from_numpy(np.array(Image.open(Path(masks) / f"{f:05d}.png")))
+            for obj in OBJECTS:
+                m = oracle.resize_binary((labels == obj).to(device), s)[None, None]
+                if kind == "bank":
+                    out = ref.track_step(
+                        frame_idx=f, is_init_cond_frame=True, current_vision_feats=vf,
+                        current_vision_pos_embeds=vpos, feat_sizes=fs, point_inputs=None,
+                        mask_inputs=m, output_dict=empty, num_frames=images.shape[0],
+                        run_mem_encoder=True,
+                    )  # fmt: skip
+                    bank.append((out["maskmem_features"].to(torch.bfloat16), out["obj_ptr"].cpu()))
+                else:
+                    score = torch.tensor([[10.0 if m.any() else -10.0]], device=device)
+                    mem, _ = ref._encode_new_memory(vf, fs, m * 20 - 10, score, False)
+                    bank.append(mem.to(torch.bfloat16))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"build_s": t_build, "loop_s": time.perf_counter() - t0 - t_build}
+
+
+def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) -> None:
+    """memenc encode (each precision / compile setting) against the reference loops, each
+    a fresh process, interleaved."""
+    c = inp.case
+    key = f"whole/{c.name}"
+    runs: dict[str, list[str]] = {}
+    stores: dict[str, Path] = {}
+    for prec in suite.precisions:
+        for compiled in suite.compiled:
+            name = f"memenc {prec}" + (" compiled" if compiled else "")
+            stores[name] = tmp / f"{c.name}_{name}.zarr".replace(" ", "_")
+            runs[name] = memenc_cmd(inp, stores[name], device, prec, compiled)
+    if inp.checkpoint is not None:
+        for prec in suite.precisions:
+            runs[f"reference {prec}"] = reference_cmd(inp, device, prec, "bank")
+        runs["reference fp32 (memories only)"] = reference_cmd(inp, device, "fp32", "memories")
+    names = list(runs)
+    for r in range(suite.repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            got = timed_process(runs[name])
+            res.m(f"{key}/{name}").add(got["seconds"])
+            res.m(f"{key}/{name}/peak_mb", "MB").add(got["tree_peak_mb"])
+            if "loop_s" in got:
+                res.m(f"{key}/{name}/build_s").add(got["build_s"])
+    res.say(f"### Whole runs: {c.name} ({c.variant}, {c.frames} frames of {c.width}×{c.height}, "
+            f"S={c.image_size}, {device}; medians of {suite.repeats}, min–max)")  # fmt: skip
+    res.say("")
+    res.say("| run | seconds | frames/s | peak RSS, process tree (MB) |")
+    res.say("|---|---:|---:|---:|")
+    for name in names:
+        t = res.m(f"{key}/{name}")
+        mb = res.m(f"{key}/{name}/peak_mb", "MB")
+        res.say(f"| {name} | {t.span()} | {c.frames / t.median:.2f} | {mb.span('{:.0f}')} |")
+    res.say("")
+    ref = res.measures.get(f"{key}/reference fp32")
+    if ref is not None:
+        for name in names:
+            if name.startswith("memenc"):
+                speed = ref.median / res.m(f"{key}/{name}").median
+                rss = (
+                    res.m(f"{key}/{name}/peak_mb").median
+                    / res.m(f"{key}/reference fp32/peak_mb").median
+                )
+                only = res.m(f"{key}/reference fp32 (memories only)").median
+                res.ratios[f"{key}/{name}/speed_vs_reference_fp32"] = speed
+                res.ratios[f"{key}/{name}/rss_vs_reference_fp32"] = rss
+                res.ratios[f"{key}/{name}/speed_vs_memories_only"] = (
+                    only / res.m(f"{key}/{name}").median
+                )
+                res.say(f"- {name}: {speed:.2f}× the reference fp32 loop's speed "
+                        f"({only / res.m(f'{key}/{name}').median:.2f}× the memories-only loop), "
+                        f"peak RSS {rss:.2f}× the reference's")  # fmt: skip
+    if "memenc fp32" in stores:
+        for name, path in stores.items():
+            if name != "memenc fp32":
+                d = stored_distance(stores["memenc fp32"], path)
+                res.ratios[f"{key}/{name}/rel_l2_vs_memenc_fp32"] = d
+                res.say(f"- {name}: stored features at relative L2 {d:.2e} from memenc fp32's")
+    res.say("")
+
+
+def stored_distance(a: Path, b: Path) -> float:
+    import zarr
+
+    x = np.asarray(zarr.open_group(str(a), mode="r")["maskmem_features"][:], np.float64)
+    y = np.asarray(zarr.open_group(str(b), mode="r")["maskmem_features"][:], np.float64)
+    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def micro(res: Results, suite: Suite, device: str, tmp: Path) -> None:
+    """`image_features` vs `forward_image`; `encode_memory` vs `_encode_new_memory`."""
+    import oracle
+    import torch
+
+    import memenc
+
+    s, variant = suite.micro_size, suite.micro_variant
+    ref = oracle.reference_model(variant, s).to(device)
+    ckpt = oracle.save_checkpoint(ref, tmp / "micro.pt")
+    model = memenc.load_model(ckpt, image_size=s, device=device)
+    b = 4
+    frames = torch.randint(
+        0, 256, (b, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    masks = torch.zeros(b, len(OBJECTS), s, s, dtype=torch.bool)
+    masks[:, 0, s // 4 : s // 2, s // 4 : s // 2] = True
+    masks[::2, 1, s // 2 :, : s // 3] = True
+    images = oracle.normalize(frames).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    with torch.inference_mode():
+        pix = model.image_features(frames[:1])
+        bo = ref.forward_image(images[:1])
+        _, vf, _, fs = ref._prepare_backbone_features(bo)
+        logits = masks.float() * 20 - 10
+
+        def mem_image() -> None:
+            model.image_features(frames[:1])
+            sync()
+
+        def ref_image() -> None:
+            ref._prepare_backbone_features(ref.forward_image(images[:1]))
+            sync()
+
+        pix4 = pix.expand(b, -1, -1, -1).contiguous()
+
+        def mem_memory() -> None:
+            model.encode_memory(pix4, masks, pointers=False)
+            sync()
+
+        def ref_memory() -> None:
+            for f in range(b):
+                for o in range(len(OBJECTS)):
+                    score = torch.tensor([[10.0 if masks[f, o].any() else -10.0]], device=device)
+                    ref._encode_new_memory(
+                        vf, fs, logits[f, o][None, None].to(device), score, False
+                    )
+            sync()
+
+        interleave(
+            suite.repeats + 2, {"memenc": mem_image, "reference": ref_image}, res, "image_features"
+        )
+        interleave(
+            suite.repeats + 2, {"memenc": mem_memory, "reference": ref_memory}, res, "encode_memory"
+        )
+    res.say(f"### Kernels ({variant}, S={s}, {device}, fp32; medians of {suite.repeats + 2})")
+    res.say("")
+    res.say("| measure | memenc (s) | reference (s) | memenc speed-up |")
+    res.say("|---|---:|---:|---:|")
+    for what, label in (("image_features", "`image_features` vs `forward_image`, 1 frame"),
+                        ("encode_memory", f"`encode_memory` vs `_encode_new_memory`, {b} frames × {len(OBJECTS)} objects")):  # fmt: skip
+        a, r = res.m(f"{what}/memenc"), res.m(f"{what}/reference")
+        res.ratios[f"{what}/speedup"] = r.median / a.median
+        res.say(
+            f"| {label} | {a.span('{:.3f}')} | {r.span('{:.3f}')} | {r.median / a.median:.2f}× |"
+        )
+    res.say("")
+    oracle.reference_model.cache_clear()
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> None:
+    """memenc's stages alone on the case's frames, then Zarr against np.save."""
+    import torch
+
+    import memenc
+    from memenc.pipeline.masks import open_masks
+    from memenc.pipeline.video import VideoSource
+    from memenc.store import CacheStore
+    from memenc.store.location import Location, open_existing
+    from memenc.store.schema import layout_from_group
+
+    c = inp.case
+    key = f"stages/{c.name}"
+    frames = list(range(c.frames))
+    batch = 4
+    # decode-only, K decoders
+    try:
+        from benchmarks.decode import decode_throughput
+    except ImportError:
+        decode_throughput = None
+    for r in range(suite.repeats):
+        for k in suite.decoders if r % 2 == 0 else suite.decoders[::-1]:
+            if decode_throughput is not None:
+                got = decode_throughput(inp.video, c.image_size, frames, batch, k)
+                res.m(f"{key}/decode K={k}").add(got["seconds"])
+            elif k == 1:
+                t = time.perf_counter()
+                with VideoSource(inp.video, c.image_size) as src:
+                    for _ in src.iter_batches(frames, batch):
+                        pass
+                res.m(f"{key}/decode K=1").add(time.perf_counter() - t)
+    # compute-only: decoded frames and read masks in memory first
+    model = (
+        memenc.load_model(inp.checkpoint, image_size=c.image_size, device=device)
+        if inp.checkpoint
+        else memenc.load_model(
+            None, weights="random", variant=c.variant, image_size=c.image_size, device=device
+        )
+    )
+    with VideoSource(inp.video, c.image_size) as src:
+        info = src.info
+        batches = [b.frames for b in src.iter_batches(frames, batch)]
+    msrc = open_masks(inp.masks, video_frame_count=info.frame_count, video_width=info.width,
+                      video_height=info.height)  # fmt: skip
+    mask_batches = [msrc.read(frames[i : i + batch]) for i in range(0, len(frames), batch)]
+    msrc.close()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    feats: list[np.ndarray] = []
+    ptrs: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    for _r in range(suite.repeats):
+        feats, ptrs, scores = [], [], []
+        t = time.perf_counter()
+        for fr, m in zip(batches, mask_batches):
+            out = model.encode_memory(model.image_features(fr), m)
+            feats.append(out.features.float().cpu().numpy())
+            ptrs.append(out.obj_ptr.float().cpu().numpy())
+            scores.append(out.object_score_logits.float().cpu().numpy())
+        sync()
+        res.m(f"{key}/compute").add(time.perf_counter() - t)
+    features = np.concatenate(feats)
+    pointers = np.concatenate(ptrs)
+    score_arr = np.concatenate(scores)
+    del model, batches, mask_batches
+    # write-only: the chunks of the memenc fp32 store's layout, into fresh stores
+    done = next(tmp.glob(f"{c.name.replace(' ', '_')}_memenc_fp32*.zarr"))
+    group, _ = open_existing(Location(str(done)), "r")
+    layout = layout_from_group(group, Location(str(done)))
+    npsave = tmp / "npsave"
+    for r in range(suite.repeats):
+        path = tmp / f"write_only_{r}.zarr"
+        store = CacheStore.prepare(str(path), layout)
+        spent_zarr = spent_np = 0.0
+        nbytes = 0
+        for ch in range(layout.num_chunks):
+            rows = store.chunk_rows(ch)
+            sel = slice(rows.start, rows.stop)
+            stored = features[sel].astype(layout.store_dtype)
+            t = time.perf_counter()
+            store.write_chunk(ch, stored, score_arr[sel], np.zeros(len(rows)), pointers[sel])
+            spent_zarr += time.perf_counter() - t
+            npsave.mkdir(exist_ok=True)
+            t = time.perf_counter()
+            np.save(npsave / f"{ch}.npy", stored)
+            np.save(npsave / f"{ch}_p.npy", pointers[sel])
+            spent_np += time.perf_counter() - t
+            nbytes += stored.nbytes + pointers[sel].nbytes
+        res.m(f"{key}/write").add(spent_zarr)
+        res.m(f"{key}/write MB/s", "MB/s").add(nbytes / spent_zarr / 1e6)
+        res.m(f"{key}/np.save MB/s", "MB/s").add(nbytes / spent_np / 1e6)
+        shutil.rmtree(path)
+        shutil.rmtree(npsave)
+    res.say(f"### Stages alone: {c.name} ({c.frames} frames, S={c.image_size}, {device}, fp32; "
+            f"medians of {suite.repeats})")  # fmt: skip
+    res.say("")
+    res.say("| stage | seconds | frames/s |")
+    res.say("|---|---:|---:|")
+    stage_names = [f"decode K={k}" for k in suite.decoders] + ["compute", "write"]
+    for name in stage_names:
+        mm = res.measures.get(f"{key}/{name}")
+        if mm and mm.samples:
+            res.say(f"| {name} | {mm.span()} | {c.frames / mm.median:.1f} |")
+    whole = res.measures.get(f"whole/{c.name}/memenc fp32")
+    slowest = max(res.m(f"{key}/{n}").median for n in ("decode K=1", "compute", "write"))
+    if whole:
+        res.ratios[f"{key}/end_to_end_over_slowest_stage"] = whole.median / slowest
+        res.say(f"- end to end (`memenc encode`, whole process) {whole.median:.2f} s = "
+                f"{whole.median / slowest:.3f} × the slowest stage alone")  # fmt: skip
+    z, n = res.m(f"{key}/write MB/s"), res.m(f"{key}/np.save MB/s")
+    res.ratios[f"{key}/zarr_over_npsave"] = z.median / n.median
+    res.say(f"- Zarr (`write_chunk`, {layout.store_dtype} features + pointers + marker) "
+            f"{z.span('{:.0f}')} MB/s; `np.save` of the same arrays {n.span('{:.0f}')} MB/s: "
+            f"{z.median / n.median:.0%}")  # fmt: skip
+    k1 = res.measures.get(f"{key}/decode K=1")
+    for k in suite.decoders[1:]:
+        mk = res.measures.get(f"{key}/decode K={k}")
+        if k1 and mk and mk.samples:
+            res.ratios[f"{key}/decode K={k} speed-up"] = k1.median / mk.median
+            res.say(f"- decode with K={k}: {k1.median / mk.median:.2f}× K=1")
+    res.say("")
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    ap.add_argument("--suite", choices=sorted(SUITES), help="default: cpu, or gpu with cuda")
+    ap.add_argument("--out", type=Path, help="folder for benchmark.md and benchmark.json")
+    ap.add_argument("--repeats", type=int, help="override the suite's repeats")
+    ap.add_argument("--only", nargs="+", choices=["micro", "whole", "stages"],
+                    default=["micro", "whole", "stages"])  # fmt: skip
+    ap.add_argument("--dry-run", action="store_true",
+                    help="make the inputs and print the plan; stop before the first CUDA call")  # fmt: skip
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child_reference(*args.child)))
+        return 0
+    suite = SUITES[args.suite or ("gpu" if args.device.startswith("cuda") else "cpu")]
+    if args.repeats:
+        suite = Suite(**{**suite.__dict__, "repeats": args.repeats})
+    res = Results(args.out)
+    res.facts = machine_facts(args.device)
+    reference = has_reference()
+    res.say(f"# memenc benchmark — suite {args.suite or 'default'}, device {args.device}")
+    res.say("")
+    with tempfile.TemporaryDirectory(prefix="memenc-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        inputs = [make_inputs(tmp, c, reference) for c in suite.cases]
+        if args.dry_run:
+            for inp in inputs:
+                res.say(f"- {inp.case}: clip {inp.video.stat().st_size} bytes, "
+                        f"checkpoint {inp.checkpoint.name if inp.checkpoint else 'random'}")  # fmt: skip
+            res.say(f"- dry run: inputs made, reference {'present' if reference else 'absent'}; "
+                    "stopping before the first device call")  # fmt: skip
+            return 0
+        if args.device.startswith("cuda"):
+            res.facts.update(gpu_facts())
+        res.say("Machine: " + ", ".join(f"{k} {v}" for k, v in res.facts.items()))
+        res.say("")
+        if "micro" in args.only and reference:
+            micro(res, suite, args.device, tmp)
+        for inp in inputs:
+            if "whole" in args.only:
+                whole_runs(res, inp, args.device, suite, tmp)
+            if "stages" in args.only and inp.case.name == suite.stages_case:
+                stages(res, inp, suite, args.device, tmp)
+    res.save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
