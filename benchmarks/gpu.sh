@@ -59,7 +59,7 @@ echo "|---|---|---|" >>"$OUTDIR/summary.md"
 record() { # step, rc, seconds
   local result="ok"
   [ "$2" = 0 ] || { result="failed (exit $2)"; FAILED=1; }
-  [ "$2" = 124 ] && result="timed out"
+  case "$2" in 124 | 137) result="timed out" ;; none) result="not run: budget spent" ;; esac
   echo "| $1 | $result | $3 |" >>"$OUTDIR/summary.md"
   echo "== $1: $result after ${3}s"
 }
@@ -67,7 +67,7 @@ step() { # name, max seconds, command...: run under timeout within what is left 
   local name="$1" max="$2" left=$((BUDGET - SECONDS - 10)) t0=$SECONDS rc
   shift 2
   [ "$max" -lt "$left" ] || max="$left"
-  if [ "$max" -lt 5 ]; then record "$name" 124 0; return 124; fi
+  if [ "$max" -lt 5 ]; then record "$name" none 0; return 124; fi
   echo "== $name (timeout ${max}s)"
   timeout --kill-after=10 "$max" "$@"
   rc=$?

@@ -71,6 +71,8 @@ def wheels(folders: list[Path]) -> list[Path]:
 
 def check(folders: list[Path], limit_mib: float) -> list[str]:
     problems, seen = [], {}
+    total = sum(w.stat().st_size for w in wheels(folders)) / 2**20
+    print(f"{len(wheels(folders))} wheels, {total:.1f} MiB in all, one call carries one folder")
     for folder in folders:
         found = list(folder.glob("*.whl")) if folder.is_dir() else []
         if not found:
