@@ -37,7 +37,32 @@ __all__ = [
     "detect_variant",
     "get_variant",
     "load_model",
+    "use_exact_fp32",
 ]
+
+
+def use_exact_fp32() -> None:
+    """Make float32 convolutions and matmuls on CUDA run in full fp32, not TF32.
+
+    PyTorch lets cuDNN convolutions use TF32 by default (about 1e-3 relative error), which
+    would put CUDA fp32 results outside DESIGN §3's 1e-5 of the reference. This sets the
+    cuDNN-convolution and cuBLAS-matmul fp32 precision to "ieee" with the API of torch >= 2.9
+    (`torch.backends.cudnn.conv.fp32_precision`, `torch.backends.cuda.matmul.fp32_precision`),
+    or the older `allow_tf32` flags before it. The switches are process-global: they stay
+    set after memenc returns and apply to other CUDA code in the process. bf16/fp16 compute
+    (autocast) is unaffected. It touches no device, so it is safe without CUDA.
+
+    With the new API set, torch 2.13 refuses to *read* the legacy
+    `torch.backends.cudnn.allow_tf32` (it calls the mix of APIs an error); use
+    `torch.backends.cudnn.conv.fp32_precision` to inspect the setting.
+    """
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        cudnn_conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # torch < 2.9
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 # The pointer heads' parameters are drawn after the encoders', so that the encoders'
@@ -83,12 +108,15 @@ def load_model(
         `weights` attribute says which.
     image_size: S, default the variant's 1024; any positive multiple of 32.
     device: where the model lives. progress: download progress callback (bytes, total).
+    On every device it calls `use_exact_fp32` (TF32 off for CUDA fp32, process-wide), so a
+    model moved to CUDA later computes fp32 within DESIGN §3's bounds too.
 
     Returns an eval-mode `MemencModel`. Raises CheckpointError for a missing, unreadable or
     foreign file and for missing or mis-shaped keys (named, with the variant).
     """
     if weights not in ("checkpoint", "random"):
         raise CheckpointError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+    use_exact_fp32()
     if weights == "random":
         model = empty_model(get_variant(variant or DEFAULT_VARIANT), image_size)
         _randomize(model, seed)

@@ -129,11 +129,16 @@ def pick_device(device: str) -> torch.device:
 
 def autocast_for(device: torch.device, precision: str):
     """The autocast context for a precision: none for fp32; bf16 on CPU or CUDA; fp16 on
-    CUDA only. Raises UsageError otherwise."""
+    CUDA only. Raises UsageError otherwise. fp32 on CUDA also turns TF32 off for the
+    process (`memenc.encoders.use_exact_fp32`), as DESIGN §3's 1e-5 needs."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: choose fp32, bf16 or fp16")
     dtype = PRECISIONS[precision]
     if dtype is None:
+        if device.type == "cuda":
+            from memenc.encoders import use_exact_fp32
+
+            use_exact_fp32()
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
