@@ -62,12 +62,17 @@ OBJECTS = (3, 7)  # the label ids tests/media.py draws
 
 @dataclass(frozen=True)
 class Case:
-    """One whole-run comparison: a clip, a model size and the frames encoded."""
+    """One whole-run comparison: a clip, a model size, the frames encoded, and the runs
+    (``memenc <precision> [compiled]``, ``reference <precision>``, ``reference fp32
+    (memories only)``), each repeated `repeats` times (compiled runs once: they include
+    the compilation)."""
 
     name: str
     variant: str
     image_size: int
     frames: int
+    runs: tuple[str, ...]
+    repeats: int
     width: int = 1280
     height: int = 720
 
@@ -75,55 +80,66 @@ class Case:
 @dataclass(frozen=True)
 class Suite:
     cases: tuple[Case, ...]
-    precisions: tuple[str, ...]
-    compiled: tuple[bool, ...]
     decoders: tuple[int, ...]
     micro_size: int
     micro_variant: str
-    repeats: int
+    repeats: int  # kernels and stages
     stages_case: str  # which case the stage breakdown runs on
-    parity_frames: int  # CUDA: frames re-encoded on the CPU to check the CUDA stores
 
 
+_CPU_SHORT = ("memenc fp32", "memenc bf16", "reference fp32", "reference fp32 (memories only)")
+_GPU_RUNS = ("memenc fp32", "memenc bf16", "memenc bf16 compiled", "reference fp32",
+             "reference bf16")  # fmt: skip
 SUITES = {
     "cpu": Suite(
         cases=(
-            Case("short clip at 1024", "sam2.1_hiera_tiny", 1024, 6),
-            Case("240 frames at 512", "sam2.1_hiera_tiny", 512, 240, 640, 360),
+            Case("short clip at 1024", "sam2.1_hiera_tiny", 1024, 6, _CPU_SHORT, 3),
+            Case(
+                "240 frames at 512",
+                "sam2.1_hiera_tiny",
+                512,
+                240,
+                ("memenc fp32", "reference fp32"),
+                2,
+                640,
+                360,
+            ),  # fmt: skip
         ),
-        precisions=("fp32", "bf16"),
-        compiled=(False,),
         decoders=(1, 2),
         micro_size=1024,
         micro_variant="sam2.1_hiera_tiny",
         repeats=3,
         stages_case="240 frames at 512",
-        parity_frames=0,
     ),
     "gpu": Suite(
         cases=(
-            Case("tiny at 1024", "sam2.1_hiera_tiny", 1024, 96),
-            Case("base_plus at 1024", "sam2.1_hiera_base_plus", 1024, 96),
+            Case("tiny at 1024", "sam2.1_hiera_tiny", 1024, 96, _GPU_RUNS, 2),
+            Case("base_plus at 1024", "sam2.1_hiera_base_plus", 1024, 96, _GPU_RUNS, 2),
         ),
-        precisions=("fp32", "bf16"),
-        compiled=(False, True),
         decoders=(1, 2, 4, 8),
         micro_size=1024,
         micro_variant="sam2.1_hiera_tiny",
         repeats=3,
         stages_case="tiny at 1024",
-        parity_frames=4,
     ),
     "quick": Suite(  # a smoke test of the whole benchmark (minutes on 2 cores)
-        cases=(Case("quick at 256", "sam2.1_hiera_tiny", 256, 8, 320, 240),),
-        precisions=("fp32", "bf16"),
-        compiled=(False,),
+        cases=(
+            Case(
+                "quick at 256",
+                "sam2.1_hiera_tiny",
+                256,
+                8,
+                (*_CPU_SHORT, "reference bf16"),
+                1,
+                320,
+                240,
+            ),  # fmt: skip
+        ),
         decoders=(1, 2),
         micro_size=256,
         micro_variant="sam2.1_hiera_tiny",
         repeats=1,
         stages_case="quick at 256",
-        parity_frames=2,
     ),
 }
 
@@ -294,12 +310,20 @@ def has_reference() -> bool:
 # ---------------------------------------------------------------------------- whole runs
 
 
-def timed_process(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+def timed_process(cmd: list[str], gpu: bool = False) -> dict[str, Any]:
     """Run `cmd`; wall seconds from start to exit, and the peak summed RSS of its process
-    tree (sampled every 50 ms). The child's last stdout line, when JSON, is merged in."""
+    tree (sampled every 50 ms); with `gpu`, the GPU's mean utilisation over the run
+    (nvidia-smi, every 100 ms). The child's last stdout line, when JSON, is merged in."""
+    smi = None
+    if gpu and shutil.which("nvidia-smi"):
+        smi = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+             "-i", "0", "-lms", "100"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
     peak = 0.0
     stop = threading.Event()
@@ -316,9 +340,24 @@ def timed_process(cmd: list[str], env: dict[str, str] | None = None) -> dict[str
     seconds = time.perf_counter() - t
     stop.set()
     sampler.join()
+    busy: list[float] = []
+    gpu_mb = 0.0
+    if smi is not None:
+        smi.terminate()
+        text, _ = smi.communicate()
+        for line in text.splitlines():
+            try:
+                util, used = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            busy.append(util)
+            gpu_mb = max(gpu_mb, used)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: {err[-1500:]}")
     result: dict[str, Any] = {"seconds": seconds, "tree_peak_mb": peak}
+    if busy:
+        result["gpu_busy"] = statistics.mean(busy)
+        result["gpu_peak_mb"] = gpu_mb  # the whole GPU's memory in use (nvidia-smi)
     lines = out.strip().splitlines()
     if lines and lines[-1].startswith("{"):
         result.update(json.loads(lines[-1]))
@@ -403,32 +442,43 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
     key = f"whole/{c.name}"
     runs: dict[str, list[str]] = {}
     stores: dict[str, Path] = {}
-    for prec in suite.precisions:
-        for compiled in suite.compiled:
-            name = f"memenc {prec}" + (" compiled" if compiled else "")
+    for name in c.runs:
+        words = name.split()
+        if words[0] == "memenc":
             stores[name] = tmp / f"{c.name}_{name}.zarr".replace(" ", "_")
-            runs[name] = memenc_cmd(inp, stores[name], device, prec, compiled)
-    if inp.checkpoint is not None:
-        for prec in suite.precisions:
-            runs[f"reference {prec}"] = reference_cmd(inp, device, prec, "bank")
-        runs["reference fp32 (memories only)"] = reference_cmd(inp, device, "fp32", "memories")
+            runs[name] = memenc_cmd(inp, stores[name], device, words[1], "compiled" in words)
+        elif inp.checkpoint is not None:
+            kind = "memories" if "memories" in name else "bank"
+            runs[name] = reference_cmd(inp, device, words[1], kind)
     names = list(runs)
-    for r in range(suite.repeats):
+    for r in range(c.repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            got = timed_process(runs[name])
+            if r and "compiled" in name:
+                continue
+            got = timed_process(runs[name], gpu=device.startswith("cuda"))
             res.m(f"{key}/{name}").add(got["seconds"])
             res.m(f"{key}/{name}/peak_mb", "MB").add(got["tree_peak_mb"])
-            if "loop_s" in got:
+            if "build_s" in got:
                 res.m(f"{key}/{name}/build_s").add(got["build_s"])
+            if "gpu_busy" in got:
+                res.m(f"{key}/{name}/gpu_busy", "%").add(got["gpu_busy"])
+                res.m(f"{key}/{name}/gpu_peak_mb", "MB").add(got["gpu_peak_mb"])
     res.say(f"### Whole runs: {c.name} ({c.variant}, {c.frames} frames of {c.width}×{c.height}, "
-            f"S={c.image_size}, {device}; medians of {suite.repeats}, min–max)")  # fmt: skip
+            f"S={c.image_size}, {device}; medians of {c.repeats}, min–max)")  # fmt: skip
     res.say("")
-    res.say("| run | seconds | frames/s | peak RSS, process tree (MB) |")
-    res.say("|---|---:|---:|---:|")
+    busy = device.startswith("cuda")
+    res.say("| run | seconds | frames/s | peak RSS, process tree (MB) |"
+            + (" GPU busy | GPU memory (MB) |" if busy else ""))  # fmt: skip
+    res.say("|---|---:|---:|---:|" + ("---:|---:|" if busy else ""))
     for name in names:
         t = res.m(f"{key}/{name}")
         mb = res.m(f"{key}/{name}/peak_mb", "MB")
-        res.say(f"| {name} | {t.span()} | {c.frames / t.median:.2f} | {mb.span('{:.0f}')} |")
+        gb = res.measures.get(f"{key}/{name}/gpu_busy")
+        gm = res.measures.get(f"{key}/{name}/gpu_peak_mb")
+        extra = (
+            (f" {gb.median:.0f}% | {gm.median:.0f} |" if gb and gm else " – | – |") if busy else ""
+        )
+        res.say(f"| {name} | {t.span()} | {c.frames / t.median:.2f} | {mb.span('{:.0f}')} |{extra}")
     res.say("")
     ref = res.measures.get(f"{key}/reference fp32")
     if ref is not None:
@@ -439,7 +489,8 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
                     res.m(f"{key}/{name}/peak_mb").median
                     / res.m(f"{key}/reference fp32/peak_mb").median
                 )
-                only = res.m(f"{key}/reference fp32 (memories only)").median
+                only_m = res.measures.get(f"{key}/reference fp32 (memories only)")
+                only = only_m.median if only_m else float("nan")
                 res.ratios[f"{key}/{name}/speed_vs_reference_fp32"] = speed
                 res.ratios[f"{key}/{name}/rss_vs_reference_fp32"] = rss
                 res.ratios[f"{key}/{name}/speed_vs_memories_only"] = (
@@ -448,6 +499,13 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
                 res.say(f"- {name}: {speed:.2f}× the reference fp32 loop's speed "
                         f"({only / res.m(f'{key}/{name}').median:.2f}× the memories-only loop), "
                         f"peak RSS {rss:.2f}× the reference's")  # fmt: skip
+    for name in names:
+        words = name.split()
+        same = res.measures.get(f"{key}/reference {words[1]}")
+        if words[0] == "memenc" and words[1] != "fp32" and same is not None:
+            speed = same.median / res.m(f"{key}/{name}").median
+            res.ratios[f"{key}/{name}/speed_vs_reference_{words[1]}"] = speed
+            res.say(f"- {name}: {speed:.2f}× the reference {words[1]} loop's speed")
     if "memenc fp32" in stores:
         for name, path in stores.items():
             if name != "memenc fp32":
@@ -675,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="override the suite's repeats")
     ap.add_argument("--only", nargs="+", choices=["micro", "whole", "stages"],
                     default=["micro", "whole", "stages"])  # fmt: skip
+    ap.add_argument("--cases", nargs="+", help="only the cases whose name contains one of these")
     ap.add_argument("--dry-run", action="store_true",
                     help="make the inputs and print the plan; stop before the first CUDA call")  # fmt: skip
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -685,6 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = SUITES[args.suite or ("gpu" if args.device.startswith("cuda") else "cpu")]
     if args.repeats:
         suite = Suite(**{**suite.__dict__, "repeats": args.repeats})
+    if args.cases:
+        picked = tuple(c for c in suite.cases if any(w in c.name for w in args.cases))
+        suite = Suite(**{**suite.__dict__, "cases": picked})
     res = Results(args.out)
     res.facts = machine_facts(args.device)
     reference = has_reference()

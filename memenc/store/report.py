@@ -57,7 +57,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
           store does not say.
         - ``arrays``: one dict per array, schema order first: ``name``,
           ``dimension_names``, ``shape``, ``dtype``, ``chunks`` (chunk shape), ``codecs``
-          (names, e.g. ``["bytes", "zstd", "crc32c"]``), ``nbytes`` (uncompressed),
+          (names, e.g. ``["bytes", "blosc", "crc32c"]``), ``nbytes`` (uncompressed),
           ``stored_bytes`` (its chunk files on disk) and ``stored_chunks`` (how many
           chunk files exist); the last two are None for remote stores.
         - ``size_on_disk``: bytes of every file in the store (metadata included); None
