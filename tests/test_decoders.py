@@ -15,6 +15,7 @@ import zarr
 from typer.testing import CliRunner
 
 import memenc.pipeline.decoders as decoders_mod
+import memenc.pipeline.engine as engine
 from memenc import encode_video, open_cache
 from memenc.cli.app import app
 from memenc.errors import UsageError, VideoDecodeError
@@ -123,12 +124,30 @@ def test_k_decoders_write_the_same_store_bit_for_bit(tmp_path, clip, reference, 
     timestamps and frame_index included; K-1 more decoders opened (at most one per
     chunk), all closed, no process left."""
     spy = Spy(monkeypatch)
+    filling: set[int] = set()  # chunk buffers created and not yet complete
+    most = 0
+
+    class Counted(engine._ChunkBuffer):
+        def __init__(self, *args):
+            nonlocal most
+            super().__init__(*args)
+            filling.add(id(self))
+            most = max(most, len(filling))
+
+        def put(self, *args):
+            full = super().put(*args)
+            if full:
+                filling.discard(id(self))
+            return full
+
+    monkeypatch.setattr(engine, "_ChunkBuffer", Counted)
     out = tmp_path / "s.zarr"
     result = encode_video(clip, out=out, decoders=k, image_size=S, **OPTS)
     want = reference(S)
     assert result.chunks_written == 4 and result.status == "complete"
     assert len(spy.opened) == min(k, 4) - 1
     assert spy.all_closed() and multiprocessing.active_children() == []
+    assert 1 <= most <= min(k, 4)  # one chunk being filled per decoder, at most
     got = arrays(out)
     assert got.keys() == want.keys()
     for name in want:
