@@ -490,12 +490,13 @@ def run_chunks(
         # a MaskSource is not thread-safe (a mask video is one child serving one request
         # at a time; the sources keep decode caches), and one per decoder would scan a
         # mask video once more each. Reading here overlaps the K decoders' work anyway.
+        # Label maps go to the device as [B, H, W] and become O planes there (read_to).
         groups = split_rows(rows, layout.chunk_frames, decoders)
         with ParallelDecode(
             video, lambda r: int(frame_of[r]), groups, batch_size, cancel=stop
         ) as batches:
             for batch_rows, batch in batches:
-                m = masks.read(batch.frame_index.tolist())
+                m = masks.read_to(batch.frame_index.tolist(), model.device)
                 _put(decoded, (batch_rows, batch, m), stop)
         _put(decoded, _DONE, stop)
 
