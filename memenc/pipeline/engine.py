@@ -460,10 +460,10 @@ def run_chunks(
     others are opened on its path and closed before this returns); the chunks then
     finish in any order, about one per group being filled at a time.
     `progress(n)` is called with the frames finished by each batch. `chunks` may be in any
-    order and repeat a chunk; each is computed once, in order. Returns the number of
-    chunks written. Raises UsageError for a chunk outside the store, and whatever a stage
-    raised (VideoDecodeError, MaskError, StoreError ...); chunks written before the error
-    keep their markers.
+    order and repeat a chunk; each is computed once, in order (within each decoder's
+    group when K > 1). Returns the number of chunks written. Raises UsageError for a
+    chunk outside the store or K < 1, and whatever a stage raised (VideoDecodeError,
+    MaskError, StoreError ...); chunks written before the error keep their markers.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
@@ -487,9 +487,10 @@ def run_chunks(
 
     def decode() -> None:
         # Masks are read here, in this one thread, whichever decoder a batch came from:
-        # a MaskSource is not thread-safe (a mask video is one child serving one request
-        # at a time; the sources keep decode caches), and one per decoder would scan a
-        # mask video once more each. Reading here overlaps the K decoders' work anyway.
+        # a MaskSource must not be read from two threads at once (a mask video is one
+        # child serving one request at a time, an .npz one open zip file), and a source
+        # per decoder would scan a mask video once more each. Reading here overlaps the
+        # K decoders' work anyway.
         # Label maps go to the device as [B, H, W] and become O planes there (read_to).
         groups = split_rows(rows, layout.chunk_frames, decoders)
         with ParallelDecode(
