@@ -191,7 +191,7 @@ def test_one_of_k_decoders_failing_ends_the_run_cleanly(
     assert not done[2:].any()  # the third decoder's chunks (rows 6-10) never finished
     for c in np.flatnonzero(done):
         rows = slice(c * 3, c * 3 + 3)
-        for name in ("maskmem_features", "object_score_logits", "obj_ptr", "timestamps"):
+        for name in ("maskmem_features", "object_score_logits", "obj_ptr", "timestamp"):
             assert np.array_equal(got[name][rows], want[name][rows]), (c, name)
 
     encode_video(clip, out=out, decoders=2, image_size=64, **OPTS)
