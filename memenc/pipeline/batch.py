@@ -477,7 +477,7 @@ def run_unit(
     Never raises for a bad input: the error comes back in the `UnitResult` (transient for
     store I/O, which is worth retrying).
     """
-    from memenc.pipeline.decoders import choose_decoders, decoder_threads
+    from memenc.pipeline.decoders import SpareSources, choose_decoders, decoder_threads
     from memenc.pipeline.engine import limit_malloc_arenas, pick_device, run_chunks
     from memenc.pipeline.faults import kill_point
     from memenc.pipeline.masks import open_masks
@@ -503,12 +503,15 @@ def run_unit(
             return UnitResult(**done, seconds=time.monotonic() - t0)
         model = _worker_model(settings, device)
         decoders = choose_decoders(settings.decoders, device)
-        with VideoSource(
-            unit.video,
-            model.image_size,
-            timeout_s=settings.decode_timeout_s,
-            threads=decoder_threads(decoders),
-        ) as source:
+        with (
+            VideoSource(
+                unit.video,
+                model.image_size,
+                timeout_s=settings.decode_timeout_s,
+                threads=decoder_threads(decoders),
+            ) as source,
+            SpareSources(source, decoders - 1) as spares,
+        ):
             info = source.info
             masks = open_masks(
                 unit.masks,
@@ -528,6 +531,7 @@ def run_unit(
                     precision=settings.precision,
                     progress=progress,
                     decoders=decoders,
+                    spares=spares,
                 )
             finally:
                 masks.close()

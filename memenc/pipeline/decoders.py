@@ -34,6 +34,7 @@ from memenc.pipeline.video import FrameBatch, VideoSource
 __all__ = [
     "MAX_AUTO_DECODERS",
     "ParallelDecode",
+    "SpareSources",
     "available_cores",
     "check_decoders",
     "choose_decoders",
@@ -127,6 +128,79 @@ def split_rows(rows: Sequence[int], chunk_frames: int, parts: int) -> list[list[
     return groups
 
 
+def _open_like(source: VideoSource) -> VideoSource:
+    """Another source on `source`'s video with its settings, checked to see the same video."""
+    s = source
+    other = VideoSource(s.path, s.image_size, timeout_s=s.timeout_s, threads=s.threads)
+    if other.info.frame_count != s.info.frame_count:
+        other.close()
+        raise VideoDecodeError(
+            f"{s.path}: changed while it was read ({s.info.frame_count} frames, "
+            f"now {other.info.frame_count})"
+        )
+    return other
+
+
+class SpareSources:
+    """`count` more sources like `source` (decoders 2..count+1), each started at once in
+    a thread of its own, so their start (a process, its imports, the probe: ~0.2–0.4 s
+    on an idle core, seconds on busy ones) overlaps other work: `encode_video` loads
+    the model meanwhile. `ParallelDecode` takes spare i for its group i.
+
+    `take(i)` waits for spare i and hands it over (the taker closes it), raising the
+    error its start raised; `close` closes the spares not taken, waiting for those
+    still starting. Their errors are then dropped: nobody needed them.
+    """
+
+    def __init__(self, source: VideoSource, count: int) -> None:
+        self.count = count
+        self._opened: dict[int, VideoSource] = {}
+        self._errors: dict[int, BaseException] = {}
+        self._taken: set[int] = set()
+        self._threads: dict[int, threading.Thread] = {}
+        for i in range(1, count + 1):
+            # named as the decode thread that will use it (tests number decoders by it)
+            thread = threading.Thread(
+                target=self._open, args=(source, i), name=f"memenc-decode-{i}", daemon=True
+            )
+            self._threads[i] = thread
+            thread.start()
+
+    def _open(self, source: VideoSource, i: int) -> None:
+        try:
+            self._opened[i] = _open_like(source)
+        except BaseException as e:  # handed to whoever takes it
+            self._errors[i] = e
+
+    def take(self, i: int) -> VideoSource | None:
+        """Spare i (1..count), once started; None when there is none (or taken)."""
+        if i not in self._threads or i in self._taken:
+            return None
+        self._taken.add(i)
+        self._threads[i].join()
+        if i in self._errors:
+            raise self._errors[i]
+        return self._opened.pop(i)
+
+    def wait(self) -> None:
+        """Wait until every spare has started (or failed to)."""
+        for thread in self._threads.values():
+            thread.join()
+
+    def close(self) -> None:
+        """Close the spares not taken (waiting for those still starting)."""
+        self.wait()
+        for source in self._opened.values():
+            source.close()
+        self._opened.clear()
+
+    def __enter__(self) -> SpareSources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class _Cancelled(Exception):
     """Raised in a decode thread when the iteration has ended (its own or another error,
     or the consumer stopped)."""
@@ -138,9 +212,10 @@ class ParallelDecode:
     order and groups interleaved as they finish.
 
     source: an open source; it decodes the first group (the caller keeps and closes
-        it). The others open ``VideoSource(source.path, source.image_size,
-        timeout_s=source.timeout_s, threads=source.threads)``, each in its own thread,
-        and are closed here on success, error and interruption.
+        it). Group i takes spare i of `spares` when given (`SpareSources`, started
+        earlier), else opens ``VideoSource(source.path, source.image_size,
+        timeout_s=source.timeout_s, threads=source.threads)`` in its own thread; these
+        are closed here on success, error and interruption.
     frame_of: a row's source frame number (rows of a group must map to sorted frames).
     groups: disjoint row groups (`split_rows`). One group is decoded in the iterating
         thread itself, with no extra thread.
@@ -162,6 +237,7 @@ class ParallelDecode:
         *,
         cancel: threading.Event | None = None,
         depth: int | None = None,
+        spares: SpareSources | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -170,6 +246,7 @@ class ParallelDecode:
         self.groups = [list(g) for g in groups if len(g)]
         self.batch_size = int(batch_size)
         self.cancel = cancel or threading.Event()
+        self.spares = spares
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth or 0, len(self.groups)))
         self._stop = threading.Event()  # ends the decode threads
         self._threads: list[threading.Thread] = []
@@ -256,15 +333,8 @@ class ParallelDecode:
             if i == 0:
                 source = self.source
             else:
-                s = self.source
-                own = source = VideoSource(
-                    s.path, s.image_size, timeout_s=s.timeout_s, threads=s.threads
-                )
-                if source.info.frame_count != s.info.frame_count:
-                    raise VideoDecodeError(
-                        f"{s.path}: changed while it was read ({s.info.frame_count} frames, "
-                        f"now {source.info.frame_count})"
-                    )
+                own = self.spares.take(i) if self.spares is not None else None
+                own = source = own or _open_like(self.source)
             for item in self._batches(source, rows, self._stop):
                 self._put(item)
             self._put(done)

@@ -44,6 +44,7 @@ from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, get_variant,
 from memenc.errors import CheckpointError, MaskError, MemencWarning, UsageError, VideoDecodeError
 from memenc.pipeline.decoders import (
     ParallelDecode,
+    SpareSources,
     check_decoders,
     choose_decoders,
     decoder_threads,
@@ -450,6 +451,7 @@ def run_chunks(
     progress: Callable[[int], None] | None = None,
     queue_depth: int = 2,
     decoders: int = 1,
+    spares: SpareSources | None = None,
 ) -> int:
     """Compute and write `chunks` of an existing store (one work unit).
 
@@ -457,8 +459,9 @@ def run_chunks(
     may span two chunks); each chunk is written whole as soon as its last row is computed.
     `decoders` K > 1 splits the rows into K contiguous groups of whole chunks, each
     decoded by its own decoder process (`ParallelDecode`; `video` decodes the first, the
-    others are opened on its path and closed before this returns); the chunks then
-    finish in any order, about one per group being filled at a time.
+    others are `spares` started earlier, or opened on its path; all closed before this
+    returns); the chunks then finish in any order, about one per group being filled at
+    a time.
     `progress(n)` is called with the frames finished by each batch. `chunks` may be in any
     order and repeat a chunk; each is computed once, in order (within each decoder's
     group when K > 1). Returns the number of chunks written. Raises UsageError for a
@@ -494,7 +497,7 @@ def run_chunks(
         # Label maps go to the device as [B, H, W] and become O planes there (read_to).
         groups = split_rows(rows, layout.chunk_frames, decoders)
         with ParallelDecode(
-            video, lambda r: int(frame_of[r]), groups, batch_size, cancel=stop
+            video, lambda r: int(frame_of[r]), groups, batch_size, cancel=stop, spares=spares
         ) as batches:
             for batch_rows, batch in batches:
                 m = masks.read_to(batch.frame_index.tolist(), model.device)
@@ -698,6 +701,9 @@ def encode_video(
         stack.callback(mask_source.close)
         _warn_if_damaged(info)
         planned = plan_frames(info.frame_count, selection, mask_source, skip_unmasked)
+        # decoders 2..K start now, in the background, while the model loads (no more than
+        # frames; a decoder past the number of pending chunks is closed unused)
+        spares = stack.enter_context(SpareSources(source, min(k_decoders, len(planned)) - 1))
         model = load_model(
             checkpoint,
             variant=variant,
@@ -739,6 +745,7 @@ def encode_video(
                 precision=precision,
                 progress=on_batch,
                 decoders=k_decoders,
+                spares=spares,
             )
             store.finalize()
             seconds = time.monotonic() - t0
