@@ -2,10 +2,12 @@
 decoded by its own `VideoSource` (its own child process) in its own thread, merged into
 one stream of ``(rows, FrameBatch)``.
 
-    groups = split_rows(rows, chunk_frames=8, parts=2)
-    with ParallelDecode(source, frame_of, groups, batch_size=4) as batches:
-        for batch_rows, batch in batches:
-            ...
+    with SpareSources(source, count=1) as spares:  # decoder 2 starts now
+        ...                                         # (load the model meanwhile)
+        groups = split_rows(rows, chunk_frames=8, parts=2)
+        with ParallelDecode(source, frame_of, groups, 4, spares=spares) as batches:
+            for batch_rows, batch in batches:
+                ...
 
 One decoder process serves one request at a time, which caps a run at what one
 process decodes (~150–270 frames/s of 720p at S=1024 on two cores); a GPU computes
