@@ -26,12 +26,13 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memenc.errors import UsageError, VideoDecodeError
 from memenc.pipeline.video import FrameBatch, VideoSource
+
+if TYPE_CHECKING:  # no torch here: a decoder child may import this module (as __main__'s)
+    import torch
 
 __all__ = [
     "MAX_AUTO_DECODERS",
