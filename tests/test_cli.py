@@ -129,6 +129,9 @@ BAD_OPTIONS = {
     "weights": (["--weights", "pretrained"], "--weights"),
     "variant": (["--variant", "huge"], "--variant"),
     "decode timeout 0": (["--decode-timeout", "0"], "--decode-timeout"),
+    "decoders 0": (["--decoders", "0"], "--decoders"),
+    "decoders not a number": (["--decoders", "two"], "--decoders"),
+    "decoders not whole": (["--decoders", "1.5"], "--decoders"),
     "checkpoint with random weights": (["--checkpoint", "x.pt"], "--checkpoint"),
 }
 
@@ -183,6 +186,8 @@ def test_bad_options_in_the_library_raise_before_the_decoder(tmp_path, clip, mon
         {"weights": "random", "checkpoint": "x.pt"},
         {"weights": "nope"},
         {"variant": "huge"},
+        {"decoders": 0},
+        {"decoders": 1.5},
     ]
     for kwargs in bad:
         args = {"weights": "random", **kwargs}

@@ -164,6 +164,7 @@ def test_settings_declare_stored_and_fingerprinted_fields():
         for f in dataclasses.fields(RunSettings)
     }
     assert roles["batch_size"][:2] == (True, False) and roles["device"][:2] == (True, False)
+    assert roles["decoders"][:2] == (True, False)  # --decoders K: the same pixels, faster
     assert roles["numbers_version"][:2] == (True, True)
     for name in ("video_content", "masks_content", "precision", "storage_dtype", "chunk_frames"):
         assert roles[name][:2] == (True, True), name
@@ -197,6 +198,7 @@ def test_settings_declare_stored_and_fingerprinted_fields():
         model={"checkpoint": "/b/c.pt", "checkpoint_sha256": "bb"},
         batch_size=1,
         device="cuda",
+        decoders=8,
     )
     assert moved.fingerprint() == fp
     assert settings(numbers_version=NUMBERS_VERSION + 1).fingerprint() != fp

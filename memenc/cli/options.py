@@ -97,6 +97,14 @@ SkipUnmasked = Annotated[
 DecodeTimeout = Annotated[
     float, typer.Option(help="Seconds a decoder may take for one batch before it is killed.")
 ]
+Decoders = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        help="Decoder processes per video, each over its own chunks "
+        "(default: 1 on the CPU, half the cores up to 8 on CUDA).",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class RunOptions:
     overwrite: Overwrite = False
     skip_unmasked: SkipUnmasked = False
     decode_timeout: DecodeTimeout = 120.0
+    decoders: Decoders = None
 
     def library_kwargs(self) -> dict[str, Any]:
         """The options as `encode_video` (and `BatchSettings`) name them."""

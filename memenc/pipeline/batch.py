@@ -93,6 +93,7 @@ class BatchSettings:
     skip_unmasked: bool = False
     decode_timeout_s: float = 120.0
     sav_step: int = 4  # SA-V annotation step, as `encode --sav-step`
+    decoders: int | None = None  # decoder processes per video; None: each worker chooses
 
     def model_key(self) -> tuple[Any, ...]:
         return (self.checkpoint, self.weights, self.variant, self.seed, self.image_size)
@@ -476,6 +477,7 @@ def run_unit(
     Never raises for a bad input: the error comes back in the `UnitResult` (transient for
     store I/O, which is worth retrying).
     """
+    from memenc.pipeline.decoders import SpareSources, choose_decoders, decoder_threads
     from memenc.pipeline.engine import limit_malloc_arenas, pick_device, run_chunks
     from memenc.pipeline.faults import kill_point
     from memenc.pipeline.masks import open_masks
@@ -500,9 +502,16 @@ def run_unit(
         if not todo:
             return UnitResult(**done, seconds=time.monotonic() - t0)
         model = _worker_model(settings, device)
-        with VideoSource(
-            unit.video, model.image_size, timeout_s=settings.decode_timeout_s
-        ) as source:
+        decoders = choose_decoders(settings.decoders, device)
+        with (
+            VideoSource(
+                unit.video,
+                model.image_size,
+                timeout_s=settings.decode_timeout_s,
+                threads=decoder_threads(decoders),
+            ) as source,
+            SpareSources(source, decoders - 1) as spares,
+        ):
             info = source.info
             masks = open_masks(
                 unit.masks,
@@ -521,6 +530,8 @@ def run_unit(
                     batch_size=settings.batch_size,
                     precision=settings.precision,
                     progress=progress,
+                    decoders=decoders,
+                    spares=spares,
                 )
             finally:
                 masks.close()
@@ -882,7 +893,7 @@ class _Coordinator:
             layout = plan_layout(
                 self._model(), planned, video_path, info, mask_source, selection=selection,
                 store_dtype=s.store_dtype, chunk_frames=s.chunk_frames, precision=s.precision,
-                batch_size=s.batch_size, device=s.device,
+                batch_size=s.batch_size, device=s.device, decoders=s.decoders,
             )  # fmt: skip
         finally:
             mask_source.close()
@@ -957,6 +968,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
     """Every option checked before anything starts (as `encode_video` does)."""
     from memenc.encoders import get_variant
     from memenc.errors import CheckpointError
+    from memenc.pipeline.decoders import check_decoders
     from memenc.pipeline.engine import (
         STORE_DTYPES,
         autocast_for,
@@ -979,6 +991,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
         raise UsageError(f"--chunk-frames {settings.chunk_frames}: must be at least 1")
     if not settings.decode_timeout_s > 0:
         raise UsageError(f"--decode-timeout {settings.decode_timeout_s}: must be more than 0")
+    check_decoders(settings.decoders)
     autocast_for(pick_device(settings.device), settings.precision)
     if settings.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {settings.store_dtype!r}: choose float16 or float32")

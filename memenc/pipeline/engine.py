@@ -42,6 +42,14 @@ import torch
 
 from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, get_variant, load_model
 from memenc.errors import CheckpointError, MaskError, MemencWarning, UsageError, VideoDecodeError
+from memenc.pipeline.decoders import (
+    ParallelDecode,
+    SpareSources,
+    check_decoders,
+    choose_decoders,
+    decoder_threads,
+    split_rows,
+)
 from memenc.pipeline.masks import (
     SAV_STEP,
     MaskSource,
@@ -208,6 +216,7 @@ def store_layout(
     precision: str,
     batch_size: int = 4,
     device: str = "cpu",
+    decoders: int | None = 1,
 ) -> StoreLayout:
     """The store's layout for a run. Its attributes and fingerprint both come from one
     `RunSettings` (which declares what is stored and what is fingerprinted); the
@@ -247,6 +256,7 @@ def store_layout(
         chunk_frames=f,
         batch_size=batch_size,
         device=device,
+        decoders=decoders,
     )
     pos = model.position_encoding.encode(h, w).cpu().numpy()
     return StoreLayout(
@@ -301,6 +311,7 @@ def plan_layout(
     precision: str,
     batch_size: int,
     device: str,
+    decoders: int | None = 1,
 ) -> StoreLayout:
     """The store layout of one video's run (`encode` and `batch` alike): hashes the inputs,
     then `store_layout`. Raises VideoDecodeError / MaskError when an input cannot be read."""
@@ -319,6 +330,7 @@ def plan_layout(
         precision=precision,
         batch_size=batch_size,
         device=device,
+        decoders=decoders,
     )
 
 
@@ -443,19 +455,27 @@ def run_chunks(
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
     queue_depth: int = 2,
+    decoders: int = 1,
+    spares: SpareSources | None = None,
 ) -> int:
     """Compute and write `chunks` of an existing store (one work unit).
 
     Rows of the chunks are decoded and encoded in batches of `batch_size` frames (a batch
     may span two chunks); each chunk is written whole as soon as its last row is computed.
+    `decoders` K > 1 splits the rows into K contiguous groups of whole chunks, each
+    decoded by its own decoder process (`ParallelDecode`; `video` decodes the first, the
+    others are `spares` started earlier, or opened on its path; all closed before this
+    returns); the chunks then finish in any order, about one per group being filled at
+    a time.
     `progress(n)` is called with the frames finished by each batch. `chunks` may be in any
-    order and repeat a chunk; each is computed once, in order. Returns the number of
-    chunks written. Raises UsageError for a chunk outside the store, and whatever a stage
-    raised (VideoDecodeError, MaskError, StoreError ...); chunks written before the error
-    keep their markers.
+    order and repeat a chunk; each is computed once, in order (within each decoder's
+    group when K > 1). Returns the number of chunks written. Raises UsageError for a
+    chunk outside the store or K < 1, and whatever a stage raised (VideoDecodeError,
+    MaskError, StoreError ...); chunks written before the error keep their markers.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    decoders = check_decoders(decoders) or 1
     layout = store.layout
     chunks = sorted({int(c) for c in chunks})
     outside = [c for c in chunks if not 0 <= c < layout.num_chunks]
@@ -474,13 +494,19 @@ def run_chunks(
     finished: queue.Queue = queue.Queue(maxsize=queue_depth)
 
     def decode() -> None:
-        frame_numbers = [int(frame_of[r]) for r in rows]
-        start = 0
-        for batch in video.iter_batches(frame_numbers, batch_size):
-            n = len(batch.frame_index)
-            m = masks.read(batch.frame_index.tolist())
-            _put(decoded, (rows[start : start + n], batch, m), stop)
-            start += n
+        # Masks are read here, in this one thread, whichever decoder a batch came from:
+        # a MaskSource must not be read from two threads at once (a mask video is one
+        # child serving one request at a time, an .npz one open zip file), and a source
+        # per decoder would scan a mask video once more each. Reading here overlaps the
+        # K decoders' work anyway.
+        # Label maps go to the device as [B, H, W] and become O planes there (read_to).
+        groups = split_rows(rows, layout.chunk_frames, decoders)
+        with ParallelDecode(
+            video, lambda r: int(frame_of[r]), groups, batch_size, cancel=stop, spares=spares
+        ) as batches:
+            for batch_rows, batch in batches:
+                m = masks.read_to(batch.frame_index.tolist(), model.device)
+                _put(decoded, (batch_rows, batch, m), stop)
         _put(decoded, _DONE, stop)
 
     def write() -> None:
@@ -598,6 +624,7 @@ def encode_video(
     skip_unmasked: bool = False,
     sav_step: int = SAV_STEP,
     decode_timeout_s: float = 120.0,
+    decoders: int | None = None,
     progress: ProgressFn | None = None,
 ) -> EncodeResult:
     """Encode one video's memories into a memenc store (the `memenc encode` command).
@@ -614,7 +641,10 @@ def encode_video(
     store_dtype ("float16", "float32"), chunk_frames (default: ~1–4 MB chunks).
     overwrite: replace a store made with other settings. skip_unmasked: drop frames
     without a mask instead of failing. sav_step: SA-V annotation step (annotation k is
-    video frame k * sav_step). progress: called with `Progress` reports.
+    video frame k * sav_step). decoders: decoder processes K over disjoint chunk ranges
+    of the video (None: 1 on the CPU, from the cores on CUDA; see `choose_decoders`);
+    like batch_size and device, recorded in the store but not in its fingerprint.
+    progress: called with `Progress` reports.
 
     Every argument is checked first (UsageError) before a decoder starts or a store is
     touched. Returns an `EncodeResult`. A complete store with the same settings is a no-op; an
@@ -642,6 +672,7 @@ def encode_video(
         raise UsageError(f"--decode-timeout {decode_timeout_s}: must be more than 0 seconds")
     dev = pick_device(device)
     autocast_for(dev, precision)
+    k_decoders = choose_decoders(decoders, dev)
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
     selection = parse_frames(frames)
@@ -661,7 +692,11 @@ def encode_video(
         # the video is opened (and probed) before the model is loaded, so a bad video fails
         # fast; every released variant runs at 1024 unless --image-size says otherwise
         size = image_size or VARIANTS[DEFAULT_VARIANT].image_size
-        source = stack.enter_context(VideoSource(video_path, size, timeout_s=decode_timeout_s))
+        source = stack.enter_context(
+            VideoSource(
+                video_path, size, timeout_s=decode_timeout_s, threads=decoder_threads(k_decoders)
+            )
+        )
         info = source.info
         mask_path = Path(masks) if masks is not None else find_masks_beside(video_path)
         mask_source = open_run_masks(
@@ -671,6 +706,9 @@ def encode_video(
         stack.callback(mask_source.close)
         _warn_if_damaged(info)
         planned = plan_frames(info.frame_count, selection, mask_source, skip_unmasked)
+        # decoders 2..K start now, in the background, while the model loads (no more than
+        # frames; a decoder past the number of pending chunks is closed unused)
+        spares = stack.enter_context(SpareSources(source, min(k_decoders, len(planned)) - 1))
         model = load_model(
             checkpoint,
             variant=variant,
@@ -683,7 +721,7 @@ def encode_video(
         layout = plan_layout(
             model, planned, video_path, info, mask_source, selection=selection,
             store_dtype=store_dtype, chunk_frames=chunk_frames, precision=precision,
-            batch_size=batch_size, device=str(dev),
+            batch_size=batch_size, device=str(dev), decoders=k_decoders,
         )  # fmt: skip
         # a str, not a Path: an fsspec URL (s3://…) must reach the store intact
         out_path = os.fspath(out) if out is not None else str(video_path.with_suffix(".zarr"))
@@ -711,6 +749,8 @@ def encode_video(
                 batch_size=batch_size,
                 precision=precision,
                 progress=on_batch,
+                decoders=k_decoders,
+                spares=spares,
             )
             store.finalize()
             seconds = time.monotonic() - t0

@@ -3,7 +3,9 @@
 `open_masks` detects the format of a mask path, validates it cheaply against the
 video (frame count, aspect ratio, object ids) and returns a `MaskSource`, whose
 `read` returns the masks of some frames as one tensor `[B, O, H, W]` at the
-mask's own resolution (resizing to the model's image size happens later).
+mask's own resolution (resizing to the model's image size happens later);
+`read_to` makes the same tensor on a device, sending label maps `[B, H, W]`
+rather than O planes where the format is one.
 
 Formats (DESIGN.md §5):
 
@@ -322,6 +324,22 @@ def _labels_to_masks(labels: np.ndarray, label_values: list[int]) -> np.ndarray:
     return labels[:, None, :, :] == values[None, :, None, None]
 
 
+def _compact_labels(labels: np.ndarray) -> np.ndarray | None:
+    """[n, H, W] labels in the narrowest dtype torch compares that holds them (uint8,
+    int16, int32, int64; bool as uint8), the same values; None when they do not fit
+    int64."""
+    if labels.dtype == np.bool_:
+        return labels.view(np.uint8)
+    if labels.dtype == np.uint8 or labels.size == 0:
+        return labels
+    lo, hi = int(labels.min()), int(labels.max())
+    for dtype in (np.uint8, np.int16, np.int32, np.int64):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return labels.astype(dtype, copy=False)
+    return None
+
+
 def _file_stat(path: Path) -> dict[str, Any]:
     try:
         st = path.stat()
@@ -373,6 +391,39 @@ class MaskSource:
         mask (outside the video, a missing PNG, a frame SA-V did not annotate) or
         its mask cannot be read.
         """
+        frames, unique = self._checked(frame_numbers)
+        if not unique:
+            dtype = np.float32 if self.is_logits else np.bool_
+            empty = np.zeros((0, len(self.object_ids), self.height, self.width), dtype=dtype)
+            return torch.from_numpy(empty)
+        masks = self._read_sorted(unique)  # [len(unique), O, H, W]
+        if frames != unique:
+            masks = masks[np.searchsorted(unique, frames)]
+        return torch.from_numpy(np.ascontiguousarray(masks))
+
+    def read_to(self, frame_numbers: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """`read`'s masks, made on `device`: equal to ``read(frame_numbers).to(device)``.
+
+        Label-map sources (PNG folders, mask videos, ``[T, H, W]`` label arrays) send
+        the ``[B, H, W]`` label maps (uint8 or int16 for the usual labels) and expand
+        them there into the O planes, ``labels[:, None] == values`` (what `read` does on
+        the host): O times fewer bytes to copy to a GPU, and no planes built on the
+        host. Other sources send `read`'s planes. Raises as `read`.
+        """
+        frames, unique = self._checked(frame_numbers)
+        labels = self._read_labels_sorted(unique) if unique else None
+        labels = _compact_labels(labels) if labels is not None else None
+        if labels is None:
+            return self.read(frames).to(device)
+        if frames != unique:
+            labels = labels[np.searchsorted(unique, frames)]
+        on_device = torch.from_numpy(np.ascontiguousarray(labels)).to(device)  # [B, H, W]
+        values = torch.tensor(self._label_values, dtype=torch.int64, device=on_device.device)
+        return on_device[:, None, :, :] == values[None, :, None, None]  # [B, O, H, W] bool
+
+    def _checked(self, frame_numbers: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(the frame numbers as ints, the distinct ones sorted), each checked to have a
+        mask; raises MaskError naming the first that has none."""
         frames = [operator.index(f) for f in frame_numbers]
         unique = sorted(set(frames))
         for frame in unique:
@@ -382,14 +433,7 @@ class MaskSource:
                     f"(frames 0..{self._frame_count - 1})"
                 )
             self._check_frame(frame)
-        if not unique:
-            dtype = np.float32 if self.is_logits else np.bool_
-            empty = np.zeros((0, len(self.object_ids), self.height, self.width), dtype=dtype)
-            return torch.from_numpy(empty)
-        masks = self._read_sorted(unique)  # [len(unique), O, H, W]
-        if frames != unique:
-            masks = masks[np.searchsorted(unique, frames)]
-        return torch.from_numpy(np.ascontiguousarray(masks))
+        return frames, unique
 
     def has_mask(self, frame: int) -> bool:
         """Whether `read` can return a mask for this video frame number."""
@@ -442,6 +486,12 @@ class MaskSource:
     def _read_sorted(self, frames: list[int]) -> np.ndarray:
         """Masks of sorted, distinct, checked frames: [n, O, H, W] bool or float32."""
         raise NotImplementedError
+
+    def _read_labels_sorted(self, frames: list[int]) -> np.ndarray | None:
+        """Label-map sources: the [n, H, W] label maps of sorted, distinct, checked frames
+        (`_read_sorted` is then `_labels_to_masks` of them with `_label_values`); None for
+        the others."""
+        return None
 
     def _extra_attrs(self) -> dict[str, Any]:
         return {}
@@ -557,8 +607,11 @@ class PngFolderMasks(MaskSource):
         return [self._files[frame] for frame in sorted(self._files)]
 
     def _read_sorted(self, frames: list[int]) -> np.ndarray:
-        out = np.empty((len(frames), len(self.object_ids), self.height, self.width), dtype=np.bool_)
-        for row, frame in enumerate(frames):
+        return _labels_to_masks(self._read_labels_sorted(frames), self._label_values)
+
+    def _read_labels_sorted(self, frames: list[int]) -> np.ndarray:
+        maps = []
+        for frame in frames:
             file = self._files[frame]
             labels = _read_png_labels(file)
             if labels.shape != (self.height, self.width):
@@ -566,8 +619,8 @@ class PngFolderMasks(MaskSource):
                     f"{file}: size {labels.shape[1]}x{labels.shape[0]} differs from the "
                     f"folder's {self.width}x{self.height}"
                 )
-            out[row] = _labels_to_masks(labels[None], self._label_values)[0]
-        return out
+            maps.append(labels)
+        return np.stack(maps)  # [n, H, W]
 
     def _extra_attrs(self) -> dict[str, Any]:
         return {"label_values": list(self._label_values), **self._stat}
@@ -618,6 +671,9 @@ class MaskVideo(MaskSource):
         self._stat = _file_stat(file)
 
     def _read_sorted(self, frames: list[int]) -> np.ndarray:
+        return _labels_to_masks(self._read_labels_sorted(frames), self._label_values)
+
+    def _read_labels_sorted(self, frames: list[int]) -> np.ndarray:
         from memenc.pipeline.video import LabelVideo
 
         if self._labels is None:  # closed, pickled, or after an error: a fresh decoder
@@ -630,7 +686,7 @@ class MaskVideo(MaskSource):
         if labels.shape[1:] != (self.height, self.width):
             self.close()
             raise MaskError(f"{self.path}: frame {frames[0]} changed size since open")
-        return _labels_to_masks(labels, self._label_values)
+        return labels
 
     def close(self) -> None:
         if self._labels is not None:
@@ -912,6 +968,9 @@ class ArrayMasks(MaskSource):
             frames = list(range(start, min(start + block, self._frame_count)))
             values |= _nonzero_values(where, self._array.rows(frames))
         return values
+
+    def _read_labels_sorted(self, frames: list[int]) -> np.ndarray | None:
+        return self._array.rows(frames) if self._layout == "labels" else None
 
     def _read_sorted(self, frames: list[int]) -> np.ndarray:
         rows = self._array.rows(frames)

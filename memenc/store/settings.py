@@ -14,7 +14,7 @@ seed of random weights), the variant, image size, frames, objects, mask mode,
 precision, storage dtype, chunking, and `NUMBERS_VERSION`. Paths and mtimes are
 provenance, so copied inputs are the same run and a changed file at the same path is
 not; batch size and device are recorded but not fingerprinted (their results agree
-within DESIGN §3).
+within DESIGN §3), nor is the decoder count (the same pixels, decoded faster).
 
 Hashing costs one read of each input per run (also for a run that finds its store
 complete). Measured on the 2-core development machine, file in the page cache: sha256
@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,12 @@ def content_sha256(files: Iterable[str | os.PathLike[str]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _setting(*, stored: bool, fingerprinted: bool, provenance: tuple[str, ...] = ()) -> Any:
+def _setting(
+    *, stored: bool, fingerprinted: bool, provenance: tuple[str, ...] = (), default: Any = MISSING
+) -> Any:
     return field(
-        metadata={"stored": stored, "fingerprinted": fingerprinted, "provenance": provenance}
+        default=default,
+        metadata={"stored": stored, "fingerprinted": fingerprinted, "provenance": provenance},
     )
 
 
@@ -144,6 +147,8 @@ class RunSettings:
     chunk_frames: int = _setting(**_BOTH)
     batch_size: int = _setting(**_STORED)
     device: str = _setting(**_STORED)
+    # decoder processes K (None: chosen by each batch worker); speed only, like batch_size
+    decoders: int | None = _setting(**_STORED, default=1)
 
     def attrs(self) -> dict[str, Any]:
         """The stored fields, as the store's ``memenc`` attributes hold them."""

@@ -61,8 +61,13 @@ def video_child_main(
     path: str,
     image_size: int | None,
     readahead_budget: int,
+    threads: int = 0,
 ) -> None:
     """Decoder process: probe, then (when image_size is given) serve read requests.
+
+    ``threads`` is FFmpeg's decoding thread count for the reader (decord's
+    ``num_threads``, PyAV's ``thread_count``; 0: FFmpeg's automatic choice). Nothing in
+    this process runs torch or OpenMP work, so that is its only thread pool.
 
     ``image_size`` 0 (`NATIVE`) serves single frames at their displayed size instead,
     through the pipe (``("frame", rid, k)`` -> ``("frame", rid, rgb)``).
@@ -94,7 +99,7 @@ def video_child_main(
                 probe = probe_file(path, heartbeat)
                 vr = None
                 if probe.info["backend_reason"] == "" and image_size != NATIVE:
-                    vr = check_decord(path, probe, image_size)
+                    vr = check_decord(path, probe, image_size, threads)
                 reader = None
                 if image_size == NATIVE:
                     reader = PyAVReader(path, probe, None)
@@ -102,7 +107,7 @@ def video_child_main(
                     if vr is not None:
                         reader = DecordReader(vr, readahead_budget)
                     else:
-                        reader = PyAVReader(path, probe, image_size)
+                        reader = PyAVReader(path, probe, image_size, threads)
                 del vr
         except DecodeFailure as e:
             conn.send(("error", str(e)))

@@ -364,8 +364,9 @@ def _count_decodable(path: str, heartbeat: Callable[[], None]) -> int:
     return sum(1 for _ in decoded_frames(path, heartbeat))
 
 
-def check_decord(path: str, probe: ProbeResult, size: int | None) -> Any:
-    """Open decord on a candidate file and compare it with the probe.
+def check_decord(path: str, probe: ProbeResult, size: int | None, threads: int = 0) -> Any:
+    """Open decord on a candidate file and compare it with the probe (``threads``: its
+    decoding threads, 0 for FFmpeg's automatic choice).
 
     Returns the VideoReader when decord agrees (and sets the backend to decord),
     otherwise None with the reason recorded.
@@ -379,6 +380,7 @@ def check_decord(path: str, probe: ProbeResult, size: int | None) -> Any:
             ctx=decord.cpu(0),
             width=size or -1,
             height=size or -1,
+            num_threads=threads,
             fault_tol=_DECORD_FAULT_TOL,
         )
     except (RuntimeError, decord.DECORDError, decord.DECORDLimitReachedError) as e:

@@ -144,9 +144,10 @@ class PyAVReader:
     request past the next keyframe seeks (only when frame timestamps identify frames).
     """
 
-    def __init__(self, path: str, probe: ProbeResult, size: int | None) -> None:
+    def __init__(self, path: str, probe: ProbeResult, size: int | None, threads: int = 0) -> None:
         self.path = path
         self.probe = probe
+        self.threads = threads  # FFmpeg's thread count; 0: its automatic choice
         self.resize = _Resizer(size, probe.rotation)
         self._container: Any = None
         self._frames: Iterator[tuple[int, Any]] | None = None
@@ -162,6 +163,8 @@ class PyAVReader:
         # FFmpeg's default (slice) threading: with frame threading, a packet that fails
         # to decode loses the frames still in flight, which shifts a damaged file.
         stream = self._container.streams.video[0]
+        if self.threads > 0:
+            stream.thread_count = self.threads
         self._next = 0
         if seek_index is not None:
             # Only with pts identifying frames; the first decoded frame says where we are.

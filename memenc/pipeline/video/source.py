@@ -45,10 +45,10 @@ def _stat(path: str) -> os.stat_result:
 
 
 def _start(
-    path: str, image_size: int | None, timeout_s: float
+    path: str, image_size: int | None, timeout_s: float, threads: int = 0
 ) -> tuple[Decoder, VideoInfo, np.ndarray]:
     st = _stat(path)
-    args = (path, image_size, _READAHEAD_BUDGET_BYTES)
+    args = (path, image_size, _READAHEAD_BUDGET_BYTES, threads)
     decoder = Decoder(path, timeout_s, video_child_main, args)
     try:
         msg = decoder.recv(time.monotonic())
@@ -109,7 +109,9 @@ class VideoSource:
     """Frames of one video (file or frame folder), decoded in a child process.
 
     Takes the path and the model's ``image_size`` S; ``timeout_s`` bounds every wait
-    for the decoder (the probe, each batch). The probe runs at construction and its
+    for the decoder (the probe, each batch); ``threads`` is the decoder's own thread
+    count (FFmpeg's, for decord and PyAV; 0: FFmpeg chooses from the cores), which
+    changes the speed only, never the pixels. The probe runs at construction and its
     result is ``info``. Not thread-safe; use one source per thread.
 
     Raises:
@@ -119,20 +121,28 @@ class VideoSource:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], image_size: int, *, timeout_s: float = 60.0
+        self,
+        path: str | os.PathLike[str],
+        image_size: int,
+        *,
+        timeout_s: float = 60.0,
+        threads: int = 0,
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
         self.path = os.fspath(path)
         self.image_size = int(image_size)
         self.timeout_s = float(timeout_s)
+        self.threads = int(threads)
         self._decoder: Decoder | None = None
         self._buffer: SharedBuffer | None = None
         self._pending: deque[int] = deque()  # request ids sent and not yet answered
         self._next_rid = 0
         self._generation = 0
         self._decoder, self.info, self._timestamps = _start(
-            self.path, self.image_size, self.timeout_s
+            self.path, self.image_size, self.timeout_s, self.threads
         )
 
     # -- lifecycle --------------------------------------------------------------------
