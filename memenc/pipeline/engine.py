@@ -153,6 +153,32 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Without it PyTorch
+    emulates bf16 matrix products, far slower than float32: on an AVX2-only AMD EPYC a
+    4096×768×768 bf16 matmul ran at under 1 GFLOP/s against 43 GFLOP/s in float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in probes:
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def _warn_if_slow_bf16(device: torch.device, precision: str) -> None:
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
+        warnings.warn(
+            MemencWarning(
+                "--precision bf16 on this CPU (no AVX512-BF16 or AMX) is emulated and runs "
+                "several times slower than fp32; use --precision fp32 here"
+            ),
+            stacklevel=3,
+        )
+
+
 def limit_malloc_arenas(arenas: int = 2) -> None:
     """Cap glibc's malloc arenas for this process (no-op elsewhere).
 
@@ -672,6 +698,7 @@ def encode_video(
         raise UsageError(f"--decode-timeout {decode_timeout_s}: must be more than 0 seconds")
     dev = pick_device(device)
     autocast_for(dev, precision)
+    _warn_if_slow_bf16(dev, precision)
     k_decoders = choose_decoders(decoders, dev)
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
