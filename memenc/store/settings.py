@@ -13,8 +13,8 @@ and of the masks (`content_sha256` of their bytes), the checkpoint's sha256 (or 
 seed of random weights), the variant, image size, frames, objects, mask mode,
 precision, storage dtype, chunking, and `NUMBERS_VERSION`. Paths and mtimes are
 provenance, so copied inputs are the same run and a changed file at the same path is
-not; batch size and device are recorded but not fingerprinted (their results agree
-within DESIGN §3).
+not; batch size, device and `compile` are recorded but not fingerprinted (their
+results agree within DESIGN §3).
 
 Hashing costs one read of each input per run (also for a run that finds its store
 complete). Measured on the 2-core development machine, file in the page cache: sha256
@@ -111,9 +111,12 @@ def content_sha256(files: Iterable[str | os.PathLike[str]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _setting(*, stored: bool, fingerprinted: bool, provenance: tuple[str, ...] = ()) -> Any:
+def _setting(
+    *, stored: bool, fingerprinted: bool, provenance: tuple[str, ...] = (), **default: Any
+) -> Any:
     return field(
-        metadata={"stored": stored, "fingerprinted": fingerprinted, "provenance": provenance}
+        metadata={"stored": stored, "fingerprinted": fingerprinted, "provenance": provenance},
+        **default,
     )
 
 
@@ -144,6 +147,7 @@ class RunSettings:
     chunk_frames: int = _setting(**_BOTH)
     batch_size: int = _setting(**_STORED)
     device: str = _setting(**_STORED)
+    compile: bool = _setting(**_STORED, default=False)  # torch.compile'd encoders
 
     def attrs(self) -> dict[str, Any]:
         """The stored fields, as the store's ``memenc`` attributes hold them."""
