@@ -420,15 +420,16 @@ class _ChunkBuffer:
     def put(
         self,
         k: int,
-        features: torch.Tensor,
+        features: np.ndarray,
         scores: np.ndarray,
         timestamp: float,
         pointers: np.ndarray,
         peak: float,
     ) -> bool:
-        """Fill row k (features cast to the store dtype as they are copied); True once every
-        row is filled."""
-        torch.from_numpy(self.features[k]).copy_(features)
+        """Fill row k (features cast to the store dtype as they are copied, numpy's cast);
+        True once every row is filled."""
+        with np.errstate(over="ignore", invalid="ignore"):  # the writer checks the peaks
+            self.features[k] = features
         self.scores[k], self.timestamps[k], self.pointers[k] = scores, timestamp, pointers
         self.peaks[k] = peak
         self.missing -= 1
@@ -443,9 +444,17 @@ class _ChunkBuffer:
 
 def row_peaks(features: torch.Tensor) -> torch.Tensor:
     """The largest |x| of each row of `features` `[B, ...]` (float32 `[B]`), NaN for a row
-    with a NaN and inf for one with an infinity: one pass (`aminmax`), no |x| temporary."""
+    with a NaN and inf for one with an infinity: one pass (`aminmax`), no |x| temporary.
+    On the device; `host_row_peaks` is the same for host arrays."""
     lo, hi = torch.aminmax(features.flatten(1), dim=1)
     return torch.maximum(-lo, hi)
+
+
+def host_row_peaks(features: np.ndarray) -> np.ndarray:
+    """`row_peaks` of a host array, with numpy (single-threaded: the assembler does not
+    compete with the compute thread's kernels for the cores' thread pool)."""
+    rows = features.reshape(len(features), -1)
+    return np.maximum(-rows.min(axis=1), rows.max(axis=1))  # min/max propagate NaN
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -639,18 +648,19 @@ def run_chunks(
         while (item := _get(computed, stop)) is not _DONE:
             if item.event is not None:
                 item.event.synchronize()  # this batch's copies to the host have finished
-            peaks = item.peaks if item.peaks is not None else row_peaks(item.features)
-            peaks = peaks.numpy()
-            scores, ptrs = item.scores.numpy(), item.pointers.numpy()
+            features, scores, ptrs = (
+                t.numpy() for t in (item.features, item.scores, item.pointers)
+            )
+            peaks = item.peaks.numpy() if item.peaks is not None else host_row_peaks(features)
             for i, r in enumerate(item.rows):
                 c = r // layout.chunk_frames
                 if c not in buffers:
                     n = len(store.chunk_rows(c))
-                    shape = tuple(item.features.shape[1:])
+                    shape = features.shape[1:]
                     buffers[c] = _ChunkBuffer(n, shape, ptrs.shape[-1], store_dtype)
                 buf = buffers[c]
                 k = r - c * layout.chunk_frames
-                if buf.put(k, item.features[i], scores[i], item.timestamps[i], ptrs[i], peaks[i]):
+                if buf.put(k, features[i], scores[i], item.timestamps[i], ptrs[i], peaks[i]):
                     _put(finished, buf.chunk(c), stop)
                     del buffers[c]
                     written += 1
