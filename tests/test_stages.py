@@ -108,14 +108,15 @@ def _masks(d):
     return open_masks(d / "clip_masks", video_frame_count=T, video_width=80, video_height=60)
 
 
-def _run(path, clip, *, model=None, store_dtype="float16", **kw):
-    """A fresh store at `path`, all chunks run; returns (its arrays, the store)."""
+def _run(path, clip, *, model=None, store_dtype="float16", runs_on=None, **kw):
+    """A fresh store at `path`, all chunks run (by `runs_on`, default `model`); returns
+    (its arrays, the store)."""
     d, video = clip
     model = model or load_model(weights="random", image_size=S, device="cpu")
     masks = _masks(d)
     store = CacheStore.prepare(path, _layout(model, masks, store_dtype))
     with VideoSource(video, S, timeout_s=60) as source:
-        run_chunks(store, source, masks, model, range(store.num_chunks), **kw)
+        run_chunks(store, source, masks, runs_on or model, range(store.num_chunks), **kw)
     masks.close()
     g = zarr.open_group(str(path), mode="r")
     return {k: g[k][:] for k in ("maskmem_features", "obj_ptr", "object_score_logits")}, store
@@ -258,3 +259,85 @@ def test_pad_repeats_the_last_row():
     np.testing.assert_array_equal(
         engine._pad(x, 4).numpy(), [[0, 1, 2], [3, 4, 5]] + [[3, 4, 5]] * 2
     )
+
+
+class _FakeEvent:
+    """Stands in for `torch.cuda.Event` on the CPU: records what happens to it."""
+
+    log: list[tuple[str, int]] = []
+    count = 0
+
+    def __init__(self) -> None:
+        _FakeEvent.count += 1
+        self.id = _FakeEvent.count
+
+    def record(self, stream=None) -> None:
+        self.log.append(("record", self.id))
+
+    def synchronize(self) -> None:
+        self.log.append(("sync", self.id))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA's host-side calls made runnable on the CPU: pinned allocations become plain
+    ones, events record their calls, `current_stream` is a placeholder. Tensors stay on
+    the CPU, so the plumbing runs and its results can be compared with the CPU path."""
+    real_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kw):
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    _FakeEvent.log = []
+    return _FakeEvent.log
+
+
+def test_staging_reuses_a_pinned_slot_only_after_its_copy_finished(fake_cuda):
+    staging = engine._Staging(torch.device("cpu"), slots=2)
+    batches = [torch.full((2, 3), float(i)) for i in range(3)]
+    # on the CPU `.to(device)` returns the pinned view itself: clone, as a device copy is
+    outs = [staging.to_device(batches[0], batches[0] > 0)[0].clone()]
+    first = staging._buffers[0][0].data_ptr()
+    outs += [staging.to_device(b, b > 0)[0].clone() for b in batches[1:]]
+    for b, out in zip(batches, outs):
+        np.testing.assert_array_equal(out.numpy(), b.numpy())
+    # slots 0, 1, then slot 0 again: only after the event behind its first copy passed
+    assert fake_cuda == [("record", 1), ("record", 2), ("sync", 1), ("record", 3)]
+    slot = staging._buffers[0][0]
+    assert slot.data_ptr() == first  # the one pinned buffer, reused
+    np.testing.assert_array_equal(slot[:6].numpy(), np.full(6, 2.0))  # holds batch 2 now
+
+
+def test_cuda_results_path_stores_what_the_cpu_path_stores(tmp_path, clip, monkeypatch, fake_cuda):
+    """The CUDA branch end to end on the CPU with faked pinning and events (a stage thread,
+    cast and peaks before the copies, pinned result slots, events waited on, two writers):
+    the stored numbers equal the CPU path's, bit for bit, and every batch's event is
+    waited on by the assembler."""
+    model = load_model(weights="random", image_size=S, device="cpu")
+    want, _ = _run(tmp_path / "cpu.zarr", clip, model=model, batch_size=2)
+
+    class CudaLike:  # run_chunks sees a CUDA model; the kernels stay on the CPU
+        device = type("Device", (), {"type": "cuda"})()
+        compiled = False
+        frame_batch = 1
+        image_features = staticmethod(model.image_features)
+        encode_memory = staticmethod(model.encode_memory)
+
+    class CpuStaging(engine._Staging):  # a copy out of the slot, as the device copy is
+        def to_device(self, *tensors):
+            return [t.clone() for t in super().to_device(*tensors)]
+
+    monkeypatch.setattr(engine, "_Staging", lambda device: CpuStaging(torch.device("cpu")))
+    got, store = _run(tmp_path / "cuda.zarr", clip, model=model, runs_on=CudaLike(), batch_size=2)
+    assert store.pending_chunks() == []
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    synced = {i for what, i in fake_cuda if what == "sync"}
+    recorded = {i for what, i in fake_cuda if what == "record"}
+    assert len(recorded) == 2 * 5  # T=10 frames in batches of 2: staging + results each
+    # every results event (5) is waited on by the assembler, and staging waits before it
+    # reuses its 3 slots for batches 4 and 5 (2)
+    assert len(synced) == 5 + 2

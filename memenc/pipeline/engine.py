@@ -591,7 +591,8 @@ def run_chunks(
     raised (VideoDecodeError, MaskError, StoreError ...); chunks written before the error
     keep their markers.
 
-    Stages: decode (a thread) → compute (this thread: only launches the device work and
+    Stages: decode (a thread) → on CUDA, stage (a thread: frames and masks into pinned
+    buffers and on to the device) → compute (this thread: only launches the device work and
     hands each batch's results on) → assemble (a thread: waits for a batch's copies,
     fills the chunk buffers in the store dtype) → write (a pool of threads, whole chunks).
     On CUDA frames and masks reach the device from pinned buffers and results come back
@@ -676,17 +677,29 @@ def run_chunks(
             args, kwargs = item
             store.write_chunk(*args, **kwargs)
 
+    def stage() -> None:  # CUDA: host copies into pinned memory off the compute thread
+        while (item := _get(decoded, stop)) is not _DONE:
+            batch_rows, batch, m = item
+            frames, m = staging.to_device(batch.frames, m)
+            _put(staged, (batch_rows, batch, frames, m), stop)
+        _put(staged, _DONE, stop)
+
     stages.start(decode, "memenc-decode")
+    staged = decoded
+    if staging is not None:
+        staged = queue.Queue(maxsize=1)
+        stages.start(stage, "memenc-stage")
     stages.start(assemble, "memenc-assemble")
     for i in range(writers):
         stages.start(write, f"memenc-write-{i}")
 
     def compute() -> None:
-        while (item := _get(decoded, stop)) is not _DONE:
-            batch_rows, batch, m = item
-            frames = batch.frames
-            if staging is not None:
-                frames, m = staging.to_device(frames, m)
+        while (item := _get(staged, stop)) is not _DONE:
+            if staging is None:
+                batch_rows, batch, m = item
+                frames = batch.frames
+            else:
+                batch_rows, batch, frames, m = item
             if pad_to is not None and len(batch_rows) < pad_to:
                 frames, m = _pad(frames, pad_to), _pad(m, pad_to)
             with autocast:
