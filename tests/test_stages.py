@@ -267,7 +267,8 @@ class _FakeEvent:
     log: list[tuple[str, int]] = []
     count = 0
 
-    def __init__(self) -> None:
+    def __init__(self, blocking: bool = False) -> None:
+        assert blocking  # the waiting threads sleep rather than spin
         _FakeEvent.count += 1
         self.id = _FakeEvent.count
 

@@ -157,7 +157,9 @@ class MemencModel(nn.Module):
         (dynamic=False: one graph per input shape, compiled on first use). The pointer
         heads stay eager. Callers keep shapes fixed (`run_chunks` pads a short last batch
         when the kernels take whole batches). Numbers stay within DESIGN §3's bounds, not
-        bit-identical (the compiler fuses and reorders)."""
+        bit-identical (the compiler fuses and reorders): on the CPU at S=256, sam2.1 tiny,
+        the memory features were within relative L2 9e-7 of eager, and the first call
+        took 112 s to compile on 2 shared cores (worth it only for long runs)."""
         self._compiled = (
             torch.compile(self.image_encoder, dynamic=False),
             torch.compile(self.memory_encoder, dynamic=False),
