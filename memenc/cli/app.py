@@ -67,7 +67,7 @@ class _ErrorMappingCommand(TyperCommand):
             if debug:
                 traceback.print_exc()
             if _is_out_of_memory(e):
-                batch = ctx.params.get("batch_size")
+                batch = ctx.params.get("batch_size") or _cuda_default_batch()
                 _error_line(
                     f"memenc: error: out of GPU memory ({_first_line(e)}); "
                     f"try a smaller --batch-size (this run: {batch}) or --image-size"
@@ -78,6 +78,14 @@ class _ErrorMappingCommand(TyperCommand):
                 "(set MEMENC_DEBUG=1 for the traceback)"
             )
             ctx.exit(1)
+
+
+def _cuda_default_batch() -> str:
+    import torch
+
+    from memenc.pipeline.engine import default_batch_size
+
+    return f"{default_batch_size(torch.device('cuda'))}, the CUDA default"
 
 
 def _is_out_of_memory(e: BaseException) -> bool:

@@ -79,7 +79,10 @@ Frames = Annotated[
     Optional[str], typer.Option(help="Source frames START:STOP:STEP (Python slice).")
 ]
 Objects = Annotated[Optional[str], typer.Option(help="Object ids to keep, e.g. 1,2.")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Frames per batch.")]
+BatchSize = Annotated[
+    Optional[int],
+    typer.Option(min=1, help="Frames per batch (default: 4 on the CPU, 16 on CUDA)."),
+]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 PrecisionOption = Annotated[Precision, typer.Option("--precision", help="Compute precision.")]
 StoreDtypeOption = Annotated[
@@ -93,6 +96,14 @@ Overwrite = Annotated[
 ]
 SkipUnmasked = Annotated[
     bool, typer.Option(help="Encode only frames that have a mask instead of failing.")
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the image and memory encoders (slow first batch; pays off on "
+        "long runs on a GPU).",
+    ),
 ]
 DecodeTimeout = Annotated[
     float, typer.Option(help="Seconds a decoder may take for one batch before it is killed.")
@@ -120,11 +131,12 @@ class RunOptions:
     image_size: ImageSize = None
     frames: Frames = None
     objects: Objects = None
-    batch_size: BatchSize = 4
+    batch_size: BatchSize = None
     device: Device = "auto"
     precision: PrecisionOption = Precision.fp32
     store_dtype: StoreDtypeOption = StoreDtype.float16
     chunk_frames: ChunkFrames = None
+    compile: Compile = False
     overwrite: Overwrite = False
     skip_unmasked: SkipUnmasked = False
     decode_timeout: DecodeTimeout = 120.0

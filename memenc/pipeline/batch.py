@@ -84,11 +84,12 @@ class BatchSettings:
     variant: str | None = None
     seed: int = 0
     image_size: int | None = None
-    batch_size: int = 4
+    batch_size: int | None = None  # None: `default_batch_size` of the device
     device: str = "auto"
     precision: str = "fp32"
     store_dtype: str = "float16"
     chunk_frames: int | None = None
+    compile: bool = False  # torch.compile the encoders (`MemencModel.compile_encoders`)
     overwrite: bool = False
     skip_unmasked: bool = False
     decode_timeout_s: float = 120.0
@@ -96,7 +97,14 @@ class BatchSettings:
     decoders: int | None = None  # decoder processes per video; None: each worker chooses
 
     def model_key(self) -> tuple[Any, ...]:
-        return (self.checkpoint, self.weights, self.variant, self.seed, self.image_size)
+        return (
+            self.checkpoint,
+            self.weights,
+            self.variant,
+            self.seed,
+            self.image_size,
+            self.compile,
+        )
 
 
 @dataclass(frozen=True)
@@ -460,6 +468,8 @@ def _worker_model(settings: BatchSettings, device: Any) -> Any:
                 image_size=settings.image_size,
                 device=device,
             )
+            if settings.compile:
+                model.compile_encoders()
             _models.clear()  # one model per process
             _models[key] = model
         return model
@@ -874,7 +884,13 @@ class _Coordinator:
 
     def _layout(self, inp: BatchInput) -> tuple[Any, str]:
         # the same planning as encode_video, so a batch store equals an encode store
-        from memenc.pipeline.engine import open_run_masks, plan_frames, plan_layout
+        from memenc.pipeline.engine import (
+            default_batch_size,
+            open_run_masks,
+            pick_device,
+            plan_frames,
+            plan_layout,
+        )
         from memenc.pipeline.selection import parse_frames, parse_objects
         from memenc.pipeline.video import probe_video
 
@@ -893,7 +909,8 @@ class _Coordinator:
             layout = plan_layout(
                 self._model(), planned, video_path, info, mask_source, selection=selection,
                 store_dtype=s.store_dtype, chunk_frames=s.chunk_frames, precision=s.precision,
-                batch_size=s.batch_size, device=s.device, decoders=s.decoders,
+                batch_size=s.batch_size or default_batch_size(pick_device(s.device)),
+                device=s.device, decoders=s.decoders, compile=s.compile,
             )  # fmt: skip
         finally:
             mask_source.close()
@@ -985,7 +1002,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
         except CheckpointError as e:
             raise UsageError(f"--variant: {e}") from None
     check_image_size(settings.image_size)
-    if settings.batch_size < 1:
+    if settings.batch_size is not None and settings.batch_size < 1:
         raise UsageError(f"--batch-size {settings.batch_size}: must be at least 1")
     if settings.chunk_frames is not None and settings.chunk_frames < 1:
         raise UsageError(f"--chunk-frames {settings.chunk_frames}: must be at least 1")

@@ -243,6 +243,7 @@ def store_layout(
     batch_size: int = 4,
     device: str = "cpu",
     decoders: int | None = 1,
+    compile: bool = False,
 ) -> StoreLayout:
     """The store's layout for a run. Its attributes and fingerprint both come from one
     `RunSettings` (which declares what is stored and what is fingerprinted); the
@@ -283,6 +284,7 @@ def store_layout(
         batch_size=batch_size,
         device=device,
         decoders=decoders,
+        compile=compile,
     )
     pos = model.position_encoding.encode(h, w).cpu().numpy()
     return StoreLayout(
@@ -338,6 +340,7 @@ def plan_layout(
     batch_size: int,
     device: str,
     decoders: int | None = 1,
+    compile: bool = False,
 ) -> StoreLayout:
     """The store layout of one video's run (`encode` and `batch` alike): hashes the inputs,
     then `store_layout`. Raises VideoDecodeError / MaskError when an input cannot be read."""
@@ -357,6 +360,7 @@ def plan_layout(
         batch_size=batch_size,
         device=device,
         decoders=decoders,
+        compile=compile,
     )
 
 
@@ -442,13 +446,18 @@ class _Stages:
 
 
 class _ChunkBuffer:
-    """Host arrays for one frame-chunk, filled row by row as batches finish."""
+    """Host arrays for one frame-chunk, filled row by row as batches finish. Features are
+    kept in the store dtype, and beside them each row's largest |x| before the cast
+    (`peaks`), which is all `CacheStore.write_chunk` needs to check them."""
 
-    def __init__(self, rows: int, row_shape: tuple[int, ...], ptr_dim: int) -> None:
-        self.features = np.empty((rows, *row_shape), np.float32)  # [n, O, 64, h, w]
+    def __init__(
+        self, rows: int, row_shape: tuple[int, ...], ptr_dim: int, dtype: np.dtype
+    ) -> None:
+        self.features = np.empty((rows, *row_shape), dtype)  # [n, O, 64, h, w]
         self.scores = np.empty((rows, row_shape[0]), np.float32)  # [n, O]
         self.timestamps = np.empty(rows, np.float64)
         self.pointers = np.empty((rows, row_shape[0], ptr_dim), np.float32)  # [n, O, 256]
+        self.peaks = np.empty(rows, np.float32)
         self.missing = rows
 
     def put(
@@ -458,16 +467,158 @@ class _ChunkBuffer:
         scores: np.ndarray,
         timestamp: float,
         pointers: np.ndarray,
+        peak: float,
     ) -> bool:
-        """Fill row k; True once every row is filled."""
-        self.features[k], self.scores[k], self.timestamps[k] = features, scores, timestamp
-        self.pointers[k] = pointers
+        """Fill row k (features cast to the store dtype as they are copied, numpy's cast);
+        True once every row is filled."""
+        with np.errstate(over="ignore", invalid="ignore"):  # the writer checks the peaks
+            self.features[k] = features
+        self.scores[k], self.timestamps[k], self.pointers[k] = scores, timestamp, pointers
+        self.peaks[k] = peak
         self.missing -= 1
         return self.missing == 0
 
     def chunk(self, c: int) -> tuple:
         """`CacheStore.write_chunk`'s arguments for frame-chunk c."""
-        return (c, self.features, self.scores, self.timestamps, self.pointers)
+        # np.max keeps a NaN: a chunk with a non-finite row has a non-finite peak
+        peak = float(np.max(self.peaks))
+        return (c, self.features, self.scores, self.timestamps, self.pointers), {"peak": peak}
+
+
+def row_peaks(features: torch.Tensor) -> torch.Tensor:
+    """The largest |x| of each row of `features` `[B, ...]` (float32 `[B]`), NaN for a row
+    with a NaN and inf for one with an infinity: one pass (`aminmax`), no |x| temporary.
+    On the device; `host_row_peaks` is the same for host arrays."""
+    lo, hi = torch.aminmax(features.flatten(1), dim=1)
+    return torch.maximum(-lo, hi)
+
+
+def host_row_peaks(features: np.ndarray) -> np.ndarray:
+    """`row_peaks` of a host array, with numpy (single-threaded: the assembler does not
+    compete with the compute thread's kernels for the cores' thread pool)."""
+    rows = features.reshape(len(features), -1)
+    return np.maximum(-rows.min(axis=1), rows.max(axis=1))  # min/max propagate NaN
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Frames per batch when none is given: 4 on the CPU, 16 on CUDA.
+
+    On the CPU the kernels take one frame at a time (`MemencModel.frame_batch`, for the
+    reference's rounding), so the batch only sets how much work each hand-off between the
+    stages carries; 4 keeps the queues' memory small. On CUDA each kernel takes the whole
+    batch, and a frame of hiera_t at 1024 is worth well under a millisecond of an H100's
+    compute, so at 4 frames launches and per-batch copies dominate; 16 frames amortise
+    them while the activations stay within a few GB at 1024 (an estimate from the stage
+    widths, with attention through SDPA that does not materialise its scores; not
+    measured here: lower --batch-size if a smaller GPU runs out of memory).
+    """
+    return 16 if device.type == "cuda" else 4
+
+
+def default_writers(device: torch.device) -> int:
+    """Writer threads when none are given: 1 on the CPU, 2 on CUDA.
+
+    On the 2-core development machine (cores shared) a second writer gained nothing:
+    96 float16 chunks of S=512 features (8 frames × 2 objects each) took 2.7 s with two
+    writers against 2.8 s with one (medians of 4, interleaved), and whole 16-frame runs at
+    S=512 differed by less than their noise (0.25 and 0.25 frames/s against 0.26 and 0.20);
+    writing a frame there takes milliseconds against seconds of compute, so the cores
+    stay with compute. On CUDA the device outruns one writer, and zstd compression and
+    file writes run outside the GIL, so two overlap."""
+    return 2 if device.type == "cuda" else 1
+
+
+class _Staging:
+    """Pinned host tensors that carry batches to a CUDA device, reused batch after batch.
+
+    `to_device` copies its tensors into the next of `slots` pinned slots and from there to
+    the device without blocking (a tensor already on the device, such as masks that
+    `MaskSource.read_to` expanded there from label maps, passes through); a slot is written again only after the event recorded
+    behind its last copy has passed, so a copy in flight never sees its source change.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 3) -> None:
+        self.device = device
+        self._buffers: list[dict[int, torch.Tensor]] = [{} for _ in range(slots)]
+        self._events: list[Any] = [None] * slots
+        self._next = 0
+
+    def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        i = self._next
+        self._next = (i + 1) % len(self._buffers)
+        if self._events[i] is not None:
+            self._events[i].synchronize()  # the last copy out of this slot has finished
+        slot = self._buffers[i]
+        out = []
+        for j, t in enumerate(tensors):
+            if t.device == self.device:  # already there (label maps expanded on the device)
+                out.append(t)
+                continue
+            buf = slot.get(j)
+            if buf is None or buf.dtype != t.dtype or buf.numel() < t.numel():
+                buf = slot[j] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+            host = buf[: t.numel()].view(t.shape)
+            host.copy_(t)
+            out.append(host.to(self.device, non_blocking=True))
+        event = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, not spins
+        event.record(torch.cuda.current_stream(self.device))
+        self._events[i] = event
+        return out
+
+
+@dataclass
+class _Computed:
+    """One batch's results on their way to the host: `rows` (store rows), `timestamps`,
+    `features` `[b, O, 64, h, w]` (store dtype on CUDA; float32 on the CPU, cast as the
+    chunk buffers are filled), `scores` `[b, O]`, `pointers` `[b, O, 256]`, `peaks` `[b]`
+    (None on the CPU: computed by the assembler), the `event` after which the host tensors
+    hold the data (None on the CPU), and `release`, which hands pinned buffers back."""
+
+    rows: Sequence[int]
+    timestamps: np.ndarray
+    features: torch.Tensor
+    scores: torch.Tensor
+    pointers: torch.Tensor
+    peaks: torch.Tensor | None = None
+    event: Any = None
+    release: Callable[[], None] | None = None
+
+
+class _Results:
+    """Device results to host memory. On CUDA: cast to the store dtype and each frame's
+    peak |x| on the device, then copied into pinned host buffers without blocking, with
+    an event behind the copies; a buffer set is reused once the assembler releases it.
+    On the CPU: handed on as they are (float32)."""
+
+    def __init__(
+        self, device: torch.device, store_dtype: torch.dtype, slots: int, stop: threading.Event
+    ) -> None:
+        self.device = device
+        self.store_dtype = store_dtype
+        self.stop = stop
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(slots):
+            self._free.put({})
+
+    def hand_on(self, rows: Sequence[int], timestamps: np.ndarray, out: Any) -> _Computed:
+        n = len(rows)
+        features = out.features[:n].float()  # bf16/fp16 autocast: via float32, as numpy
+        scores = out.object_score_logits[:n].float()
+        pointers = out.obj_ptr[:n].float()
+        if self.device.type != "cuda":
+            return _Computed(rows, timestamps, features, scores, pointers)
+        peaks = row_peaks(features)
+        stored = features.to(self.store_dtype)  # round to nearest even, as numpy's astype
+        slot = _get(self._free, self.stop)
+        host = []
+        for name, t in (("f", stored), ("s", scores), ("p", pointers), ("k", peaks)):
+            buf = slot.get(name)
+            if buf is None or buf.shape[1:] != t.shape[1:] or buf.shape[0] < n:
+                buf = slot[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.append(buf[:n].copy_(t, non_blocking=True))
+        event = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, not spins
+        event.record(torch.cuda.current_stream(self.device))
+        return _Computed(rows, timestamps, *host, event=event, release=lambda: self._free.put(slot))
 
 
 def run_chunks(
@@ -477,17 +628,19 @@ def run_chunks(
     model: MemencModel,
     chunks: Sequence[int],
     *,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     precision: str = "fp32",
     progress: Callable[[int], None] | None = None,
     queue_depth: int = 2,
     decoders: int = 1,
     spares: SpareSources | None = None,
+    writers: int | None = None,
 ) -> int:
     """Compute and write `chunks` of an existing store (one work unit).
 
-    Rows of the chunks are decoded and encoded in batches of `batch_size` frames (a batch
-    may span two chunks); each chunk is written whole as soon as its last row is computed.
+    Rows of the chunks are decoded and encoded in batches of `batch_size` frames (default
+    `default_batch_size`; a batch may span two chunks); each chunk is written whole as soon
+    as its last row is computed, by one of `writers` threads (default `default_writers`).
     `decoders` K > 1 splits the rows into K contiguous groups of whole chunks, each
     decoded by its own decoder process (`ParallelDecode`; `video` decodes the first, the
     others are `spares` started earlier, or opened on its path; all closed before this
@@ -498,10 +651,26 @@ def run_chunks(
     group when K > 1). Returns the number of chunks written. Raises UsageError for a
     chunk outside the store or K < 1, and whatever a stage raised (VideoDecodeError,
     MaskError, StoreError ...); chunks written before the error keep their markers.
+
+    Stages: decode (a thread) → on CUDA, stage (a thread: frames and masks into pinned
+    buffers and on to the device) → compute (this thread: only launches the device work and
+    hands each batch's results on) → assemble (a thread: waits for a batch's copies,
+    fills the chunk buffers in the store dtype) → write (a pool of threads, whole chunks).
+    On CUDA frames and masks reach the device from pinned buffers and results come back
+    into pinned buffers, both without blocking this thread. With a compiled model whose
+    kernels take whole batches (`MemencModel.compiled`), a short last batch is padded to
+    `batch_size` (its last frame repeated) and the padding's results dropped, so the
+    compiled graphs see one shape.
     """
+    device = model.device
+    if batch_size is None:
+        batch_size = default_batch_size(device)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     decoders = check_decoders(decoders) or 1
+    writers = default_writers(device) if writers is None else writers
+    if writers < 1:
+        raise UsageError(f"writers must be at least 1, got {writers}")
     layout = store.layout
     chunks = sorted({int(c) for c in chunks})
     outside = [c for c in chunks if not 0 <= c < layout.num_chunks]
@@ -513,11 +682,16 @@ def run_chunks(
     if not rows:
         return 0
     frame_of = layout.frame_index
-    autocast = autocast_for(model.device, precision)
+    autocast = autocast_for(device, precision)
+    store_dtype = np.dtype(layout.store_dtype)
     stages = _Stages()
     stop = stages.stop
     decoded: queue.Queue = queue.Queue(maxsize=queue_depth)
+    computed: queue.Queue = queue.Queue(maxsize=queue_depth)
     finished: queue.Queue = queue.Queue(maxsize=queue_depth)
+    staging = _Staging(device) if device.type == "cuda" else None
+    results = _Results(device, getattr(torch, layout.store_dtype), slots=queue_depth + 2, stop=stop)
+    pad_to = batch_size if model.compiled and model.frame_batch is None else None
 
     def decode() -> None:
         # Masks are read here, in this one thread, whichever decoder a batch came from:
@@ -535,44 +709,81 @@ def run_chunks(
                 _put(decoded, (batch_rows, batch, m), stop)
         _put(decoded, _DONE, stop)
 
-    def write() -> None:
-        while (item := _get(finished, stop)) is not _DONE:
-            store.write_chunk(*item)
-
-    stages.start(decode, "memenc-decode")
-    stages.start(write, "memenc-write")
-
-    buffers: dict[int, _ChunkBuffer] = {}  # chunks being filled, by chunk index
     written = 0
 
-    def encode() -> None:
+    def assemble() -> None:
         nonlocal written
-        while (item := _get(decoded, stop)) is not _DONE:
-            batch_rows, batch, m = item
-            with autocast:
-                pix = model.image_features(batch.frames)
-                out = model.encode_memory(pix, m, pointers=True)
-            feats = out.features.float().cpu().numpy()  # one device->host copy per batch
-            scores = out.object_score_logits.float().cpu().numpy()
-            ptrs = out.obj_ptr.float().cpu().numpy()  # [b, O, 256]
-            for i, r in enumerate(batch_rows):
+        buffers: dict[int, _ChunkBuffer] = {}  # chunks being filled, by chunk index
+        while (item := _get(computed, stop)) is not _DONE:
+            if item.event is not None:
+                item.event.synchronize()  # this batch's copies to the host have finished
+            features, scores, ptrs = (
+                t.numpy() for t in (item.features, item.scores, item.pointers)
+            )
+            peaks = item.peaks.numpy() if item.peaks is not None else host_row_peaks(features)
+            for i, r in enumerate(item.rows):
                 c = r // layout.chunk_frames
                 if c not in buffers:
                     n = len(store.chunk_rows(c))
-                    buffers[c] = _ChunkBuffer(n, feats.shape[1:], ptrs.shape[-1])
+                    shape = features.shape[1:]
+                    buffers[c] = _ChunkBuffer(n, shape, ptrs.shape[-1], store_dtype)
                 buf = buffers[c]
                 k = r - c * layout.chunk_frames
-                if buf.put(k, feats[i], scores[i], batch.timestamps[i], ptrs[i]):
+                if buf.put(k, features[i], scores[i], item.timestamps[i], ptrs[i], peaks[i]):
                     _put(finished, buf.chunk(c), stop)
                     del buffers[c]
                     written += 1
+            if item.release is not None:
+                item.release()
             if progress:
-                progress(len(batch_rows))
-        _put(finished, _DONE, stop)
+                progress(len(item.rows))
+        for _ in range(writers):
+            _put(finished, _DONE, stop)
 
-    stages.run(encode)  # the coordinator's own stage, in this thread
+    def write() -> None:
+        while (item := _get(finished, stop)) is not _DONE:
+            args, kwargs = item
+            store.write_chunk(*args, **kwargs)
+
+    def stage() -> None:  # CUDA: host copies into pinned memory off the compute thread
+        while (item := _get(decoded, stop)) is not _DONE:
+            batch_rows, batch, m = item
+            frames, m = staging.to_device(batch.frames, m)
+            _put(staged, (batch_rows, batch, frames, m), stop)
+        _put(staged, _DONE, stop)
+
+    stages.start(decode, "memenc-decode")
+    staged = decoded
+    if staging is not None:
+        staged = queue.Queue(maxsize=1)
+        stages.start(stage, "memenc-stage")
+    stages.start(assemble, "memenc-assemble")
+    for i in range(writers):
+        stages.start(write, f"memenc-write-{i}")
+
+    def compute() -> None:
+        while (item := _get(staged, stop)) is not _DONE:
+            if staging is None:
+                batch_rows, batch, m = item
+                frames = batch.frames
+            else:
+                batch_rows, batch, frames, m = item
+            if pad_to is not None and len(batch_rows) < pad_to:
+                frames, m = _pad(frames, pad_to), _pad(m, pad_to)
+            with autocast:
+                pix = model.image_features(frames)
+                out = model.encode_memory(pix, m, pointers=True)
+            _put(computed, results.hand_on(batch_rows, batch.timestamps, out), stop)
+        _put(computed, _DONE, stop)
+
+    stages.run(compute)  # the coordinator's own stage, in this thread
     stages.join()
     return written
+
+
+def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    """`x` `[b, ...]` grown to `[size, ...]` by repeating its last row."""
+    return torch.cat([x, x[-1:].expand(size - x.shape[0], *x.shape[1:])])
 
 
 # ---------------------------------------------------------------------------- the command
@@ -641,11 +852,12 @@ def encode_video(
     image_size: int | None = None,
     frames: str | None = None,
     objects: str | Sequence[int] | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     precision: str = "fp32",
     store_dtype: str = "float16",
     chunk_frames: int | None = None,
+    compile: bool = False,
     overwrite: bool = False,
     skip_unmasked: bool = False,
     sav_step: int = SAV_STEP,
@@ -663,8 +875,10 @@ def encode_video(
         sam2.1_hiera_base_plus. image_size: a positive multiple of 32 (default 1024).
     out: the store path (default `<video stem>.zarr` beside the video).
     frames: "START:STOP:STEP" over source frame numbers. objects: ids or "1,2".
-    batch_size, device ("auto", "cpu", "cuda[:i]"), precision ("fp32", "bf16", "fp16"),
-    store_dtype ("float16", "float32"), chunk_frames (default: ~1–4 MB chunks).
+    batch_size (default: `default_batch_size`, 4 on the CPU, 16 on CUDA), device ("auto",
+    "cpu", "cuda[:i]"), precision ("fp32", "bf16", "fp16"), store_dtype ("float16",
+    "float32"), chunk_frames (default: ~1–4 MB chunks). compile: `torch.compile` the image
+    and memory encoders (`MemencModel.compile_encoders`; recorded, not fingerprinted).
     overwrite: replace a store made with other settings. skip_unmasked: drop frames
     without a mask instead of failing. sav_step: SA-V annotation step (annotation k is
     video frame k * sav_step). decoders: decoder processes K over disjoint chunk ranges
@@ -690,13 +904,14 @@ def encode_video(
         except CheckpointError as e:
             raise UsageError(f"--variant: {e}") from None
     check_image_size(image_size)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     if chunk_frames is not None and chunk_frames < 1:
         raise UsageError(f"--chunk-frames {chunk_frames}: must be at least 1")
     if not decode_timeout_s > 0:
         raise UsageError(f"--decode-timeout {decode_timeout_s}: must be more than 0 seconds")
     dev = pick_device(device)
+    batch_size = default_batch_size(dev) if batch_size is None else batch_size
     autocast_for(dev, precision)
     _warn_if_slow_bf16(dev, precision)
     k_decoders = choose_decoders(decoders, dev)
@@ -745,10 +960,12 @@ def encode_video(
             device=dev,
             progress=on_download,
         )
+        if compile:
+            model.compile_encoders()
         layout = plan_layout(
             model, planned, video_path, info, mask_source, selection=selection,
             store_dtype=store_dtype, chunk_frames=chunk_frames, precision=precision,
-            batch_size=batch_size, device=str(dev), decoders=k_decoders,
+            batch_size=batch_size, device=str(dev), decoders=k_decoders, compile=compile,
         )  # fmt: skip
         # a str, not a Path: an fsspec URL (s3://…) must reach the store intact
         out_path = os.fspath(out) if out is not None else str(video_path.with_suffix(".zarr"))

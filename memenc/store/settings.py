@@ -13,8 +13,8 @@ and of the masks (`content_sha256` of their bytes), the checkpoint's sha256 (or 
 seed of random weights), the variant, image size, frames, objects, mask mode,
 precision, storage dtype, chunking, and `NUMBERS_VERSION`. Paths and mtimes are
 provenance, so copied inputs are the same run and a changed file at the same path is
-not; batch size and device are recorded but not fingerprinted (their results agree
-within DESIGN §3), nor is the decoder count (the same pixels, decoded faster).
+not; batch size, device, `compile` and the decoder count are recorded but not
+fingerprinted (their results agree within DESIGN §3; K decoders give the same pixels).
 
 Hashing costs one read of each input per run (also for a run that finds its store
 complete). Measured on the 2-core development machine, file in the page cache: sha256
@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +112,11 @@ def content_sha256(files: Iterable[str | os.PathLike[str]]) -> str:
 
 
 def _setting(
-    *, stored: bool, fingerprinted: bool, provenance: tuple[str, ...] = (), default: Any = MISSING
+    *, stored: bool, fingerprinted: bool, provenance: tuple[str, ...] = (), **default: Any
 ) -> Any:
     return field(
-        default=default,
         metadata={"stored": stored, "fingerprinted": fingerprinted, "provenance": provenance},
+        **default,
     )
 
 
@@ -149,6 +149,7 @@ class RunSettings:
     device: str = _setting(**_STORED)
     # decoder processes K (None: chosen by each batch worker); speed only, like batch_size
     decoders: int | None = _setting(**_STORED, default=1)
+    compile: bool = _setting(**_STORED, default=False)  # torch.compile'd encoders
 
     def attrs(self) -> dict[str, Any]:
         """The stored fields, as the store's ``memenc`` attributes hold them."""

@@ -282,6 +282,8 @@ class CacheStore:
         scores: np.ndarray,
         timestamps: np.ndarray,
         pointers: np.ndarray,
+        *,
+        peak: float | None = None,
     ) -> None:
         """Write one whole frame-chunk, then set its ``chunk_done`` marker.
 
@@ -292,6 +294,11 @@ class CacheStore:
             scores: [n, O] object score logits.
             timestamps: [n] seconds.
             pointers: [n, O, 256] object pointers (``obj_ptr``), stored as float32.
+            peak: the largest |x| of the features before they were cast to the store dtype
+                (NaN or inf when any was not finite), from whoever cast them (the engine,
+                on the device). Given, the checks use it instead of scanning ``features``;
+                the store dtype overflows exactly when the peak's cast does, as the cast
+                rounds monotonically.
 
         Raises:
             IndexError: ``chunk`` out of range.
@@ -322,10 +329,15 @@ class CacheStore:
             raise StoreError(f"{self._loc}: store is complete; refusing to rewrite chunk {chunk}")
         with np.errstate(over="ignore", invalid="ignore"):
             stored = features.astype(layout.store_dtype, copy=False)
-        if not np.isfinite(stored).all():
+            if peak is None:
+                ok = bool(np.isfinite(stored).all())
+            else:
+                ok = bool(np.isfinite(np.float32(peak).astype(layout.store_dtype)))
+        if not ok:
             where = f"rows {rows.start}-{rows.stop - 1} (chunk {chunk})"
-            if np.isfinite(features).all():
-                peak = float(np.abs(features).max())
+            finite = np.isfinite(features).all() if peak is None else np.isfinite(peak)
+            if finite:
+                peak = float(np.abs(features).max()) if peak is None else peak
                 raise StoreError(
                     f"{self._loc}: features in {where} exceed the float16 range "
                     f"(max |x| = {peak:.4g}); use --store-dtype float32"
