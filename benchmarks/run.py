@@ -690,8 +690,11 @@ def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> N
             rows = store.chunk_rows(ch)
             sel = slice(rows.start, rows.stop)
             stored = features[sel].astype(layout.store_dtype)
+            peak = float(np.abs(features[sel]).max())  # the assembler's, before the writer
             t = time.perf_counter()
-            store.write_chunk(ch, stored, score_arr[sel], np.zeros(len(rows)), pointers[sel])
+            store.write_chunk(
+                ch, stored, score_arr[sel], np.zeros(len(rows)), pointers[sel], peak=peak
+            )
             spent_zarr += time.perf_counter() - t
             npsave.mkdir(exist_ok=True)
             t = time.perf_counter()
