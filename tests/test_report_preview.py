@@ -9,6 +9,9 @@ them, as `memenc encode` does.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import media
@@ -227,6 +230,23 @@ def test_describe_complete_store(written_store) -> None:
         a["stored_bytes"] for a in partial["arrays"] if a["name"] == "maskmem_features"
     )
     assert json.loads(json.dumps(info)) == info
+
+
+def test_inspect_into_a_closed_pipe_stops_quietly(written_store) -> None:
+    """`memenc inspect s.zarr | head`: once the reader has gone, memenc stops without a
+    traceback or an "internal error" line, with SIGPIPE's status (141)."""
+    path = written_store()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before memenc writes
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "memenc", "inspect", str(path)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
 
 
 def test_describe_reports_unfinished_creation(written_store) -> None:

@@ -42,7 +42,8 @@ class _ErrorMappingCommand(TyperCommand):
     """Runs a command and maps what it raises: memenc's `UsageError` becomes the parser's
     usage error (usage line + one `Error:` line, exit 2); another `MemencError` one line
     on stderr and its exit code; running out of GPU memory one line suggesting a smaller
-    --batch-size (exit 1); anything else one line marked as an internal error (exit 1).
+    --batch-size (exit 1); a closed output pipe nothing (exit 141, as SIGPIPE would);
+    anything else one line marked as an internal error (exit 1).
     MEMENC_DEBUG=1 prints the traceback as well."""
 
     def invoke(self, ctx: typer.Context):
@@ -63,6 +64,13 @@ class _ErrorMappingCommand(TyperCommand):
         except KeyboardInterrupt:
             _error_line("memenc: interrupted")
             ctx.exit(130)
+        except BrokenPipeError:
+            # the reader of our output went away (`memenc inspect s.zarr | head`): stop
+            # quietly, as a tool killed by SIGPIPE would, and keep Python's exit flush from
+            # failing on the closed pipe again
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except Exception as e:
             if debug:
                 traceback.print_exc()
