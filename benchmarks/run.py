@@ -748,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--suite", choices=sorted(SUITES), help="default: cpu, or gpu with cuda")
     ap.add_argument("--out", type=Path, help="folder for benchmark.md and benchmark.json")
-    ap.add_argument("--repeats", type=int, help="override the suite's repeats")
+    ap.add_argument("--repeats", type=int, help="override the suite's repeats (kernels, stages)")
+    ap.add_argument("--whole-repeats", type=int, help="override every case's whole-run repeats")
     ap.add_argument("--only", nargs="+", choices=["micro", "whole", "stages"],
                     default=["micro", "whole", "stages"])  # fmt: skip
     ap.add_argument("--cases", nargs="+", help="only the cases whose name contains one of these")
@@ -762,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = SUITES[args.suite or ("gpu" if args.device.startswith("cuda") else "cpu")]
     if args.repeats:
         suite = Suite(**{**suite.__dict__, "repeats": args.repeats})
+    if args.whole_repeats:
+        cases = tuple(Case(**{**c.__dict__, "repeats": args.whole_repeats}) for c in suite.cases)
+        suite = Suite(**{**suite.__dict__, "cases": cases})
     if args.cases:
         picked = tuple(c for c in suite.cases if any(w in c.name for w in args.cases))
         suite = Suite(**{**suite.__dict__, "cases": picked})
