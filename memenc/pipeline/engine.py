@@ -175,7 +175,7 @@ def _warn_if_slow_bf16(device: torch.device, precision: str) -> None:
                 "--precision bf16 on this CPU (no AVX512-BF16 or AMX) is emulated and runs "
                 "several times slower than fp32; use --precision fp32 here"
             ),
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -913,7 +913,6 @@ def encode_video(
     dev = pick_device(device)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
     autocast_for(dev, precision)
-    _warn_if_slow_bf16(dev, precision)
     k_decoders = choose_decoders(decoders, dev)
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
@@ -975,6 +974,8 @@ def encode_video(
             pending = store.pending_chunks()
             already = store.status == "complete"
             todo = sum(len(store.chunk_rows(c)) for c in pending)
+            if todo:  # said only when there is something to compute
+                _warn_if_slow_bf16(dev, precision)
             done = 0
             t_run = time.monotonic()
 
