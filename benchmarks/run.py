@@ -753,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=["micro", "whole", "stages"],
                     default=["micro", "whole", "stages"])  # fmt: skip
     ap.add_argument("--cases", nargs="+", help="only the cases whose name contains one of these")
+    ap.add_argument(
+        "--runs", nargs="+", help="only the whole runs whose name contains one of these"
+    )
     ap.add_argument("--dry-run", action="store_true",
                     help="make the inputs and print the plan; stop before the first CUDA call")  # fmt: skip
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -769,6 +772,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases:
         picked = tuple(c for c in suite.cases if any(w in c.name for w in args.cases))
         suite = Suite(**{**suite.__dict__, "cases": picked})
+    if args.runs:
+        cases = tuple(
+            Case(
+                **{**c.__dict__, "runs": tuple(r for r in c.runs if any(w in r for w in args.runs))}
+            )
+            for c in suite.cases
+        )
+        suite = Suite(**{**suite.__dict__, "cases": cases})
     res = Results(args.out)
     res.facts = machine_facts(args.device)
     reference = has_reference()
