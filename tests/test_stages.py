@@ -23,7 +23,7 @@ from memenc.pipeline.engine import (
     run_chunks,
     store_layout,
 )
-from memenc.pipeline.masks import open_masks
+from memenc.pipeline.masks import MaskSource, open_masks
 from memenc.pipeline.video import VideoSource
 from memenc.store import CacheStore
 
@@ -332,6 +332,9 @@ def test_cuda_results_path_stores_what_the_cpu_path_stores(tmp_path, clip, monke
             return [t.clone() for t in super().to_device(*tensors)]
 
     monkeypatch.setattr(engine, "_Staging", lambda device: CpuStaging(torch.device("cpu")))
+    # the fake device is no torch device: masks stay on the host here (label maps go to a
+    # real device in `read_to`, tested in test_masks_on_device.py) and are staged as frames
+    monkeypatch.setattr(MaskSource, "read_to", lambda self, frames, device: self.read(frames))
     got, store = _run(tmp_path / "cuda.zarr", clip, model=model, runs_on=CudaLike(), batch_size=2)
     assert store.pending_chunks() == []
     for name in want:

@@ -551,7 +551,7 @@ class _Staging:
         slot = self._buffers[i]
         out = []
         for j, t in enumerate(tensors):
-            if t.device == self.device:  # already there (label maps expanded on the device)
+            if t.device.type != "cpu":  # already there (label maps expanded on the device)
                 out.append(t)
                 continue
             buf = slot.get(j)
