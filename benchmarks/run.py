@@ -511,8 +511,12 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
                 res.ratios[f"{key}/{name}/speed_vs_memories_only"] = (
                     only / res.m(f"{key}/{name}").median
                 )
-                res.say(f"- {name}: {speed:.2f}× the reference fp32 loop's speed "
-                        f"({only / res.m(f'{key}/{name}').median:.2f}× the memories-only loop), "
+                vs_only = (
+                    f" ({only / res.m(f'{key}/{name}').median:.2f}× the memories-only loop)"
+                    if only_m
+                    else ""
+                )
+                res.say(f"- {name}: {speed:.2f}× the reference fp32 loop's speed{vs_only}, "
                         f"peak RSS {rss:.2f}× the reference's")  # fmt: skip
     for name in names:
         words = name.split()
