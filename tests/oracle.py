@@ -136,3 +136,15 @@ def reference_track_step(ref, image: torch.Tensor, masks: list[torch.Tensor], fr
         )
         for m in masks
     ]
+
+
+def frames_and_masks(s: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three uint8 frames [3, 3, S, S] and two objects' masks [3, 2, 90, 120] (resized to S
+    by the model), drawn from `gen`: object 1 is empty in frame 1 and object 0 in frame 2,
+    so both score signs and both pointer kinds occur."""
+    frames = torch.randint(0, 256, (3, 3, s, s), generator=gen, dtype=torch.uint8)
+    masks = torch.zeros(3, 2, 90, 120, dtype=torch.bool)
+    masks[:2, 0, 10:50, 20:70] = True
+    masks[0, 1, 40:, :30] = True
+    masks[2, 1] = torch.rand(90, 120, generator=gen) > 0.7
+    return frames, masks

@@ -82,13 +82,7 @@ def test_cuda_fp32_convolutions_and_matmuls_run_in_full_precision(tf32_on):
 def make_inputs(s: int, seed: int = 0):
     """Three frames, two objects; masks at 90×120 (resized to S), object 1 empty in frame 1
     and object 0 in frame 2, so both score signs and pointer kinds occur."""
-    g = torch.Generator().manual_seed(seed)
-    frames = torch.randint(0, 256, (3, 3, s, s), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(3, 2, 90, 120, dtype=torch.bool)
-    masks[:2, 0, 10:50, 20:70] = True
-    masks[0, 1, 40:, :30] = True
-    masks[2, 1] = torch.rand(90, 120, generator=g) > 0.7
-    return frames, masks
+    return oracle.frames_and_masks(s, torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

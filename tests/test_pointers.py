@@ -24,11 +24,7 @@ def make_inputs(seed: int = 0):
     """Three frames, two objects, masks at 90×120 (resized to S). Object 1 is empty in
     frame 1 and object 0 in frame 2; logits at 45×60, object 1 all negative in frame 0."""
     g = torch.Generator().manual_seed(seed)
-    frames = torch.randint(0, 256, (3, 3, S, S), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(3, 2, 90, 120, dtype=torch.bool)
-    masks[:2, 0, 10:50, 20:70] = True
-    masks[0, 1, 40:, :30] = True
-    masks[2, 1] = torch.rand(90, 120, generator=g) > 0.7
+    frames, masks = oracle.frames_and_masks(S, g)
     logits = torch.randn(3, 2, 45, 60, generator=g) * 8
     logits[0, 1] = -torch.rand(45, 60, generator=g) - 0.1
     return frames, masks, logits
