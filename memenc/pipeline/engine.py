@@ -523,8 +523,8 @@ def default_writers(device: torch.device) -> int:
     writers against 2.8 s with one (medians of 4, interleaved), and whole 16-frame runs at
     S=512 differed by less than their noise (0.25 and 0.25 frames/s against 0.26 and 0.20);
     writing a frame there takes milliseconds against seconds of compute, so the cores
-    stay with compute. On CUDA the device outruns one writer, and zstd compression and
-    file writes run outside the GIL, so two overlap."""
+    stay with compute. On CUDA the device outruns one writer, and Blosc compression and
+    file writes run outside the GIL, so two overlap (not yet measured on a GPU)."""
     return 2 if device.type == "cuda" else 1
 
 
