@@ -133,6 +133,15 @@ def write_png_labels(folder: Path, labels: np.ndarray) -> Path:
     return folder
 
 
+def write_clip(folder: Path, frames: int, h: int = 60, w: int = 80) -> tuple[Path, np.ndarray]:
+    """The usual test clip in `folder`: `moving_labels` drawn into `clip.mp4`, with their
+    palette PNGs beside it in `clip_masks/` (found by name). Returns (video, labels)."""
+    labels = moving_labels(frames, h, w)
+    video = write_video(folder / "clip.mp4", scene_frames(labels))
+    write_png_labels(folder / "clip_masks", labels)
+    return video, labels
+
+
 def write_label_video(path: Path, labels: np.ndarray) -> Path:
     """A lossless (FFV1, grey) video whose pixel values are the label ids."""
     return write_frames(path, labels, codec="ffv1", pix_fmt="gray", frame_format="gray")

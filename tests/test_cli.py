@@ -24,11 +24,7 @@ T = 6
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    labels = media.moving_labels(T, 60, 80)
-    video = media.write_video(d / "clip.mp4", media.scene_frames(labels))
-    media.write_png_labels(d / "clip_masks", labels)
-    return video, labels
+    return media.write_clip(tmp_path_factory.mktemp("cli"), T)
 
 
 def invoke(*args: str, env: dict | None = None):

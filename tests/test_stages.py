@@ -98,9 +98,7 @@ def _layout(model, masks, store_dtype="float16", chunk_frames=3, **kw):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     d = tmp_path_factory.mktemp("clip")
-    labels = media.moving_labels(T, 60, 80)
-    video = media.write_video(d / "clip.mp4", media.scene_frames(labels))
-    media.write_png_labels(d / "clip_masks", labels)
+    video, _ = media.write_clip(d, T)
     return d, video
 
 
