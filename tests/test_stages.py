@@ -4,11 +4,15 @@ a stage, the batch size's default, and `--compile`'s padding of a short last bat
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import media
 import numpy as np
 import pytest
 import torch
 import zarr
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from memenc.cli.app import app
@@ -202,6 +206,55 @@ def test_batch_size_default_is_per_device_and_recorded(tmp_path, clip):
     assert attrs["batch_size"] == 4 and attrs["compile"] is False
     help_text = " ".join(CliRunner().invoke(app, ["encode", "--help"]).output.split())
     assert "default: 4 on the CPU, 16 on CUDA" in help_text and "--compile" in help_text
+
+
+class _ThreadOps(TorchDispatchMode):
+    """Records, by thread name, the torch operations run in the thread it was entered in."""
+
+    # what `Tensor.numpy()` dispatches under a mode: views and a same-dtype `to`, no work
+    VIEWS = {"aten.lift_fresh.default", "aten.detach.default", "aten.resolve_conj.default",
+             "aten.resolve_neg.default", "aten.to.dtype_layout"}  # fmt: skip
+
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        same = name != "aten.to.dtype_layout" or out is args[0]  # a `to` that copied is work
+        if name not in self.VIEWS or not same:
+            self.seen.append((threading.current_thread().name, name))
+        return out
+
+
+def test_cpu_stages_other_than_compute_run_no_torch_operation(tmp_path, clip):
+    """On the CPU only the compute stage (the calling thread) runs torch operations. One in
+    another stage's thread starts a second OpenMP team, and libgomp then stops the compute
+    team's workers spinning between parallel regions: 60 frames at S=512 on 2 cores took
+    55.7 s instead of 46.7 s while the decode thread built the mask planes with torch."""
+    seen: list = []
+
+    def enter_mode(frame, event, arg):  # the first event in every thread started from now
+        sys.setprofile(None)
+        _ThreadOps(seen).__enter__()  # left active: the thread ends with the run
+
+    threading.setprofile(enter_mode)
+    try:
+        arrays, store = _run(tmp_path / "s.zarr", clip, batch_size=4, writers=2)
+    finally:
+        threading.setprofile(None)
+    assert store.pending_chunks() == [] and arrays["maskmem_features"].any()
+    assert seen == []
+    # the mode sees work in other threads: the same hook catches a mask expansion there
+    t = threading.Thread(target=lambda: torch.zeros(3) == torch.ones(1), name="probe")
+    threading.setprofile(enter_mode)
+    try:
+        t.start()
+        t.join()
+    finally:
+        threading.setprofile(None)
+    assert ("probe", "aten.eq.Tensor") in seen
 
 
 class _FakeCompile:

@@ -656,6 +656,9 @@ def run_chunks(
     buffers and on to the device) → compute (this thread: only launches the device work and
     hands each batch's results on) → assemble (a thread: waits for a batch's copies,
     fills the chunk buffers in the store dtype) → write (a pool of threads, whole chunks).
+    On the CPU no stage but compute runs a torch operation: one in another thread would
+    start a second OpenMP team, and libgomp then lets the compute team's workers sleep
+    between parallel regions (see `MaskSource.read_to`).
     On CUDA frames and masks reach the device from pinned buffers and results come back
     into pinned buffers, both without blocking this thread. With a compiled model whose
     kernels take whole batches (`MemencModel.compiled`), a short last batch is padded to

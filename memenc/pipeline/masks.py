@@ -409,7 +409,21 @@ class MaskSource:
         them there into the O planes, ``labels[:, None] == values`` (what `read` does on
         the host): O times fewer bytes to copy to a GPU, and no planes built on the
         host. Other sources send `read`'s planes. Raises as `read`.
+
+        On the CPU this is `read`, built with numpy: a torch operation here would start
+        an OpenMP thread team in the calling thread (the engine's decode thread), and
+        while a second team exists libgomp stops the compute team's workers spinning
+        between parallel regions (more OpenMP threads than cores), so every region of
+        the model waits for a worker to wake: 240 frames at S=512 on 2 cores ran ~20%
+        slower than the same compute alone.
         """
+        if torch.device(device).type == "cpu":
+            return self.read(frame_numbers)
+        return self._expand_on(frame_numbers, device)
+
+    def _expand_on(self, frame_numbers: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """`read_to` off the CPU: label maps sent to `device` and expanded there (any
+        device; the tests run it on the CPU)."""
         frames, unique = self._checked(frame_numbers)
         labels = self._read_labels_sorted(unique) if unique else None
         labels = _compact_labels(labels) if labels is not None else None
