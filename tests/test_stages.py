@@ -269,7 +269,7 @@ class _FakeCompile:
         seen = self.shapes.setdefault(name, set())
 
         def run(*args):
-            seen.add(tuple(tuple(a.shape) for a in args))
+            seen.add(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
             return module(*args)
 
         return run

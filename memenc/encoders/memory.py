@@ -109,18 +109,34 @@ class MemoryEncoder(nn.Module):
         self.fuser = fuser
         self.out_proj = nn.Conv2d(in_dim, out_dim, kernel_size=1)
 
-    def forward(self, pix_feat: torch.Tensor, mask_for_mem: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        pix_feat: torch.Tensor,
+        mask_for_mem: torch.Tensor,
+        objects_per_call: int | None = None,
+    ) -> torch.Tensor:
         """pix_feat `[B, 256, h, w]`; mask_for_mem `[B, O, S, S]`, already scaled sigmoid
         values. Returns memory features `[B, O, 64, h, w]`.
 
         pix_feat_proj is a 1×1 conv, so it runs once per frame and its result is shared by
         all of the frame's objects (the same numbers as projecting a copy per object).
+        objects_per_call: how many objects go through the mask downsampler and the fuser at
+        once (None: all). The CPU runs one, as the reference does: the fuser's
+        `[N·h·w, 1024]` activations of several objects outgrow the cache (at S=1024, 17 MB
+        per object), and two objects at once ran ~30% slower than one after the other.
         """
         b, o, s1, s2 = mask_for_mem.shape
-        masks = self.mask_downsampler(mask_for_mem.reshape(b * o, 1, s1, s2))  # [B*O, 256, h, w]
         x = self.pix_feat_proj(pix_feat)  # [B, 256, h, w]
-        # [B, 1, 256, h, w] + [B, O, 256, h, w] -> [B*O, 256, h, w]
+        step = objects_per_call or o or 1
+        parts = [self._fuse(x, m) for m in mask_for_mem.split(step, dim=1)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _fuse(self, x: torch.Tensor, mask_for_mem: torch.Tensor) -> torch.Tensor:
+        """x `[B, 256, h, w]` (projected pix_feat) with masks `[B, o, S, S]` -> `[B, o, 64, h, w]`."""
+        b, o, s1, s2 = mask_for_mem.shape
+        masks = self.mask_downsampler(mask_for_mem.reshape(b * o, 1, s1, s2))  # [B*o, 256, h, w]
+        # [B, 1, 256, h, w] + [B, o, 256, h, w] -> [B*o, 256, h, w]
         x = (x[:, None] + masks.view(b, o, *masks.shape[1:])).flatten(0, 1)
         x = x.contiguous()  # the fuser sees NCHW maps, as in the reference
         x = self.out_proj(self.fuser(x))
-        return x.view(b, o, *x.shape[1:])  # [B, O, 64, h, w]
+        return x.view(b, o, *x.shape[1:])  # [B, o, 64, h, w]

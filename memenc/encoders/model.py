@@ -267,7 +267,7 @@ class MemencModel(nn.Module):
         encoder = self._compiled[1] if self._compiled else self.memory_encoder
         features = torch.cat(
             [
-                encoder(_reference_layout(pf), mm)  # [b, O, 64, h, w]
+                encoder(_reference_layout(pf), mm, self.frame_batch)  # [b, O, 64, h, w]
                 for pf, mm in zip(self._split(pix_feat), self._split(mask_for_mem))
             ]
         )
