@@ -253,12 +253,21 @@ def machine_facts(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device,
     }
+    from importlib import metadata
+
     for pkg in ("memenc", "zarr", "numcodecs", "decord", "av", "sam2", "numpy"):
         try:
             mod = __import__(pkg)
-            facts[pkg] = getattr(mod, "__version__", "?")
         except ImportError:
             facts[pkg] = None
+            continue
+        version = getattr(mod, "__version__", None)
+        if version is None:  # sam2 has no __version__; its distribution says it
+            try:
+                version = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                version = "?"
+        facts[pkg] = version
     return facts
 
 
