@@ -123,7 +123,9 @@ class MemoryEncoder(nn.Module):
         objects_per_call: how many objects go through the mask downsampler and the fuser at
         once (None: all). The CPU runs one, as the reference does: the fuser's
         `[N·h·w, 1024]` activations of several objects outgrow the cache (at S=1024, 17 MB
-        per object), and two objects at once ran ~30% slower than one after the other.
+        per object). Measured at S=1024 (sam2.1 tiny, 4 frames × 2 objects, 2 cores),
+        `encode_memory` against the reference's `_encode_new_memory`: 0.83× with both
+        objects at once, 0.93× one after the other (benchmark medians of 5).
         """
         b, o, s1, s2 = mask_for_mem.shape
         x = self.pix_feat_proj(pix_feat)  # [B, 256, h, w]

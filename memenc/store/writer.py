@@ -380,9 +380,10 @@ class CacheStore:
 
     def _set_together(self, sel: slice, data: dict[str, np.ndarray]) -> None:
         """Write each array's rows `sel` in one trip to Zarr's event loop, the arrays
-        concurrently (one after another, each small array's trip cost ~2 ms, as much as
-        compressing and writing a 1 MB chunk). Returns once all are written; raises the
-        first error after every write has finished or failed."""
+        concurrently. One after another, each small array's trip cost ~2 ms, against
+        ~12 ms for the 4 MB of features of a 16-frame, 2-object chunk at S=512 (measured
+        on 2 cores). Returns once all are written; raises the first error after every
+        write has finished or failed."""
 
         async def together() -> None:
             results = await asyncio.gather(
