@@ -8,7 +8,7 @@ import media
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch import RecordOps
 
 import memenc.pipeline.masks as masks_mod
 from memenc.pipeline.masks import open_masks
@@ -74,19 +74,6 @@ def test_compact_labels_keep_the_values():
     assert masks_mod._compact_labels(np.array([[[2**63 + 1]]], np.uint64)) is None
 
 
-class _Ops(TorchDispatchMode):
-    """Records the torch operations run while it is active (in this thread)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is not torch.ops.aten.lift_fresh.default:  # torch.from_numpy's: no work
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_read_to_on_the_cpu_runs_no_torch_operation(tmp_path, labels):
     """On the CPU `read_to` builds the planes with numpy: a torch operation in the engine's
     decode thread would start a second OpenMP team, and libgomp then stops the compute
@@ -95,12 +82,14 @@ def test_read_to_on_the_cpu_runs_no_torch_operation(tmp_path, labels):
     for name, kw, path in sources(tmp_path, labels):
         src = open_masks(path, video_frame_count=T, video_width=W, video_height=H, **kw)
         want = src.read(FRAMES)
-        with _Ops() as seen:
+        seen: list = []
+        with RecordOps(seen):
             got = src.read_to(FRAMES, "cpu")
-        assert seen.ops == [], (name, seen.ops)
+        assert seen == [], (name, seen)
         assert torch.equal(got, want), name
-        with _Ops() as expanding:
+        expanding: list = []
+        with RecordOps(expanding):
             src._expand_on(FRAMES, "cpu")
         src.close()
         if name != "npy planes":  # label maps: the comparison is a torch operation
-            assert expanding.ops, name
+            assert expanding, name

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch import RecordOps
 from typer.testing import CliRunner
 
 from memenc.cli.app import app
@@ -208,26 +208,6 @@ def test_batch_size_default_is_per_device_and_recorded(tmp_path, clip):
     assert "default: 4 on the CPU, 16 on CUDA" in help_text and "--compile" in help_text
 
 
-class _ThreadOps(TorchDispatchMode):
-    """Records, by thread name, the torch operations run in the thread it was entered in."""
-
-    # what `Tensor.numpy()` dispatches under a mode: views and a same-dtype `to`, no work
-    VIEWS = {"aten.lift_fresh.default", "aten.detach.default", "aten.resolve_conj.default",
-             "aten.resolve_neg.default", "aten.to.dtype_layout"}  # fmt: skip
-
-    def __init__(self, seen: list) -> None:
-        super().__init__()
-        self.seen = seen
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func)
-        same = name != "aten.to.dtype_layout" or out is args[0]  # a `to` that copied is work
-        if name not in self.VIEWS or not same:
-            self.seen.append((threading.current_thread().name, name))
-        return out
-
-
 def test_cpu_stages_other_than_compute_run_no_torch_operation(tmp_path, clip):
     """On the CPU only the compute stage (the calling thread) runs torch operations. One in
     another stage's thread starts a second OpenMP team, and libgomp then stops the compute
@@ -237,7 +217,7 @@ def test_cpu_stages_other_than_compute_run_no_torch_operation(tmp_path, clip):
 
     def enter_mode(frame, event, arg):  # the first event in every thread started from now
         sys.setprofile(None)
-        _ThreadOps(seen).__enter__()  # left active: the thread ends with the run
+        RecordOps(seen).__enter__()  # left active: the thread ends with the run
 
     threading.setprofile(enter_mode)
     try:
