@@ -33,6 +33,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.run, when run as a script
 
 
 def make_clip(
@@ -63,36 +64,15 @@ def child_memenc(video: str, size: int, out: str, masks: str | None = None) -> d
 
 
 def child_reference(video: str, size: int, out: str, masks: str | None = None) -> dict:
-    import torch
-    from PIL import Image
-    from sam2.build_sam import build_sam2
-    from sam2.utils.misc import load_video_frames
+    """The reference's memories-only loop (`benchmarks.run.child_reference`), random
+    sam2.1 tiny weights, on the clip's PNG masks."""
+    from benchmarks.run import child_reference as reference_loop
 
-    ref = build_sam2(
-        "configs/sam2.1/sam2.1_hiera_t.yaml",
-        ckpt_path=None,
-        device="cpu",
-        hydra_overrides_extra=[f"++model.image_size={size}"],
-    ).eval()
     masks_dir = Path(video).with_name(Path(video).stem + "_masks")
-    t = time.perf_counter()
-    images, _, _ = load_video_frames(video, size, offload_video_to_cpu=True, compute_device="cpu")
-    bank = []  # the memory bank SAM 2 keeps for every frame (bf16, as its predictor stores it)
-    with torch.inference_mode():
-        for f in range(images.shape[0]):
-            backbone = ref.forward_image(images[f][None])
-            _, feats, _, sizes = ref._prepare_backbone_features(backbone)
-            labels = np.array(Image.open(masks_dir / f"{f:05d}.png"))
-            for obj in (3, 7):
-                m = torch.from_numpy(labels == obj)[None, None].float()
-                m = torch.nn.functional.interpolate(
-                    m, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-                )
-                m = (m >= 0.5).float()
-                score = torch.tensor([[10.0 if m.any() else -10.0]])
-                mem, _ = ref._encode_new_memory(feats, sizes, m * 20 - 10, score, False)
-                bank.append(mem.to(torch.bfloat16))
-    return {"seconds": time.perf_counter() - t}
+    got = reference_loop(
+        "memories", video, str(masks_dir), None, "sam2.1_hiera_tiny", str(size), "cpu", "fp32"
+    )
+    return {"seconds": got["loop_s"]}
 
 
 def _tree_rss_mb(root: int) -> float:

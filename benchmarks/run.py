@@ -407,11 +407,11 @@ def reference_cmd(inp: Inputs, device: str, precision: str, kind: str) -> list[s
 
 
 def child_reference(
-    kind: str, video: str, masks: str, ckpt: str, variant: str, size: str, device: str,
+    kind: str, video: str, masks: str, ckpt: str | None, variant: str, size: str, device: str,
     precision: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """The reference loop in this (fresh) process: build from the checkpoint, load the
-    whole video, then per frame and object `track_step` ("bank") or `_encode_new_memory`
+    """The reference loop in this (fresh) process: build from the checkpoint (None: the
+    config's own random initialisation), load the whole video, then per frame and object `track_step` ("bank") or `_encode_new_memory`
     ("memories"), keeping every result in RAM as SAM 2 does."""
     from contextlib import nullcontext
 
