@@ -88,8 +88,9 @@ class Suite:
 
 
 _CPU_SHORT = ("memenc fp32", "reference fp32", "reference fp32 (memories only)")
-_GPU_RUNS = ("memenc fp32", "memenc bf16", "memenc bf16 compiled", "reference fp32",
-             "reference bf16")  # fmt: skip
+# the compiled run last: its compilation is the longest and least certain step
+_GPU_RUNS = ("memenc fp32", "reference fp32", "memenc bf16", "reference bf16",
+             "memenc bf16 compiled")  # fmt: skip
 _TINY = "sam2.1_hiera_tiny"
 SUITES = {
     "cpu": Suite(
@@ -203,6 +204,7 @@ class Results:
         self.ratios: dict[str, float] = {}
         self.facts: dict[str, Any] = {}
         self.lines: list[str] = []
+        self.failures: dict[str, str] = {}  # what did not run or failed, and why
 
     def m(self, name: str, unit: str = "s") -> Measure:
         return self.measures.setdefault(name, Measure(unit))
@@ -221,6 +223,7 @@ class Results:
             "facts": self.facts,
             "measures": {k: v.to_dict() for k, v in self.measures.items()},
             "ratios": self.ratios,
+            "failures": self.failures,
         }
         (self.out / "benchmark.json").write_text(json.dumps(data, indent=1, default=str))
 
@@ -236,6 +239,21 @@ def interleave(rounds: int, runs: dict[str, Callable[[], None]], res: Results, p
             t = time.perf_counter()
             runs[name]()
             res.m(f"{prefix}/{name}").add(time.perf_counter() - t)
+
+
+class Deadline:
+    """The benchmark's time budget (`--budget-s`): work that would start past it is skipped
+    and said so in the tables, instead of the whole run being killed by an outer timeout
+    with its last table unwritten (benchmarks/gpu.sh runs it inside a fixed budget)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = time.monotonic() + seconds if seconds else float("inf")
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+DEADLINE = Deadline(None)
 
 
 # ---------------------------------------------------------------------------- facts
@@ -334,10 +352,13 @@ def has_reference() -> bool:
 # ---------------------------------------------------------------------------- whole runs
 
 
-def timed_process(cmd: list[str], gpu: bool = False) -> dict[str, Any]:
+def timed_process(
+    cmd: list[str], gpu: bool = False, timeout: float | None = None
+) -> dict[str, Any]:
     """Run `cmd`; wall seconds from start to exit, and the peak summed RSS of its process
     tree (sampled every 50 ms); with `gpu`, the GPU's mean utilisation over the run
-    (nvidia-smi, every 100 ms). The child's last stdout line, when JSON, is merged in."""
+    (nvidia-smi, every 100 ms). The child's last stdout line, when JSON, is merged in.
+    Past `timeout` seconds the child's process group is killed and RuntimeError raised."""
     smi = None
     if gpu and shutil.which("nvidia-smi"):
         smi = subprocess.Popen(
@@ -347,8 +368,9 @@ def timed_process(cmd: list[str], gpu: bool = False) -> dict[str, Any]:
         )  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
     peak = 0.0
     stop = threading.Event()
 
@@ -360,7 +382,16 @@ def timed_process(cmd: list[str], gpu: bool = False) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, err = proc.communicate()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the decoder processes too
+        proc.communicate()
+        stop.set()
+        if smi is not None:
+            smi.kill()
+            smi.communicate()
+        raise RuntimeError(f"timed out after {timeout:.0f} s: the benchmark's budget") from None
     seconds = time.perf_counter() - t
     stop.set()
     sampler.join()
@@ -377,7 +408,7 @@ def timed_process(cmd: list[str], gpu: bool = False) -> dict[str, Any]:
             busy.append(util)
             gpu_mb = max(gpu_mb, used)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: {err[-1500:]}")
+        raise RuntimeError(f"exited {proc.returncode}: {err.strip()[-1500:]}")
     result: dict[str, Any] = {"seconds": seconds, "tree_peak_mb": peak}
     if busy:
         result["gpu_busy"] = statistics.mean(busy)
@@ -475,11 +506,24 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
             kind = "memories" if "memories" in name else "bank"
             runs[name] = reference_cmd(inp, device, words[1], kind)
     names = list(runs)
+    failed: dict[str, str] = {}  # a run that failed once is not repeated
     for r in range(c.repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            if r and "compiled" in name:
+            if (r and "compiled" in name) or name in failed:
                 continue
-            got = timed_process(runs[name], gpu=device.startswith("cuda"))
+            if DEADLINE.left() < 15:
+                failed.setdefault(name, "not run: the benchmark's time budget was spent")
+                continue
+            try:
+                got = timed_process(
+                    runs[name], gpu=device.startswith("cuda"), timeout=DEADLINE.left()
+                )
+            except RuntimeError as e:
+                failed[name] = str(e) if str(e).startswith("timed out") else f"failed: {e}"
+                print(f"[{c.name}] {name}: {failed[name]}", file=sys.stderr, flush=True)
+                continue
+            print(f"[{c.name}] {name} (round {r + 1}): {got['seconds']:.2f} s, "
+                  f"{got['tree_peak_mb']:.0f} MB", flush=True)  # fmt: skip
             res.m(f"{key}/{name}").add(got["seconds"])
             res.m(f"{key}/{name}/peak_mb", "MB").add(got["tree_peak_mb"])
             if "build_s" in got:
@@ -487,6 +531,8 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
             if "gpu_busy" in got:
                 res.m(f"{key}/{name}/gpu_busy", "%").add(got["gpu_busy"])
                 res.m(f"{key}/{name}/gpu_peak_mb", "MB").add(got["gpu_peak_mb"])
+            res.save()
+    res.failures.update({f"{key}/{name}": why for name, why in failed.items()})
     res.say(f"### Whole runs: {c.name} ({c.variant}, {c.frames} frames of {c.width}×{c.height}, "
             f"S={c.image_size}, {device}; medians of {c.repeats}, min–max)")  # fmt: skip
     res.say("")
@@ -496,6 +542,10 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
     res.say("|---|---:|---:|---:|" + ("---:|---:|" if busy else ""))
     for name in names:
         t = res.m(f"{key}/{name}")
+        if not t.samples:
+            res.say(f"| {name} | {failed.get(name, 'no result')[:300]} | – | – |"
+                    + (" – | – |" if busy else ""))  # fmt: skip
+            continue
         mb = res.m(f"{key}/{name}/peak_mb", "MB")
         gb = res.measures.get(f"{key}/{name}/gpu_busy")
         gm = res.measures.get(f"{key}/{name}/gpu_peak_mb")
@@ -505,9 +555,9 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
         res.say(f"| {name} | {t.span()} | {c.frames / t.median:.2f} | {mb.span('{:.0f}')} |{extra}")
     res.say("")
     ref = res.measures.get(f"{key}/reference fp32")
-    if ref is not None:
+    if ref is not None and ref.samples:
         for name in names:
-            if name.startswith("memenc"):
+            if name.startswith("memenc") and res.m(f"{key}/{name}").samples:
                 speed = ref.median / res.m(f"{key}/{name}").median
                 rss = (
                     res.m(f"{key}/{name}/peak_mb").median
@@ -530,13 +580,14 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
     for name in names:
         words = name.split()
         same = res.measures.get(f"{key}/reference {words[1]}")
-        if words[0] == "memenc" and words[1] != "fp32" and same is not None:
+        ok = res.m(f"{key}/{name}").samples and same is not None and same.samples
+        if words[0] == "memenc" and words[1] != "fp32" and ok:
             speed = same.median / res.m(f"{key}/{name}").median
             res.ratios[f"{key}/{name}/speed_vs_reference_{words[1]}"] = speed
             res.say(f"- {name}: {speed:.2f}× the reference {words[1]} loop's speed")
-    if "memenc fp32" in stores:
+    if "memenc fp32" in stores and res.m(f"{key}/memenc fp32").samples:
         for name, path in stores.items():
-            if name != "memenc fp32":
+            if name != "memenc fp32" and res.m(f"{key}/{name}").samples:
                 d = stored_distance(stores["memenc fp32"], path)
                 res.ratios[f"{key}/{name}/rel_l2_vs_memenc_fp32"] = d
                 res.say(f"- {name}: stored features at relative L2 {d:.2e} from memenc fp32's")
@@ -771,8 +822,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--dry-run", action="store_true",
                     help="make the inputs and print the plan; stop before the first CUDA call")  # fmt: skip
+    ap.add_argument("--budget-s", type=float,
+                    help="skip (and say so) work that would start after this many seconds")  # fmt: skip
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global DEADLINE
+    DEADLINE = Deadline(args.budget_s)
     if args.child:
         print(json.dumps(child_reference(*args.child)))
         return 0
@@ -812,17 +867,38 @@ def main(argv: list[str] | None = None) -> int:
             res.facts.update(gpu_facts())
         res.say("Machine: " + ", ".join(f"{k} {v}" for k, v in res.facts.items()))
         res.say("")
-        # whole runs first: a run cut short by a time limit keeps what matters most
-        # (every table is written to --out as soon as it is complete)
-        for inp in inputs:
+        # in order of what matters most, so that a run cut short by its budget keeps it:
+        # the first case's whole runs, its stages, the kernels, then the other cases (every
+        # table is written to --out as soon as it is complete; a section that fails is
+        # reported in its place and the rest still run)
+        sections: list[tuple[str, Callable[[], None]]] = []
+        for i, inp in enumerate(inputs):
             if "whole" in args.only:
-                whole_runs(res, inp, args.device, suite, tmp)
+                sections.append((f"whole runs: {inp.case.name}",
+                                 lambda inp=inp: whole_runs(res, inp, args.device, suite, tmp)))  # fmt: skip
             if "stages" in args.only and inp.case.name == suite.stages_case:
-                stages(res, inp, suite, args.device, tmp)
-        if "micro" in args.only and reference:
-            micro(res, suite, args.device, tmp)
+                sections.append((f"stages: {inp.case.name}",
+                                 lambda inp=inp: stages(res, inp, suite, args.device, tmp)))  # fmt: skip
+            if i == 0 and "micro" in args.only and reference:
+                sections.append(("kernels", lambda: micro(res, suite, args.device, tmp)))
+        for title, run_section in sections:
+            if DEADLINE.left() < 30:
+                res.failures[title] = "not run: the benchmark's time budget was spent"
+                res.say(f"### {title}: not run, the benchmark's time budget was spent")
+                res.say("")
+                continue
+            try:
+                run_section()
+            except Exception as e:  # noqa: BLE001 - report it in place, run the rest
+                import traceback
+
+                traceback.print_exc()
+                res.failures[title] = f"{type(e).__name__}: {e}"
+                res.say(f"### {title}: failed ({type(e).__name__}: {str(e)[:500]})")
+                res.say("")
     res.save()
-    return 0
+    spent = ("not run", "timed out")  # the budget, not a fault
+    return 1 if any(not why.startswith(spent) for why in res.failures.values()) else 0
 
 
 if __name__ == "__main__":
