@@ -26,6 +26,12 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 REL, MAX_ABS = 1e-5, 1e-4  # DESIGN §3, fp32 compute and storage
 REL_LOW = 1e-2  # DESIGN §3, bf16/fp16 compute
+# Across devices (CUDA against the CPU) fp32 kernels add in different orders. DESIGN §3's
+# bounds hold against the reference on the same device; against the CPU the max-abs bound
+# is taken relative to the largest value (1e-5 of it, DESIGN's relative bound), since these
+# features reach |x| ~ 35 with randn·0.1 weights. The first H200 run measured 1.0-1.45e-4
+# (about 4e-6 of the largest value) for memenc and for SAM 2 itself (gpu.sh, parity.jsonl).
+CROSS_DEVICE_PEAK_REL = 1e-5
 SHIFT = 5.0  # pushes the decoder's object score positive, so pointers are not no_obj_ptr
 
 
@@ -121,13 +127,20 @@ def assert_close(got, want, rel: float, max_abs: float | None, what: str) -> flo
     err, worst = oracle.rel_l2(got, want), oracle.max_abs(got, want)
     if os.environ.get("MEMENC_PARITY_OUT"):
         test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-        line = {"test": test, "what": what, "rel_l2": err, "max_abs": worst}
+        peak = float(want.double().abs().max())
+        line = {"test": test, "what": what, "rel_l2": err, "max_abs": worst, "peak": peak}
         with open(os.environ["MEMENC_PARITY_OUT"], "a") as f:
             f.write(json.dumps(line) + "\n")
     assert err <= rel, f"{what}: relative L2 {err:.3g} > {rel}"
     if max_abs is not None:
         assert worst <= max_abs, f"{what}: max abs {worst:.3g} > {max_abs}"
     return err
+
+
+def cross_device_max_abs(want: torch.Tensor) -> float:
+    """The max-abs bound for fp32 CUDA against the CPU (see CROSS_DEVICE_PEAK_REL), never
+    looser than DESIGN's 1e-4."""
+    return max(MAX_ABS, CROSS_DEVICE_PEAK_REL * float(want.double().abs().max()))
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +167,7 @@ def test_cuda_fp32_matches_the_cpu(models, s):
     got = run(cuda, frames, masks)
     names = ("pix_feat", "maskmem_features", "object_score_logits", "obj_ptr")
     for g, w, name in zip(got, want, names):
-        assert_close(g, w, REL, MAX_ABS, name)
+        assert_close(g, w, REL, cross_device_max_abs(w), name)
     assert torch.equal(got[2], want[2])  # ±10: exact
     assert (want[2] > 0).any() and (want[2] < 0).any()
     no_obj = cpu.no_obj_ptr.detach().reshape(-1)
@@ -178,20 +191,40 @@ def test_cuda_autocast_within_1e_2_of_fp32(models, precision):
 
 @needs_cuda
 def test_cuda_fp32_matches_the_reference(tmp_path):
+    """memenc on CUDA against SAM 2 on CUDA: DESIGN §3's bounds. Against SAM 2 on the CPU:
+    no further from it than SAM 2 on CUDA is (with 2× room), and within 1e-5 relative."""
+    import copy
+
     pytest.importorskip("sam2", reason="the reference oracle (sam2) is not installed")
     s = 256
     ref = oracle.reference_with_score_bias("sam2.1_hiera_tiny", s, SHIFT)
     model = load_model(oracle.save_checkpoint(ref, tmp_path / "ck.pt"), image_size=s, device="cuda")
+    ref_cuda = copy.deepcopy(ref).cuda()  # load_model turned TF32 off for both
     frames, masks = make_inputs(s)
     _, feats, scores, ptrs = run(model, frames, masks)
     for f in range(frames.shape[0]):
         ms = [oracle.resize_binary(masks[f, o], s) for o in range(masks.shape[1])]
-        steps = oracle.reference_track_step(ref, oracle.normalize(frames[f]), ms, frame_idx=f)
-        for o, step in enumerate(steps):
+        image = oracle.normalize(frames[f])
+        on_cpu = oracle.reference_track_step(ref, image, ms, frame_idx=f)
+        on_cuda = oracle.reference_track_step(
+            ref_cuda, image.cuda(), [m.cuda() for m in ms], frame_idx=f
+        )
+        for o, (step, step_cuda) in enumerate(zip(on_cpu, on_cuda)):
             where = f"frame {f} object {o}"
-            assert_close(feats[f, o], step["maskmem_features"][0], REL, MAX_ABS, where)
-            assert_close(ptrs[f, o], step["obj_ptr"][0], REL, MAX_ABS, f"obj_ptr {where}")
+            for name, got in (("maskmem_features", feats[f, o]), ("obj_ptr", ptrs[f, o])):
+                want_cuda = step_cuda[name][0].float().cpu()
+                want_cpu = step[name][0]
+                assert_close(got, want_cuda, REL, MAX_ABS, f"{name} {where} vs SAM 2 on CUDA")
+                sam2_own = oracle.max_abs(want_cuda, want_cpu)
+                assert_close(
+                    got,
+                    want_cpu,
+                    REL,
+                    max(MAX_ABS, 2 * sam2_own),
+                    f"{name} {where} vs SAM 2 on CPU",
+                )
             assert float(scores[f, o]) == float(step["object_score_logits"])
+            assert float(scores[f, o]) == float(step_cuda["object_score_logits"])
 
 
 def _encode(video, out, checkpoint, device: str, precision: str) -> dict:
@@ -241,8 +274,10 @@ def test_encode_on_cuda_matches_a_cpu_store(
     feats = [stack(c, lambda c, r, o: c.features(r, o)) for c in (got, want)]
     ptrs = [stack(c, lambda c, r, o: c.pointer(r, o)) for c in (got, want)]
     scores = [stack(c, lambda c, r, o: torch.tensor(c.score(r, o))) for c in (got, want)]
+    if max_abs is not None:  # fp32: CUDA against the CPU
+        max_abs = cross_device_max_abs(feats[1])
     assert_close(*feats, rel, max_abs, "maskmem_features")
-    assert_close(*ptrs, rel, max_abs, "obj_ptr")
+    assert_close(*ptrs, rel, max_abs and cross_device_max_abs(ptrs[1]), "obj_ptr")
     assert torch.equal(*scores)
     assert (scores[1] < 0).any()  # object 7 is absent from odd frames
     assert oracle.rel_l2(got.pos_enc, want.pos_enc) <= 1e-6
