@@ -7,7 +7,10 @@ sam2.1 tiny weights (the smallest image encoder, so the largest share for the po
 fp32 on the CPU, a float16 store. "without" runs the same `encode_video` with
 `encode_memory(pointers=False)` and zeros in `obj_ptr` (what memenc did before it stored
 pointers). Runs alternate (with/without, then without/with) after one warm-up run of each;
-the table gives medians of the whole run and of the time spent in `encode_memory`.
+the table gives medians of the whole run, of this process's CPU time (all its threads;
+the decoder child's is the same both ways) and of the time spent in `encode_memory`, and
+the median of the per-round ratios with/without (each round's two runs are adjacent in
+time, so slow drift of a shared machine cancels in the pair).
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ def _without_pointers(self, pix_feat, masks, object_score_logits=None, *, pointe
     return MemoryOutput(out.features, out.pos_enc, out.object_score_logits, zeros)
 
 
-def run(mode: str, size: int, frames: str, out: Path) -> tuple[float, float]:
+def run(mode: str, size: int, frames: str, out: Path) -> tuple[float, float, float]:
+    """(wall seconds, seconds in encode_memory, CPU seconds of this process)."""
     MemencModel.encode_memory = _timed if mode == "with" else _without_pointers
     spent[0] = 0.0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     encode_video(
         ROOT / "samples" / "ball.mp4",
@@ -59,7 +64,7 @@ def run(mode: str, size: int, frames: str, out: Path) -> tuple[float, float]:
         out=out,
         overwrite=True,
     )
-    return time.perf_counter() - t0, spent[0]
+    return time.perf_counter() - t0, spent[0], time.process_time() - c0
 
 
 def main() -> None:
@@ -75,21 +80,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "s.zarr"
         for size in args.image_sizes:
-            times: dict[str, list[tuple[float, float]]] = {"with": [], "without": []}
+            times: dict[str, list[tuple[float, float, float]]] = {"with": [], "without": []}
             for mode in ("with", "without"):  # warm-up, not counted
                 run(mode, size, args.frames, out)
             for r in range(args.repeats):
                 for mode in ("with", "without") if r % 2 == 0 else ("without", "with"):
                     times[mode].append(run(mode, size, args.frames, out))
             med = {
-                m: [statistics.median(x[i] for x in t) for i in (0, 1)] for m, t in times.items()
+                m: [statistics.median(x[i] for x in t) for i in (0, 1, 2)] for m, t in times.items()
             }
             total = med["with"][0] / med["without"][0] - 1
+            cpu = med["with"][2] / med["without"][2] - 1
+            paired = [
+                w[i] / wo[i] - 1 for w, wo in zip(times["with"], times["without"]) for i in (0, 2)
+            ]
+            pw, pc = statistics.median(paired[0::2]), statistics.median(paired[1::2])
             print(
                 f"S={size}: end to end with {med['with'][0]:.2f} s, without "
-                f"{med['without'][0]:.2f} s (+{total:.1%}); encode_memory with "
-                f"{med['with'][1]:.2f} s, without {med['without'][1]:.2f} s; runs "
+                f"{med['without'][0]:.2f} s ({total:+.1%}; paired rounds {pw:+.1%}); CPU "
+                f"{med['with'][2]:.2f} s vs {med['without'][2]:.2f} s ({cpu:+.1%}; paired "
+                f"{pc:+.1%}); encode_memory with {med['with'][1]:.2f} s, without "
+                f"{med['without'][1]:.2f} s; wall per run "
                 + ", ".join(f"{m}: " + " ".join(f"{x[0]:.2f}" for x in t) for m, t in times.items())
+                + "; per-round wall ratios "
+                + " ".join(f"{x:+.1%}" for x in paired[0::2])
             )
     MemencModel.encode_memory = _original
 
