@@ -8,6 +8,7 @@ PyTorch modules.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -128,13 +129,17 @@ def load_model(
             "no checkpoint given (pass a file or an official name, or weights='random')"
         )
     path = resolve_checkpoint(checkpoint, progress)
-    state = read_state_dict(path)
-    var = get_variant(variant) if variant else detect_variant(state, str(path))
-    model = empty_model(var, image_size)
-    _load_strict(model, used_keys(state), path)
+    # the store records the checkpoint's SHA-256; hashlib releases the GIL, so the file
+    # is hashed in a thread while it is read and loaded here (no torch work in that thread)
+    with ThreadPoolExecutor(1, thread_name_prefix="memenc-sha256") as pool:
+        digest = pool.submit(sha256_file, path)
+        state = read_state_dict(path)
+        var = get_variant(variant) if variant else detect_variant(state, str(path))
+        model = empty_model(var, image_size)
+        _load_strict(model, used_keys(state), path)
+        model.checkpoint_sha256 = digest.result()
     model.weights = "checkpoint"
     model.checkpoint = str(path)
-    model.checkpoint_sha256 = sha256_file(path)
     return model.eval().to(device)
 
 
