@@ -13,9 +13,11 @@ cancels); the table gives the medians. `decode_throughput` is the function
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ def decode_throughput(
     decoders: int,
     *,
     timeout_s: float = 120.0,
+    consumer_s: float = 0.0,
+    rss: bool = False,
 ) -> dict[str, Any]:
     """Decode `frames` (sorted source frame numbers) of `video` at S=`image_size` in
     batches of `batch_size` with `decoders` decoder processes, as `run_chunks` does
@@ -41,8 +45,26 @@ def decode_throughput(
     Returns ``frames_per_second`` and ``seconds`` (from all decoders started to the last
     batch), plus ``open_seconds`` (starting and probing the K decoders, which a run
     does while it opens the masks and loads the model: `SpareSources`), ``frames``,
-    ``decoders``, ``threads`` (FFmpeg threads each) and ``image_size``.
+    ``decoders``, ``threads`` (FFmpeg threads each), ``image_size`` and, with `rss`,
+    ``tree_peak_mb``: the peak summed RSS of this process and its children (decoders,
+    forkserver; sampled every 100 ms, which costs some CPU; shared frame slots count in
+    each process that maps them).
+    `consumer_s`: seconds the consumer spends on each batch (sleeping), to see what the
+    decoders hold while waiting for a slower stage such as a GPU's compute.
     """
+    from benchmarks.memory import _tree_rss_mb
+
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss_mb(os.getpid()))
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if rss:
+        sampler.start()
     t0 = time.perf_counter()
     with (
         VideoSource(
@@ -59,7 +81,12 @@ def decode_throughput(
         ) as batches:
             for _, batch in batches:
                 n += len(batch.frame_index)
+                if consumer_s:
+                    time.sleep(consumer_s)
         t_end = time.perf_counter()
+    done.set()
+    if rss:
+        sampler.join()
     seconds = t_end - t_open
     return {
         "decoders": decoders,
@@ -69,6 +96,7 @@ def decode_throughput(
         "seconds": seconds,
         "open_seconds": t_open - t0,
         "frames_per_second": n / seconds if seconds > 0 else 0.0,
+        **({"tree_peak_mb": peak[0]} if rss else {}),
     }
 
 
@@ -87,8 +115,8 @@ def table(results: dict[int, list[dict[str, Any]]]) -> str:
     """Markdown: one row per decoder count, medians over the repeats."""
     lines = [
         "| decoders | FFmpeg threads each | frames | seconds (median) | frames/s (median) "
-        "| frames/s (min–max) | vs first | start s (median) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| frames/s (min–max) | vs first | start s (median) | peak RSS, tree (MB, median) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = None
     for k, runs in results.items():
@@ -100,7 +128,12 @@ def table(results: dict[int, list[dict[str, Any]]]) -> str:
             f"| {k} | {threads} | {runs[0]['frames']} "
             f"| {statistics.median(r['seconds'] for r in runs):.3f} | {med:.1f} "
             f"| {min(fps):.1f}–{max(fps):.1f} | {med / base:.2f}× "
-            f"| {statistics.median(r['open_seconds'] for r in runs):.2f} |"
+            f"| {statistics.median(r['open_seconds'] for r in runs):.2f} "
+            + (
+                f"| {statistics.median(r['tree_peak_mb'] for r in runs):.0f} |"
+                if "tree_peak_mb" in runs[0]
+                else "| – |"
+            )
         )
     return "\n".join(lines)
 
@@ -114,6 +147,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--frames", default=None, help="START:STOP:STEP (default: all)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--consumer-s",
+        type=float,
+        default=0.0,
+        help="seconds the consumer sleeps per batch (a slower stage downstream)",
+    )
+    ap.add_argument("--rss", action="store_true", help="sample the process tree's peak RSS")  # fmt: skip
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="memenc-decode-") as tmp:
         video = args.video or make_clip(Path(tmp), args.clip_frames)
@@ -123,11 +163,20 @@ def main() -> None:
         for _ in range(args.repeats):
             for k in args.decoders:  # interleaved
                 results[k].append(
-                    decode_throughput(video, args.image_size, frames, args.batch_size, k)
+                    decode_throughput(
+                        video,
+                        args.image_size,
+                        frames,
+                        args.batch_size,
+                        k,
+                        consumer_s=args.consumer_s,
+                        rss=args.rss,
+                    )  # fmt: skip
                 )
     print(
         f"decode {info.width}×{info.height} {info.codec} ({info.backend}), S={args.image_size}, "
-        f"batch {args.batch_size}, {len(frames)} frames, {args.repeats} repeats\n"
+        f"batch {args.batch_size}, {len(frames)} frames, {args.repeats} repeats, "
+        f"consumer {args.consumer_s} s a batch\n"
     )
     print(table(results))
 
