@@ -1,0 +1,80 @@
+"""The benchmark harness (benchmarks/run.py) keeps what it measured when a run fails or
+outlasts its budget: benchmarks/gpu.sh runs it once, inside a fixed device budget."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run as bench
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_timed_process_kills_the_whole_process_group_past_its_timeout(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    cmd = ["bash", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 1 s"):
+        bench.timed_process(cmd, timeout=1.0)
+    assert time.monotonic() - t < 10
+    grandchild = int(pidfile.read_text())
+    for _ in range(50):  # the kill is sent; give the kernel a moment to reap
+        if not _alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+def test_timed_process_reports_a_failed_command_with_its_stderr():
+    cmd = [sys.executable, "-c", "import sys; sys.stderr.write('bad input\\n'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="exited 3: bad input"):
+        bench.timed_process(cmd)
+
+
+def test_a_failed_whole_run_is_reported_in_its_row_and_the_others_still_run(tmp_path, monkeypatch):
+    case = bench.Case("tiny case", "sam2.1_hiera_tiny", 64, 2, ("memenc fp32", "reference fp32"), 2)
+    inp = bench.Inputs(tmp_path / "v.mp4", tmp_path / "m", tmp_path / "ck.pt", case)
+    calls: list[str] = []
+
+    def fake(cmd, gpu=False, timeout=None):
+        name = "reference" if "--child" in cmd else "memenc"
+        calls.append(name)
+        if name == "memenc":
+            raise RuntimeError("exited 1: memenc: something broke")
+        return {"seconds": 2.0, "tree_peak_mb": 100.0, "build_s": 0.5, "loop_s": 1.0}
+
+    monkeypatch.setattr(bench, "timed_process", fake)
+    res = bench.Results(tmp_path / "out")
+    bench.whole_runs(res, inp, "cpu", bench.SUITES["quick"], tmp_path)
+    assert calls == ["memenc", "reference", "reference"]  # the failed run is not repeated
+    text = "\n".join(res.lines)
+    assert "| memenc fp32 | failed: exited 1: memenc: something broke |" in text
+    assert "| reference fp32 | 2.00 (2.00–2.00) |" in text
+    assert res.failures == {
+        "whole/tiny case/memenc fp32": "failed: exited 1: memenc: something broke"
+    }
+    assert (tmp_path / "out" / "benchmark.md").read_text().count("something broke") == 1
+
+
+def test_work_past_the_budget_is_skipped_and_said_so(tmp_path, monkeypatch):
+    case = bench.Case("tiny case", "sam2.1_hiera_tiny", 64, 2, ("memenc fp32",), 1)
+    inp = bench.Inputs(tmp_path / "v.mp4", tmp_path / "m", None, case)
+    monkeypatch.setattr(bench, "DEADLINE", bench.Deadline(5))  # under the 15 s a run needs
+    monkeypatch.setattr(bench, "timed_process", lambda *a, **k: pytest.fail("ran past budget"))
+    res = bench.Results(None)
+    bench.whole_runs(res, inp, "cpu", bench.SUITES["quick"], tmp_path)
+    assert res.failures == {
+        "whole/tiny case/memenc fp32": "not run: the benchmark's time budget was spent"
+    }
+    assert any("not run: the benchmark's time budget was spent" in line for line in res.lines)
