@@ -252,6 +252,11 @@ class Deadline:
     def left(self) -> float:
         return self.end - time.monotonic()
 
+    def timeout(self) -> float | None:
+        """Seconds left as a subprocess timeout: None without a budget (subprocess cannot
+        wait an infinite timeout: its selector raises OverflowError)."""
+        return None if self.end == float("inf") else max(self.left(), 0.0)
+
 
 DEADLINE = Deadline(None)
 
@@ -442,8 +447,9 @@ def child_reference(
     precision: str,
 ) -> dict[str, Any]:  # fmt: skip
     """The reference loop in this (fresh) process: build from the checkpoint (None: the
-    config's own random initialisation), load the whole video, then per frame and object `track_step` ("bank") or `_encode_new_memory`
-    ("memories"), keeping every result in RAM as SAM 2 does."""
+    config's own random initialisation), load the whole video, then per frame and object
+    `track_step` ("bank") or `_encode_new_memory` ("memories"), keeping every result in
+    RAM as SAM 2 does."""
     from contextlib import nullcontext
 
     import oracle
@@ -516,7 +522,7 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
                 continue
             try:
                 got = timed_process(
-                    runs[name], gpu=device.startswith("cuda"), timeout=DEADLINE.left()
+                    runs[name], gpu=device.startswith("cuda"), timeout=DEADLINE.timeout()
                 )
             except RuntimeError as e:
                 failed[name] = str(e) if str(e).startswith("timed out") else f"failed: {e}"

@@ -78,3 +78,23 @@ def test_work_past_the_budget_is_skipped_and_said_so(tmp_path, monkeypatch):
         "whole/tiny case/memenc fp32": "not run: the benchmark's time budget was spent"
     }
     assert any("not run: the benchmark's time budget was spent" in line for line in res.lines)
+
+
+def test_whole_runs_without_a_budget_wait_as_long_as_a_run_takes(tmp_path, monkeypatch):
+    """No --budget-s: the runs get no timeout (an infinite one made subprocess raise
+    OverflowError, so every whole run of the CPU suite failed)."""
+    case = bench.Case("tiny case", "sam2.1_hiera_tiny", 64, 2, ("memenc fp32",), 1)
+    inp = bench.Inputs(tmp_path / "v.mp4", tmp_path / "m", None, case)
+    real = bench.timed_process
+    timeouts: list = []
+
+    def trivial(cmd, gpu=False, timeout=None):
+        timeouts.append(timeout)
+        return real([sys.executable, "-c", "pass"], gpu=gpu, timeout=timeout)
+
+    monkeypatch.setattr(bench, "DEADLINE", bench.Deadline(None))
+    monkeypatch.setattr(bench, "timed_process", trivial)
+    res = bench.Results(None)
+    bench.whole_runs(res, inp, "cpu", bench.SUITES["quick"], tmp_path)
+    assert timeouts == [None] and res.failures == {}
+    assert len(res.m("whole/tiny case/memenc fp32").samples) == 1
