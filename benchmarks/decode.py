@@ -13,11 +13,11 @@ cancels); the table gives the medians. `decode_throughput` is the function
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,21 +52,12 @@ def decode_throughput(
     `consumer_s`: seconds the consumer spends on each batch (sleeping), to see what the
     decoders hold while waiting for a slower stage such as a GPU's compute.
     """
-    from benchmarks.memory import _tree_rss_mb
+    from benchmarks.memory import PeakTreeRss
 
-    peak = [0.0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss_mb(os.getpid()))
-            done.wait(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    if rss:
-        sampler.start()
+    sampler = PeakTreeRss(os.getpid(), every=0.1) if rss else None
     t0 = time.perf_counter()
     with (
+        sampler or contextlib.nullcontext(),
         VideoSource(
             video, image_size, timeout_s=timeout_s, threads=decoder_threads(decoders)
         ) as source,
@@ -84,9 +75,6 @@ def decode_throughput(
                 if consumer_s:
                     time.sleep(consumer_s)
         t_end = time.perf_counter()
-    done.set()
-    if rss:
-        sampler.join()
     seconds = t_end - t_open
     return {
         "decoders": decoders,
@@ -96,7 +84,7 @@ def decode_throughput(
         "seconds": seconds,
         "open_seconds": t_open - t0,
         "frames_per_second": n / seconds if seconds > 0 else 0.0,
-        **({"tree_peak_mb": peak[0]} if rss else {}),
+        **({"tree_peak_mb": sampler.mb} if sampler else {}),
     }
 
 

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +104,29 @@ def _tree_rss_mb(root: int) -> float:
     return total / 1024
 
 
+class PeakTreeRss:
+    """The peak of `_tree_rss_mb(root)`, sampled every `every` seconds in a thread while
+    the `with` block runs (`.mb` after it). Sampling scans /proc: it costs some CPU."""
+
+    def __init__(self, root: int, every: float = 0.05) -> None:
+        self.root, self.every, self.mb = root, every, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.mb = max(self.mb, _tree_rss_mb(self.root))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakTreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _own_peak_mb() -> float:
     """This process's peak RSS since it was exec'd: VmHWM. (ru_maxrss starts at the forking
     parent's RSS, which the clips made before inflate.)"""
@@ -118,15 +142,12 @@ def run_child(kind: str, video: Path, size: int, out: Path, masks: Path | None =
     cmd = [sys.executable, __file__, "--child", kind, str(video), str(size), str(out)]
     cmd += [str(masks)] if masks is not None else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tree_peak = 0.0
-    while proc.poll() is None:
-        tree_peak = max(tree_peak, _tree_rss_mb(proc.pid))
-        time.sleep(0.05)
-    out_text, err_text = proc.communicate()
+    with PeakTreeRss(proc.pid) as peak:
+        out_text, err_text = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} run failed: {err_text[-2000:]}")
     result = json.loads(out_text.strip().splitlines()[-1])
-    result["tree_peak_mb"] = tree_peak
+    result["tree_peak_mb"] = peak.mb
     return result
 
 

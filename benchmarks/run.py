@@ -41,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory import _tree_rss_mb  # noqa: E402
+from benchmarks.memory import PeakTreeRss  # noqa: E402
 
 OBJECTS = (3, 7)  # the label ids tests/media.py draws
 
@@ -376,30 +375,17 @@ def timed_process(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         start_new_session=True,
     )  # fmt: skip
-    peak = 0.0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, _tree_rss_mb(proc.pid))
-            stop.wait(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     try:
-        out, err = proc.communicate(timeout=timeout)
+        with PeakTreeRss(proc.pid) as peak:
+            out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)  # the decoder processes too
         proc.communicate()
-        stop.set()
         if smi is not None:
             smi.kill()
             smi.communicate()
         raise RuntimeError(f"timed out after {timeout:.0f} s: the benchmark's budget") from None
     seconds = time.perf_counter() - t
-    stop.set()
-    sampler.join()
     busy: list[float] = []
     gpu_mb = 0.0
     if smi is not None:
@@ -414,7 +400,7 @@ def timed_process(
             gpu_mb = max(gpu_mb, used)
     if proc.returncode != 0:
         raise RuntimeError(f"exited {proc.returncode}: {err.strip()[-1500:]}")
-    result: dict[str, Any] = {"seconds": seconds, "tree_peak_mb": peak}
+    result: dict[str, Any] = {"seconds": seconds, "tree_peak_mb": peak.mb}
     if busy:
         result["gpu_busy"] = statistics.mean(busy)
         result["gpu_peak_mb"] = gpu_mb  # the whole GPU's memory in use (nvidia-smi)
