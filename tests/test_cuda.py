@@ -29,10 +29,11 @@ REL_LOW = 1e-2  # DESIGN §3, bf16/fp16 compute
 # Across devices (CUDA against the CPU) fp32 kernels add in different orders. DESIGN §3's
 # bounds hold against the reference on the same device; against the CPU the max-abs bound
 # is taken relative to the largest value (1e-5 of it, DESIGN's relative bound), since these
-# features reach |x| ~ 50-60 with randn·0.1 weights. On an H200 (torch 2.11, CUDA 13) the
-# features' max abs against the CPU measured 0.9-1.45e-4 (under 3e-6 of the largest value),
-# for memenc and for SAM 2 itself alike; memenc on CUDA against SAM 2 on CUDA 0.76-0.92e-4
-# (gpu.sh, parity.jsonl).
+# features reach |x| ~ 50-60 with randn·0.1 weights. On an H200 (torch 2.11, CUDA 13)
+# memenc's features on CUDA measured max abs 0.9-1.45e-4 against the CPU (memenc's and
+# SAM 2's; under 3e-6 of the largest value) and 0.76-0.92e-4 against SAM 2 on CUDA
+# (gpu.sh, parity.jsonl). SAM 2's own CUDA-vs-CPU gap bounds the test below but was not
+# recorded in that run; `measure` records it from the next one.
 CROSS_DEVICE_PEAK_REL = 1e-5
 SHIFT = 5.0  # pushes the decoder's object score positive, so pointers are not no_obj_ptr
 
@@ -123,9 +124,9 @@ def run(model, frames, masks, precision: str = "fp32"):
     )
 
 
-def assert_close(got, want, rel: float, max_abs: float | None, what: str) -> float:
-    """Assert the bounds; with $MEMENC_PARITY_OUT set, append the measured errors there as a
-    JSON line first (gpu.sh keeps them for the note)."""
+def measure(got, want, what: str) -> tuple[float, float]:
+    """(relative L2, max abs) of `got` against `want`; with $MEMENC_PARITY_OUT set, also
+    appended there as a JSON line (gpu.sh keeps them for the note)."""
     err, worst = oracle.rel_l2(got, want), oracle.max_abs(got, want)
     if os.environ.get("MEMENC_PARITY_OUT"):
         test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
@@ -133,6 +134,12 @@ def assert_close(got, want, rel: float, max_abs: float | None, what: str) -> flo
         line = {"test": test, "what": what, "rel_l2": err, "max_abs": worst, "peak": peak}
         with open(os.environ["MEMENC_PARITY_OUT"], "a") as f:
             f.write(json.dumps(line) + "\n")
+    return err, worst
+
+
+def assert_close(got, want, rel: float, max_abs: float | None, what: str) -> float:
+    """Assert the bounds (measured and recorded by `measure`)."""
+    err, worst = measure(got, want, what)
     assert err <= rel, f"{what}: relative L2 {err:.3g} > {rel}"
     if max_abs is not None:
         assert worst <= max_abs, f"{what}: max abs {worst:.3g} > {max_abs}"
@@ -217,7 +224,9 @@ def test_cuda_fp32_matches_the_reference(tmp_path):
                 want_cuda = step_cuda[name][0].float().cpu()
                 want_cpu = step[name][0]
                 assert_close(got, want_cuda, REL, MAX_ABS, f"{name} {where} vs SAM 2 on CUDA")
-                sam2_own = oracle.max_abs(want_cuda, want_cpu)
+                _, sam2_own = measure(
+                    want_cuda, want_cpu, f"SAM 2's own {name} {where}, CUDA vs CPU"
+                )
                 assert_close(
                     got,
                     want_cpu,
@@ -276,10 +285,11 @@ def test_encode_on_cuda_matches_a_cpu_store(
     feats = [stack(c, lambda c, r, o: c.features(r, o)) for c in (got, want)]
     ptrs = [stack(c, lambda c, r, o: c.pointer(r, o)) for c in (got, want)]
     scores = [stack(c, lambda c, r, o: torch.tensor(c.score(r, o))) for c in (got, want)]
-    if max_abs is not None:  # fp32: CUDA against the CPU
-        max_abs = cross_device_max_abs(feats[1])
-    assert_close(*feats, rel, max_abs, "maskmem_features")
-    assert_close(*ptrs, rel, max_abs and cross_device_max_abs(ptrs[1]), "obj_ptr")
+    fp32 = max_abs is not None  # fp32 across devices: max abs relative to the peak
+    feats_abs = cross_device_max_abs(feats[1]) if fp32 else None
+    ptrs_abs = cross_device_max_abs(ptrs[1]) if fp32 else None
+    assert_close(*feats, rel, feats_abs, "maskmem_features")
+    assert_close(*ptrs, rel, ptrs_abs, "obj_ptr")
     assert torch.equal(*scores)
     assert (scores[1] < 0).any()  # object 7 is absent from odd frames
     assert oracle.rel_l2(got.pos_enc, want.pos_enc) <= 1e-6
