@@ -251,7 +251,7 @@ class MemencModel(nn.Module):
         that of `track_step(mask_inputs=logits > 0)` (SAM 2's mask inputs are 0/1 masks,
         which `mask_downsample` maps to its logit scale). Its second gate is the score (> 0).
         pointers=False skips them (`obj_ptr` is None): on the CPU each object's pointer
-        costs about 6% of the frame's image encoding at S=256 and 2–2.5% at S=512 and
+        costs about 6% of the frame's image encoding at S=256 and 2–2.6% at S=512 and
         S=1024 (sam2.1 tiny, 2 cores; half of what SAM 2's `_use_mask_as_output` spends,
         as it upscales).
         """
