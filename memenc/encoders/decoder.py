@@ -39,17 +39,23 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse: torch.Tensor,
         dense: torch.Tensor,
+        score_rows_apart: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image `[N, C, h, w]`, image_pe `[1, C, h, w]`, sparse prompts `[N, P, C]`, dense
-        prompts `[N, C, h, w]` -> (mask token 0 `[N, C]`, object score logits `[N, 1]`)."""
-        n = sparse.shape[0]
-        # [obj_score, iou, mask_0 .. mask_3] then the prompts: [N, 6 + P, C]
+        """image `[1 or N, C, h, w]` (1: one image for every prompt), image_pe `[1, C, h, w]`, sparse prompts `[1 or N, P, C]`
+        (1: the same for every image), dense prompts `[N, C, h, w]` -> (mask token 0
+        `[N, C]`, object score logits `[N, 1]`). score_rows_apart: run the score head one
+        row at a time, as the reference does for one object (its linears round differently
+        for one row than for several)."""
+        n = dense.shape[0]
+        # [obj_score, iou, mask_0 .. mask_3] then the prompts: [1 or N, 6 + P, C]
         out_tokens = torch.cat(
             (self.obj_score_token.weight, self.iou_token.weight, self.mask_tokens.weight)
         )
-        tokens = torch.cat((out_tokens[None].expand(n, -1, -1), sparse), dim=1)
+        tokens = torch.cat((out_tokens[None].expand(sparse.shape[0], -1, -1), sparse), dim=1)
         src = image + dense
         pos = image_pe.expand(n, -1, -1, -1)  # [N, C, h, w], a view (channels-last strides)
         hs, _ = self.transformer(src, pos, tokens)
         mask_tokens_out = hs[:, 2 : 2 + NUM_MASK_TOKENS]  # [N, 4, C]
-        return mask_tokens_out[:, 0], self.pred_obj_score_head(hs[:, 0])
+        score_in = hs[:, 0]
+        rows = score_in.split(1) if score_rows_apart else (score_in,)
+        return mask_tokens_out[:, 0], torch.cat([self.pred_obj_score_head(r) for r in rows])

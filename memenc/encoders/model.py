@@ -281,10 +281,10 @@ class MemencModel(nn.Module):
         obj_ptr = None
         if pointers:  # SAM 2's mask_inputs are the 0/1 masks: logits > 0
             masks01 = (logits > 0).to(torch.float32)
-            per_call = self.frame_batch  # objects per call too: 1 on the CPU, as the reference
+            exact = self.frame_batch == 1  # the CPU: the reference's rounding
             obj_ptr = torch.cat(
                 [
-                    object_pointers(self, _reference_layout(pf), m, p, per_call)
+                    object_pointers(self, _reference_layout(pf), m, p, exact)
                     for pf, m, p in zip(
                         self._split(pix_feat), self._split(masks01), self._split(scores > 0)
                     )

@@ -47,41 +47,43 @@ def object_pointers(
     pix_feat: torch.Tensor,
     masks: torch.Tensor,
     present: torch.Tensor,
-    objects_per_call: int | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """Pointers of B frames × O objects.
 
     pix_feat `[B, 256, h, w]`; masks `[B, O, S, S]`, the 0/1 input masks as float
     (S = 16h); present `[B, O]` bool, whether each object is there (the second gate).
-    objects_per_call: 1 on the CPU, where the reference runs one object at a time and its
-    linear layers round differently for one row than for several; None: all at once.
+    exact: the reference's rounding, on the CPU. The reference runs one object at a time;
+    the mask prompt's convolutions and the one-row heads (object score, `obj_ptr_proj`)
+    round differently with more objects in a call, so they run object by object, while
+    the two-way transformer takes a frame's objects together (each object's results do not
+    depend on how many share the call: tests/test_pointers.py holds them to the reference
+    bit for bit). False: every frame and object in one call (the accelerator path).
     Returns `[B, O, 256]`.
     """
     b, o = masks.shape[:2]
     if o == 0:
         return pix_feat.new_zeros(b, 0, heads.no_obj_ptr.shape[-1])
     image_pe = heads.sam_prompt_encoder.get_dense_pe(*pix_feat.shape[-2:])
-    if objects_per_call == 1:
-        # One object per call: an object whose mask is empty gets `no_obj_ptr` from the
-        # second gate whatever the decoder says (0·ptr + 1·no_obj_ptr, exactly), so its
-        # decoder run is skipped. (Batched calls keep their shapes and run every object.)
-        rows = []
-        for f in range(b):
-            row = [
-                _pointers(heads, pix_feat[f : f + 1], image_pe, masks[f : f + 1, k : k + 1],
-                          present[f : f + 1, k : k + 1])
-                if bool(present[f, k])
-                else heads.no_obj_ptr.view(1, 1, -1)
-                for k in range(o)
-            ]  # fmt: skip
-            rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0)
-    step = objects_per_call or o
-    parts = [
-        _pointers(heads, pix_feat, image_pe, m, p)
-        for m, p in zip(masks.split(step, dim=1), present.split(step, dim=1))
-    ]
-    return torch.cat(parts, dim=1)
+    if not exact:
+        return _pointers(heads, pix_feat, image_pe, masks, present, exact=False)
+    rows = []
+    for f in range(b):
+        # an object whose mask is empty gets `no_obj_ptr` from the second gate whatever the
+        # decoder says (0·ptr + 1·no_obj_ptr, exactly), so it skips the decoder
+        there = [k for k in range(o) if bool(present[f, k])]
+        row = [heads.no_obj_ptr.view(1, 1, -1)] * o
+        if there:
+            every = len(there) == o  # then a view, not a copy
+            ptr = _pointers(
+                heads, pix_feat[f : f + 1], image_pe,
+                masks[f : f + 1] if every else masks[f : f + 1, there],
+                present[f : f + 1] if every else present[f : f + 1, there], exact=True,
+            )  # fmt: skip
+            for i, k in enumerate(there):
+                row[k] = ptr[:, i : i + 1]
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
 
 
 def _pointers(
@@ -90,20 +92,29 @@ def _pointers(
     image_pe: torch.Tensor,
     masks: torch.Tensor,
     present: torch.Tensor,
+    exact: bool,
 ) -> torch.Tensor:
-    """`object_pointers` in one call; image_pe `[1, 256, h, w]` is `get_dense_pe`."""
+    """`object_pointers` of B frames × O objects in one decoder call; image_pe
+    `[1, 256, h, w]` is `get_dense_pe`."""
     b, o, s1, s2 = masks.shape
     c, h, w = pix_feat.shape[1:]
-    # each object sees its frame's feature: [B, C, h, w] -> [B*O, C, h, w], copied in the
-    # channels-last layout the reference's feature has (the transformer reads it as tokens
-    # [B*O, hw, C], and the kernels round by layout); a view for O = 1
-    image = pix_feat.permute(0, 2, 3, 1)[:, None].expand(b, o, h, w, c)
-    image = image.reshape(b * o, h, w, c).permute(0, 3, 1, 2)  # [B*O, h, w, C] -> [B*O, C, h, w]
-    prompt = heads.mask_downsample(masks.reshape(b * o, 1, s1, s2))  # [B*O, 1, S/4, S/4]
+    # each object sees its frame's feature, in the channels-last layout the reference's
+    # feature has (the transformer reads it as tokens [B*O, hw, C], and the kernels round
+    # by layout). One frame: the decoder's `image + dense` broadcasts it, and the sum keeps
+    # that layout. More: [B, C, h, w] -> [B*O, C, h, w], copied.
+    image = pix_feat
+    if b > 1:
+        image = pix_feat.permute(0, 2, 3, 1)[:, None].expand(b, o, h, w, c)
+        image = image.reshape(b * o, h, w, c).permute(0, 3, 1, 2)  # -> [B*O, C, h, w]
+    flat = masks.reshape(b * o, 1, s1, s2)
     prompts = heads.sam_prompt_encoder
+    dense = torch.cat(
+        [prompts.dense(heads.mask_downsample(m)) for m in (flat.split(1) if exact else (flat,))]
+    )  # [B*O, C, h, w]
     token, score = heads.sam_mask_decoder(
-        image, image_pe, prompts.padding_points(b * o), prompts.dense(prompt)
+        image, image_pe, prompts.padding_points(1), dense, score_rows_apart=exact
     )  # [B*O, C], [B*O, 1]
-    ptr = mix_no_object(heads.obj_ptr_proj(token), score > 0, heads.no_obj_ptr)
+    ptr = torch.cat([heads.obj_ptr_proj(t) for t in (token.split(1) if exact else (token,))])
+    ptr = mix_no_object(ptr, score > 0, heads.no_obj_ptr)
     ptr = mix_no_object(ptr, present.reshape(b * o, 1), heads.no_obj_ptr)
     return ptr.view(b, o, -1)

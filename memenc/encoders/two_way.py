@@ -64,12 +64,11 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q `[B, Nq, C]`, k and v `[B, Nk, C]` -> `[B, Nq, C]`."""
-        q, k, v = (
-            self._heads(self.q_proj(q)),
-            self._heads(self.k_proj(k)),
-            self._heads(self.v_proj(v)),
-        )
-        out = F.scaled_dot_product_attention(q, k, v)
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`forward` from projected q `[B, Nq, inner]`, k and v `[B, Nk, inner]`."""
+        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         b, h, n, c = out.shape
         # [B, heads, Nq, C/heads] -> [B, Nq, C]
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
@@ -105,7 +104,15 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries `[B, Nt, C]` (tokens), keys `[B, hw, C]` (image) -> both updated."""
+        """queries `[1 or B, Nt, C]` (tokens; 1: the same tokens for every image), keys
+        `[B, hw, C]` (image) -> both updated (queries `[B, Nt, C]`).
+
+        The reference's operations on each image's rows, in its order, with two shortcuts
+        that leave every value as it was: tokens shared by all images are worked on once
+        until they meet the image, and `keys + key_pe`, which is both the token → image
+        keys and the image → token queries, is formed and projected once (one product with
+        both weights stacked: each output column is the same dot product it was alone).
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -113,13 +120,21 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        image_q = keys + key_pe
+        stacked = F.linear(
+            image_q,
+            torch.cat((t2i.k_proj.weight, i2t.q_proj.weight)),
+            torch.cat((t2i.k_proj.bias, i2t.q_proj.bias)),
+        )
+        k_t2i, q_i2t = stacked.split((t2i.k_proj.out_features, i2t.q_proj.out_features), dim=-1)
+        q = t2i.q_proj(queries + query_pe).expand(keys.shape[0], -1, -1)
+        queries = self.norm2(queries + t2i.attend(q, k_t2i, t2i.v_proj(keys)))
 
         queries = self.norm3(queries + self.mlp(queries))
 
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        q = queries + query_pe
+        keys = self.norm4(keys + i2t.attend(q_i2t, i2t.k_proj(q), i2t.v_proj(queries)))
         return queries, keys
 
 
@@ -140,8 +155,8 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image and image_pe `[B, C, h, w]`, tokens `[B, Nt, C]` -> (tokens `[B, Nt, C]`,
-        image tokens `[B, hw, C]`)."""
+        """image and image_pe `[B, C, h, w]`, tokens `[1 or B, Nt, C]` -> (tokens
+        `[B, Nt, C]`, image tokens `[B, hw, C]`)."""
         keys = image.flatten(2).permute(0, 2, 1)  # [B, C, h, w] -> [B, hw, C]
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries = tokens
