@@ -162,7 +162,14 @@ def _load_strict(model: MemencModel, state: dict[str, torch.Tensor], path: os.Pa
         problems.append(f"unexpected keys {_listing(unexpected)}")
     if problems:
         raise CheckpointError(f"{path}: does not fit {model.variant.name}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    # The model takes the loaded tensors themselves (assign=True) rather than copies, so the
+    # weights are not held twice while loading: sam2.1 tiny's load peaked at 549 MB of RSS
+    # and left 505 MB; now 421 MB both. (A run's peak comes later, from the activations of
+    # the image encoder, which had reused the freed memory: it did not change.) Each tensor
+    # first gets the dtype and contiguous layout of the model's own parameter, so the
+    # kernels see what they saw before.
+    own = {k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}
+    model.load_state_dict(own, strict=True, assign=True)
 
 
 def _listing(items: list[str], most: int = 5) -> str:
