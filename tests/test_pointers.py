@@ -81,6 +81,22 @@ def test_pointers_and_memories_equal_track_step(checkpoints, variant, shift):
     assert (out.object_score_logits < 0).any() and (out.object_score_logits > 0).any()
 
 
+def test_objects_sharing_a_decoder_call_keep_the_reference_bits(checkpoints):
+    """On the CPU a frame's objects go through the two-way transformer together (the
+    reference runs one at a time): with five objects in one frame, one of them empty, each
+    pointer is still the reference's bit for bit."""
+    ref, model = checkpoints("sam2.1_hiera_tiny", SHIFT)
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (1, 3, S, S), generator=g, dtype=torch.uint8)
+    masks = torch.rand(1, 5, S, S, generator=g) > torch.linspace(0.2, 0.95, 5)[:, None, None]
+    masks[0, 3] = False
+    out = model.encode_memory(model.image_features(frames), masks)
+    steps = oracle.reference_track_step(ref, oracle.normalize(frames[0]), list(masks[0].float()))
+    for o, step in enumerate(steps):
+        assert torch.equal(out.obj_ptr[0, o], step["obj_ptr"][0]), f"object {o}"
+    assert is_no_obj_ptr(ref, out.obj_ptr[0, 3]) and not is_no_obj_ptr(ref, out.obj_ptr[0, 0])
+
+
 @pytest.mark.slow
 def test_pointer_equals_track_step_at_1024(tmp_path):
     ref = oracle.reference_with_score_bias("sam2.1_hiera_tiny", 1024, SHIFT)
