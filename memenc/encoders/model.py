@@ -250,10 +250,11 @@ class MemencModel(nn.Module):
         binary mask, and for logit masks the mask `logits > 0`, so a logit mask's pointer is
         that of `track_step(mask_inputs=logits > 0)` (SAM 2's mask inputs are 0/1 masks,
         which `mask_downsample` maps to its logit scale). Its second gate is the score (> 0).
-        pointers=False skips them (`obj_ptr` is None): on the CPU each object's pointer
-        costs about 6% of the frame's image encoding at S=256 and 2–2.6% at S=512 and
-        S=1024 (sam2.1 tiny, 2 cores; half of what SAM 2's `_use_mask_as_output` spends,
-        as it upscales).
+        pointers=False skips them (`obj_ptr` is None). On the CPU, the pointers of the
+        bundled sample's two objects made `memenc encode` 3.3% slower at S=512 and 2.7% at
+        S=1024 (medians of 29 and 10 paired runs of `benchmarks/pointers.py`, sam2.1 tiny,
+        2 cores); at S=256, where the image encoder is cheap, 3.6%. They skip what SAM 2's
+        `_use_mask_as_output` spends on upscaling the mask, which does not reach them.
         """
         b, o = masks.shape[:2]
         if pix_feat.shape[0] != b:
