@@ -13,12 +13,23 @@ tokens do take part in the attention, so they are kept. Keys: `sam_mask_decoder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from memenc.encoders.two_way import MLP, Tokens, TwoWayTransformer
 
 NUM_MASK_TOKENS = 4  # the single-mask token and 3 multimask tokens
+
+
+def by_rows(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, apart: bool
+) -> torch.Tensor:
+    """`fn(x)`, or with `apart` `fn` of each row of `x` (dim 0) on its own, concatenated:
+    the reference runs one object per call, and some kernels round differently for one
+    row than for several."""
+    return torch.cat([fn(r) for r in x.split(1)]) if apart else fn(x)
 
 
 class MaskDecoder(nn.Module):
@@ -56,6 +67,5 @@ class MaskDecoder(nn.Module):
         pos = image_pe.expand(n, -1, -1, -1)  # [N, C, h, w], a view (channels-last strides)
         hs, _ = self.transformer(src, pos, tokens)
         mask_tokens_out = hs[:, 2 : 2 + NUM_MASK_TOKENS]  # [N, 4, C]
-        score_in = hs[:, 0]
-        rows = score_in.split(1) if score_rows_apart else (score_in,)
-        return mask_tokens_out[:, 0], torch.cat([self.pred_obj_score_head(r) for r in rows])
+        score = by_rows(self.pred_obj_score_head, hs[:, 0], score_rows_apart)
+        return mask_tokens_out[:, 0], score

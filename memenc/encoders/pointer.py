@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from memenc.encoders.decoder import MaskDecoder
+from memenc.encoders.decoder import MaskDecoder, by_rows
 from memenc.encoders.prompt import PromptEncoder
 
 
@@ -74,11 +74,10 @@ def object_pointers(
         there = [k for k in range(o) if bool(present[f, k])]
         row = [heads.no_obj_ptr.view(1, 1, -1)] * o
         if there:
-            every = len(there) == o  # then a view, not a copy
+            pick = slice(None) if len(there) == o else there  # a slice is a view, not a copy
             ptr = _pointers(
-                heads, pix_feat[f : f + 1], image_pe,
-                masks[f : f + 1] if every else masks[f : f + 1, there],
-                present[f : f + 1] if every else present[f : f + 1, there], exact=True,
+                heads, pix_feat[f : f + 1], image_pe, masks[f : f + 1, pick],
+                present[f : f + 1, pick], exact=True,
             )  # fmt: skip
             for i, k in enumerate(there):
                 row[k] = ptr[:, i : i + 1]
@@ -108,13 +107,11 @@ def _pointers(
         image = image.reshape(b * o, h, w, c).permute(0, 3, 1, 2)  # -> [B*O, C, h, w]
     flat = masks.reshape(b * o, 1, s1, s2)
     prompts = heads.sam_prompt_encoder
-    dense = torch.cat(
-        [prompts.dense(heads.mask_downsample(m)) for m in (flat.split(1) if exact else (flat,))]
-    )  # [B*O, C, h, w]
+    dense = by_rows(lambda m: prompts.dense(heads.mask_downsample(m)), flat, exact)
     token, score = heads.sam_mask_decoder(
         image, image_pe, prompts.padding_points(1), dense, score_rows_apart=exact
     )  # [B*O, C], [B*O, 1]
-    ptr = torch.cat([heads.obj_ptr_proj(t) for t in (token.split(1) if exact else (token,))])
+    ptr = by_rows(heads.obj_ptr_proj, token, exact)
     ptr = mix_no_object(ptr, score > 0, heads.no_obj_ptr)
     ptr = mix_no_object(ptr, present.reshape(b * o, 1), heads.no_obj_ptr)
     return ptr.view(b, o, -1)
