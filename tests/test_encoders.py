@@ -326,3 +326,28 @@ def test_missing_official_file_on_server(server):
     ):
         load_model("sam2_hiera_large")
     assert not Path(memenc_home() / "checkpoints" / "sam2_hiera_large.pt").exists()
+
+
+def test_the_model_holds_the_checkpoints_tensors_not_copies(ref_checkpoint, monkeypatch):
+    """load_model assigns the loaded tensors to the model (no second copy of the weights
+    while loading); a tensor of another dtype is converted to the model's float32."""
+    import memenc.encoders as encoders
+
+    _, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    loaded = {}
+    real = encoders.read_state_dict
+
+    def keep(p):
+        state = real(p)
+        state["obj_ptr_proj.layers.0.bias"] = state["obj_ptr_proj.layers.0.bias"].double()
+        loaded.update(state)
+        return state
+
+    monkeypatch.setattr(encoders, "read_state_dict", keep)
+    model = load_model(path, image_size=256)
+    params = dict(model.named_parameters())
+    same = [k for k, p in params.items() if p.data_ptr() == loaded[k].data_ptr()]
+    assert len(same) == len(params) - 1
+    bias = params["obj_ptr_proj.layers.0.bias"]
+    assert bias.dtype == torch.float32 and "obj_ptr_proj.layers.0.bias" not in same
+    assert torch.equal(bias, loaded["obj_ptr_proj.layers.0.bias"].float())
