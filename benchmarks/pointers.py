@@ -91,10 +91,10 @@ def main() -> None:
             }
             total = med["with"][0] / med["without"][0] - 1
             cpu = med["with"][2] / med["without"][2] - 1
-            paired = [
-                w[i] / wo[i] - 1 for w, wo in zip(times["with"], times["without"]) for i in (0, 2)
-            ]
-            pw, pc = statistics.median(paired[0::2]), statistics.median(paired[1::2])
+            pairs = list(zip(times["with"], times["without"]))
+            wall_ratios = [w[0] / wo[0] - 1 for w, wo in pairs]
+            pw = statistics.median(wall_ratios)
+            pc = statistics.median(w[2] / wo[2] - 1 for w, wo in pairs)
             print(
                 f"S={size}: end to end with {med['with'][0]:.2f} s, without "
                 f"{med['without'][0]:.2f} s ({total:+.1%}; paired rounds {pw:+.1%}); CPU "
@@ -103,7 +103,7 @@ def main() -> None:
                 f"{med['without'][1]:.2f} s; wall per run "
                 + ", ".join(f"{m}: " + " ".join(f"{x[0]:.2f}" for x in t) for m, t in times.items())
                 + "; per-round wall ratios "
-                + " ".join(f"{x:+.1%}" for x in paired[0::2])
+                + " ".join(f"{x:+.1%}" for x in wall_ratios)
             )
     MemencModel.encode_memory = _original
 
