@@ -245,6 +245,20 @@ def test_grey_rgb_png_is_accepted_colour_png_is_not(tmp_path, labels):
         open_masks(folder, **VIDEO)
 
 
+def test_png_scan_reports_the_first_bad_file_in_frame_order(tmp_path, labels):
+    """The opening scan reads files in threads; the error is still the first bad frame's,
+    however the reads finish (here a later file fails faster: a tiny grey PNG)."""
+    folder = write_png_folder(tmp_path / "pngs", labels)
+    colour = np.zeros((H, W, 3), np.uint8)
+    colour[2:5, 2:5] = (200, 0, 0)
+    Image.fromarray(colour).save(folder / "00002.png")
+    Image.new("L", (W * 2, H * 2)).save(folder / "00005.png")
+    Image.new("L", (2, 2)).save(folder / "00009.png")
+    for _ in range(5):
+        with pytest.raises(MaskError, match=r"00002\.png: a colour \(RGB\) PNG"):
+            open_masks(folder, **VIDEO)
+
+
 def test_float_logits_npy(tmp_path):
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(T, 2, H, W)).astype(np.float16)

