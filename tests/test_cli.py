@@ -322,6 +322,30 @@ def test_bad_inputs_give_one_line_and_exit_1(tmp_path, clip):
         assert not _complete(out), name
 
 
+def test_bad_video_is_reported_before_a_bad_checkpoint(tmp_path, clip):
+    """The checkpoint loads in a thread while the video is opened: with both bad, the
+    video's error is the one reported, as when the model loaded after the video; with only
+    the checkpoint bad, its error comes, and no store is left complete."""
+    video, _ = clip
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 garbage")
+    (tmp_path / "text.mp4").write_text("hello, this is not a video\n" * 50)
+    for argv, must in (
+        ([tmp_path / "text.mp4", "--masks", video.parent / f"{video.stem}_masks"], "text.mp4"),
+        ([video], "ckpt.pt"),
+    ):
+        out = tmp_path / f"out_{must}.zarr"
+        r = invoke("encode", *argv, "--checkpoint", tmp_path / "ckpt.pt", "--image-size", "64",
+                   "-o", out)  # fmt: skip
+        assert r.exit_code == 1, (must, r.stdout, r.stderr)
+        line = stderr_line(r)
+        assert (
+            line.startswith("memenc: error: ")
+            and must in line
+            and ("ckpt.pt" not in line or must == "ckpt.pt")
+        ), line
+        assert not _complete(out)
+
+
 def _complete(store: Path) -> bool:
     meta = store / "zarr.json"
     if not meta.exists():

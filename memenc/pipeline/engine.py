@@ -32,8 +32,10 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -937,9 +939,21 @@ def encode_video(
         if progress:
             progress(Progress(done, total or 0, time.monotonic() - t0, stage="download"))
 
+    load = partial(
+        load_model, checkpoint, variant=variant, weights=weights, seed=seed,
+        image_size=image_size, device=dev, progress=on_download,
+    )  # fmt: skip
     with ExitStack() as stack:
-        # the video is opened (and probed) before the model is loaded, so a bad video fails
-        # fast; every released variant runs at 1024 unless --image-size says otherwise
+        # A local checkpoint (or random weights) loads in a thread while the video is
+        # opened and probed and the masks are scanned: those steps wait on the decoder
+        # process and on PNG reads. A bad video or mask source is still reported first: its
+        # error leaves this block, which waits for the load and drops it. A checkpoint that
+        # must be downloaded loads after them, so a bad video never waits for a download.
+        loader = ThreadPoolExecutor(1, thread_name_prefix="memenc-load")
+        stack.callback(loader.shutdown)
+        early = checkpoint is None or Path(checkpoint).is_file()
+        loading = loader.submit(load) if early else None
+        # every released variant runs at 1024 unless --image-size says otherwise
         size = image_size or VARIANTS[DEFAULT_VARIANT].image_size
         source = stack.enter_context(
             VideoSource(
@@ -958,15 +972,7 @@ def encode_video(
         # decoders 2..K start now, in the background, while the model loads (no more than
         # frames; a decoder past the number of pending chunks is closed unused)
         spares = stack.enter_context(SpareSources(source, min(k_decoders, len(planned)) - 1))
-        model = load_model(
-            checkpoint,
-            variant=variant,
-            weights=weights,
-            seed=seed,
-            image_size=image_size,
-            device=dev,
-            progress=on_download,
-        )
+        model = loading.result() if loading is not None else load()
         if compile:
             model.compile_encoders()
         layout = plan_layout(
