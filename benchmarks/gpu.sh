@@ -13,7 +13,8 @@
 #    scripts/setup.sh. Where memenc's dependencies are importable already, nothing is needed.
 # 2. Puts the repo and that folder on PYTHONPATH; prints nvidia-smi and the versions.
 # 3. Runs the CUDA tests (tests/test_cuda.py) and the TF32 switch test.
-# 4. Runs the benchmark: python -m benchmarks.run --device cuda --suite gpu --out OUTDIR.
+# 4. Runs the benchmark: python -m benchmarks.run --device cuda --suite gpu --out OUTDIR, and
+#    the options in $GPU_SH_BENCH_ARGS after those (e.g. "--suite gpu512 --only whole").
 # Each step runs under its own `timeout` within an 8-minute budget ($GPU_SH_BUDGET_S); what
 # every step printed is in OUTDIR/gpu.log, step results in OUTDIR/summary.md, test results
 # in OUTDIR/tests.xml, the errors the CUDA tests measured in OUTDIR/parity.jsonl, the
@@ -38,7 +39,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --install-only) INSTALL_ONLY=1 ;;
-    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu.sh: unknown option $arg (--dry-run, --install-only)" >&2; exit 2 ;;
     *) OUTDIR="$arg" ;;
   esac
@@ -168,6 +169,8 @@ if [ -f benchmarks/run.py ]; then
   # not fit (and says so) and writes its last table instead of being killed mid-table
   bench=("$PY" -m benchmarks.run --device cuda --suite gpu --out "$OUTDIR"
          --budget-s $((BUDGET - SECONDS - 30)))
+  # shellcheck disable=SC2206 # words on purpose: extra options, e.g. "--suite gpu512 --only whole"
+  bench+=(${GPU_SH_BENCH_ARGS:-})
   [ "$DRY" = 1 ] && bench+=(--dry-run)
   step "benchmark (benchmarks.run --suite gpu)" "$BUDGET" "${bench[@]}"
 else # the benchmark lands separately; a live run without it has failed its purpose

@@ -137,6 +137,23 @@ SUITES = {
         repeats=3,
         stages_case="tiny at 1024",
     ),
+    # long runs, where start-up no longer dominates: each run once, the default K (one
+    # decoder per 2 cores) against K = 4; `gpu.sh` runs it with GPU_SH_BENCH_ARGS="--suite
+    # gpu512 --only whole"
+    "gpu512": Suite(
+        cases=(
+            Case("tiny at 1024, 512 frames", _TINY, 1024, 512,
+                 ("memenc fp32", "memenc fp32 K=4", "reference fp32", "memenc bf16",
+                  "memenc bf16 K=4"), 1),  # fmt: skip
+            Case("base_plus at 1024, 512 frames", "sam2.1_hiera_base_plus", 1024, 512,
+                 ("memenc fp32", "reference fp32", "memenc bf16"), 1),  # fmt: skip
+        ),
+        decoders=(1, 2, 4, 8),
+        micro_size=1024,
+        micro_variant=_TINY,
+        repeats=3,
+        stages_case="tiny at 1024, 512 frames",
+    ),
     "quick": Suite(  # a smoke test of the whole benchmark (minutes on 2 cores)
         cases=(
             Case(
@@ -329,11 +346,13 @@ class Inputs:
 def make_inputs(tmp: Path, case: Case, have_reference: bool) -> Inputs:
     import media
 
-    folder = tmp / case.name.replace(" ", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = media.moving_labels(case.frames, case.height, case.width)
-    video = media.write_video(folder / "clip.mp4", media.scene_frames(labels))
-    masks = media.write_png_labels(folder / "clip_masks", labels)
+    folder = tmp / f"clip_{case.frames}_{case.width}x{case.height}"  # shared by like cases
+    video, masks = folder / "clip.mp4", folder / "clip_masks"
+    if not video.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = media.moving_labels(case.frames, case.height, case.width)
+        media.write_png_labels(masks, labels)
+        media.write_video(video, media.scene_frames(labels))  # last: it marks the folder whole
     ckpt = None
     if have_reference:
         ckpt = tmp / f"{case.variant}_{case.image_size}.pt"
@@ -410,13 +429,16 @@ def timed_process(
     return result
 
 
-def memenc_cmd(inp: Inputs, out: Path, device: str, precision: str, compiled: bool) -> list[str]:
+def memenc_cmd(
+    inp: Inputs, out: Path, device: str, precision: str, compiled: bool, decoders: int | None
+) -> list[str]:
     c = inp.case
     cmd = [sys.executable, "-m", "memenc", "encode", str(inp.video), "--masks", str(inp.masks)]
     cmd += ["--checkpoint", str(inp.checkpoint)] if inp.checkpoint else ["--weights", "random"]
     cmd += ["--variant", c.variant, "--image-size", str(c.image_size), "--device", device]
     cmd += ["--precision", precision, "-o", str(out), "--overwrite", "--quiet"]
     cmd += ["--compile"] if compiled else []
+    cmd += ["--decoders", str(decoders)] if decoders else []
     return cmd
 
 
@@ -493,7 +515,10 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
         words = name.split()
         if words[0] == "memenc":
             stores[name] = tmp / f"{c.name}_{name}.zarr".replace(" ", "_")
-            runs[name] = memenc_cmd(inp, stores[name], device, words[1], "compiled" in words)
+            k = [int(w[2:]) for w in words if w.startswith("K=")]  # "K=4": --decoders 4
+            runs[name] = memenc_cmd(
+                inp, stores[name], device, words[1], "compiled" in words, k[0] if k else None
+            )
         elif inp.checkpoint is not None:
             kind = "memories" if "memories" in name else "bank"
             runs[name] = reference_cmd(inp, device, words[1], kind)

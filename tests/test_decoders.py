@@ -111,8 +111,9 @@ def test_split_rows_groups_whole_chunks_with_about_equal_rows():
 
 def test_auto_decoders_and_their_threads():
     assert choose_decoders(None, torch.device("cpu"), cores=16) == 1
-    assert choose_decoders(None, torch.device("cuda"), cores=16) == 8
-    assert choose_decoders(None, torch.device("cuda"), cores=64) == 8
+    assert choose_decoders(None, torch.device("cuda"), cores=16) == 4
+    assert choose_decoders(None, torch.device("cuda"), cores=6) == 3
+    assert choose_decoders(None, torch.device("cuda"), cores=64) == 4
     assert choose_decoders(None, torch.device("cuda"), cores=2) == 1
     assert choose_decoders(3, torch.device("cpu"), cores=2) == 3
     for bad in (0, -1, 1.5, "2", True):

@@ -114,7 +114,7 @@ Decoders = Annotated[
     typer.Option(
         min=1,
         help="Decoder processes per video, each over its own chunks "
-        "(default: 1 on the CPU, half the cores up to 8 on CUDA).",
+        "(default: 1 on the CPU, half the cores up to 4 on CUDA).",
     ),
 ]
 
