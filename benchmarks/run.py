@@ -142,11 +142,28 @@ SUITES = {
     # gpu512 --only whole"
     "gpu512": Suite(
         cases=(
-            Case("tiny at 1024, 512 frames", _TINY, 1024, 512,
-                 ("memenc fp32", "memenc fp32 K=4", "reference fp32", "memenc bf16",
-                  "memenc bf16 K=4"), 1),  # fmt: skip
-            Case("base_plus at 1024, 512 frames", "sam2.1_hiera_base_plus", 1024, 512,
-                 ("memenc fp32", "reference fp32", "memenc bf16"), 1),  # fmt: skip
+            Case(
+                "tiny at 1024, 512 frames",
+                _TINY,
+                1024,
+                512,
+                (
+                    "memenc fp32",
+                    "memenc fp32 K=4",
+                    "reference fp32",
+                    "memenc bf16",
+                    "memenc bf16 K=4",
+                ),
+                1,
+            ),  # fmt: skip
+            Case(
+                "base_plus at 1024, 512 frames",
+                "sam2.1_hiera_base_plus",
+                1024,
+                512,
+                ("memenc fp32", "reference fp32", "memenc bf16"),
+                1,
+            ),  # fmt: skip
         ),
         decoders=(1, 2, 4, 8),
         micro_size=1024,
@@ -504,12 +521,95 @@ def child_reference(
     return {"build_s": t_build, "loop_s": time.perf_counter() - t0 - t_build}
 
 
-def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) -> None:
+COMPUTE_BATCH = 4  # frames per call in the compute-alone stage
+
+
+def compute_inputs(
+    video: str, masks: str, ckpt: str | None, variant: str, size: int, device: str, frames: int
+) -> tuple[Any, list[Any], list[Any]]:
+    """The model, and frames 0..frames-1 decoded and their masks read, in memory, in
+    batches of COMPUTE_BATCH: the compute stage's inputs."""
+    import memenc
+    from memenc.pipeline.masks import open_masks
+    from memenc.pipeline.video import VideoSource
+
+    model = (
+        memenc.load_model(ckpt, image_size=size, device=device)
+        if ckpt
+        else memenc.load_model(
+            None, weights="random", variant=variant, image_size=size, device=device
+        )
+    )
+    rows = list(range(frames))
+    with VideoSource(Path(video), size) as src:
+        info = src.info
+        batches = [b.frames for b in src.iter_batches(rows, COMPUTE_BATCH)]
+    msrc = open_masks(Path(masks), video_frame_count=info.frame_count, video_width=info.width,
+                      video_height=info.height)  # fmt: skip
+    try:
+        mask_batches = [
+            msrc.read(rows[i : i + COMPUTE_BATCH]) for i in range(0, frames, COMPUTE_BATCH)
+        ]
+    finally:
+        msrc.close()
+    return model, batches, mask_batches
+
+
+def compute_alone(
+    model: Any, batches: list[Any], mask_batches: list[Any], device: str
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Seconds for `image_features` + `encode_memory` over the batches, each result brought
+    to the host as float32; and the results (features, pointers, scores)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    feats, ptrs, scores = [], [], []
+    t = time.perf_counter()
+    for fr, m in zip(batches, mask_batches):
+        out = model.encode_memory(model.image_features(fr), m)
+        feats.append(out.features.float().cpu().numpy())
+        ptrs.append(out.obj_ptr.float().cpu().numpy())
+        scores.append(out.object_score_logits.float().cpu().numpy())
+    sync()
+    seconds = time.perf_counter() - t
+    arrays = {"features": np.concatenate(feats), "pointers": np.concatenate(ptrs),
+              "scores": np.concatenate(scores)}  # fmt: skip
+    return seconds, arrays
+
+
+def child_compute(
+    video: str, masks: str, ckpt: str, variant: str, size: str, device: str, frames: str,
+    dump: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The compute stage alone, in this (fresh) process, for the whole-run rotation: inputs
+    in memory first, then one timed pass; its results saved to `dump` (.npz) for the
+    write-only stage."""
+    model, batches, mask_batches = compute_inputs(
+        video, masks, ckpt or None, variant, int(size), device, int(frames)
+    )
+    seconds, arrays = compute_alone(model, batches, mask_batches, device)
+    np.savez(dump, **arrays)
+    return {"compute_s": seconds}
+
+
+COMPUTE_RUN = "memenc compute alone"  # the whole-run rotation's compute-only process
+
+
+def whole_runs(
+    res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path, with_compute: bool = False
+) -> None:
     """memenc encode (each precision / compile setting) against the reference loops, each
-    a fresh process, interleaved."""
+    a fresh process, interleaved. `with_compute`: memenc's compute stage alone joins the
+    rotation (`child_compute`, timed inside its process), for the stages table."""
     c = inp.case
     key = f"whole/{c.name}"
     runs: dict[str, list[str]] = {}
+    if with_compute:
+        runs[COMPUTE_RUN] = [
+            sys.executable, "-m", "benchmarks.run", "--child", "compute", str(inp.video),
+            str(inp.masks), str(inp.checkpoint or ""), c.variant, str(c.image_size), device,
+            str(c.frames), str(tmp / "compute_alone.npz"),
+        ]  # fmt: skip
     stores: dict[str, Path] = {}
     for name in c.runs:
         words = name.split()
@@ -543,6 +643,8 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
                   f"{got['tree_peak_mb']:.0f} MB", flush=True)  # fmt: skip
             res.m(f"{key}/{name}").add(got["seconds"])
             res.m(f"{key}/{name}/peak_mb", "MB").add(got["tree_peak_mb"])
+            if "compute_s" in got:
+                res.m(f"stages/{c.name}/compute").add(got["compute_s"])
             for part in ("build_s", "loop_s"):  # the reference's own split
                 if part in got:
                     res.m(f"{key}/{name}/{part}").add(got[part])
@@ -572,9 +674,16 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
         )
         res.say(f"| {name} | {t.span()} | {c.frames / t.median:.2f} | {mb.span('{:.0f}')} |{extra}")
     res.say("")
+    if with_compute:
+        res.say(f"- {COMPUTE_RUN}: a fresh process that loads the model and holds every frame "
+                "decoded and every mask read, then times one pass of `image_features` + "
+                "`encode_memory` (the stages table's `compute`), in this rotation so the "
+                "end-to-end ratio compares runs made side by side")  # fmt: skip
     ref = res.measures.get(f"{key}/reference fp32")
     if ref is not None and ref.samples:
         for name in names:
+            if name == COMPUTE_RUN:  # not an encode: its time is in the stages table
+                continue
             if name.startswith("memenc") and res.m(f"{key}/{name}").samples:
                 speed = ref.median / res.m(f"{key}/{name}").median
                 rss = (
@@ -599,7 +708,7 @@ def whole_runs(res: Results, inp: Inputs, device: str, suite: Suite, tmp: Path) 
         words = name.split()
         same = res.measures.get(f"{key}/reference {words[1]}")
         ok = res.m(f"{key}/{name}").samples and same is not None and same.samples
-        if words[0] == "memenc" and words[1] != "fp32" and ok:
+        if words[0] == "memenc" and words[1] not in ("fp32", "compute") and ok:
             speed = same.median / res.m(f"{key}/{name}").median
             res.ratios[f"{key}/{name}/speed_vs_reference_{words[1]}"] = speed
             res.say(f"- {name}: {speed:.2f}× the reference {words[1]} loop's speed")
@@ -699,10 +808,7 @@ def micro(res: Results, suite: Suite, device: str, tmp: Path) -> None:
 
 def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> None:
     """memenc's stages alone on the case's frames, then Zarr against np.save."""
-    import torch
 
-    import memenc
-    from memenc.pipeline.masks import open_masks
     from memenc.pipeline.video import VideoSource
     from memenc.store import CacheStore
     from memenc.store.location import Location, open_existing
@@ -728,39 +834,23 @@ def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> N
                     for _ in src.iter_batches(frames, batch):
                         pass
                 res.m(f"{key}/decode K=1").add(time.perf_counter() - t)
-    # compute-only: decoded frames and read masks in memory first
-    model = (
-        memenc.load_model(inp.checkpoint, image_size=c.image_size, device=device)
-        if inp.checkpoint
-        else memenc.load_model(
-            None, weights="random", variant=c.variant, image_size=c.image_size, device=device
-        )
-    )
-    with VideoSource(inp.video, c.image_size) as src:
-        info = src.info
-        batches = [b.frames for b in src.iter_batches(frames, batch)]
-    msrc = open_masks(inp.masks, video_frame_count=info.frame_count, video_width=info.width,
-                      video_height=info.height)  # fmt: skip
-    mask_batches = [msrc.read(frames[i : i + batch]) for i in range(0, len(frames), batch)]
-    msrc.close()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    feats: list[np.ndarray] = []
-    ptrs: list[np.ndarray] = []
-    scores: list[np.ndarray] = []
-    for _r in range(suite.repeats):
-        feats, ptrs, scores = [], [], []
-        t = time.perf_counter()
-        for fr, m in zip(batches, mask_batches):
-            out = model.encode_memory(model.image_features(fr), m)
-            feats.append(out.features.float().cpu().numpy())
-            ptrs.append(out.obj_ptr.float().cpu().numpy())
-            scores.append(out.object_score_logits.float().cpu().numpy())
-        sync()
-        res.m(f"{key}/compute").add(time.perf_counter() - t)
-    features = np.concatenate(feats)
-    pointers = np.concatenate(ptrs)
-    score_arr = np.concatenate(scores)
-    del model, batches, mask_batches
+    # compute-only: decoded frames and read masks in memory first. The stages case's whole
+    # runs already timed it, in a fresh process interleaved with them (`child_compute`),
+    # so drift between sections does not enter the end-to-end ratio; otherwise here.
+    dump = tmp / "compute_alone.npz"
+    if not res.m(f"{key}/compute").samples or not dump.exists():
+        res.m(f"{key}/compute").samples.clear()
+        model, batches, mask_batches = compute_inputs(
+            str(inp.video), str(inp.masks), str(inp.checkpoint) if inp.checkpoint else None,
+            c.variant, c.image_size, device, c.frames,
+        )  # fmt: skip
+        for _r in range(suite.repeats):
+            seconds, arrays = compute_alone(model, batches, mask_batches, device)
+            res.m(f"{key}/compute").add(seconds)
+        np.savez(dump, **arrays)
+        del model, batches, mask_batches
+    with np.load(dump) as arrays:
+        features, pointers, score_arr = arrays["features"], arrays["pointers"], arrays["scores"]
     # write-only: the chunks of the memenc fp32 store's layout, into fresh stores
     done = next(tmp.glob(f"{c.name.replace(' ', '_')}_memenc_fp32*.zarr"))
     group, _ = open_existing(Location(str(done)), "r")
@@ -792,8 +882,10 @@ def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> N
         res.m(f"{key}/np.save MB/s", "MB/s").add(nbytes / spent_np / 1e6)
         shutil.rmtree(path)
         shutil.rmtree(npsave)
+    n_compute = len(res.m(f"{key}/compute").samples)
     res.say(f"### Stages alone: {c.name} ({c.frames} frames, S={c.image_size}, {device}, fp32; "
-            f"medians of {suite.repeats})")  # fmt: skip
+            f"medians of {suite.repeats}; compute: {n_compute}, from the whole-run rotation "
+            "when it ran there)")  # fmt: skip
     res.say("")
     res.say("| stage | seconds | frames/s |")
     res.say("|---|---:|---:|")
@@ -848,7 +940,10 @@ def main(argv: list[str] | None = None) -> int:
     global DEADLINE
     DEADLINE = Deadline(args.budget_s)
     if args.child:
-        print(json.dumps(child_reference(*args.child)))
+        if args.child[0] == "compute":
+            print(json.dumps(child_compute(*args.child[1:])))
+        else:
+            print(json.dumps(child_reference(*args.child)))
         return 0
     suite = SUITES[args.suite or ("gpu" if args.device.startswith("cuda") else "cpu")]
     if args.repeats:
@@ -896,8 +991,10 @@ def main(argv: list[str] | None = None) -> int:
         sections: list[tuple[str, Callable[[], None]]] = []
         for i, inp in enumerate(inputs):
             if "whole" in args.only:
+                rotate = "stages" in args.only and inp.case.name == suite.stages_case
                 sections.append((f"whole runs: {inp.case.name}",
-                                 lambda inp=inp: whole_runs(res, inp, args.device, suite, tmp)))  # fmt: skip
+                                 lambda inp=inp, rotate=rotate: whole_runs(
+                                     res, inp, args.device, suite, tmp, with_compute=rotate)))  # fmt: skip
             if "stages" in args.only and inp.case.name == suite.stages_case:
                 sections.append((f"stages: {inp.case.name}",
                                  lambda inp=inp: stages(res, inp, suite, args.device, tmp)))  # fmt: skip
