@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memenc.encoders import VARIANTS, load_model
+from memenc.encoders import VARIANTS, hiera, load_model
 from memenc.encoders.checkpoint import memenc_home
 from memenc.errors import CheckpointError
 
@@ -105,6 +105,24 @@ def test_parity_at_1024(ref_checkpoint):
     assert model.image_size == 1024
     frames, masks, logits = make_inputs(1024, seed=3)
     check_parity(ref, model, frames[:1], masks[:1], logits[:1])
+
+
+@pytest.mark.parametrize("size", [512, 320])
+def test_pieces_change_no_bits(monkeypatch, size):
+    """The CPU runs the first stages' attention windows and MLP rows in pieces
+    (hiera.PIECE_TOKENS); the features and memories are the whole-tensor path's bit for bit
+    (that path is the reference's: test_pointers, test_bank). 320 pads the windows."""
+    model = load_model(weights="random", seed=3, image_size=size)
+    frames, masks, _ = make_inputs(size, seed=1)
+    runs = []
+    for piece in (hiera.PIECE_TOKENS, 10**9, 150):  # 150: the padded stage too
+        monkeypatch.setattr(hiera, "PIECE_TOKENS", piece)
+        pix = model.image_features(frames[:1])
+        runs.append((pix, model.encode_memory(pix, masks[:1])))
+    for pix, out in runs[1:]:
+        assert torch.equal(pix, runs[0][0])
+        assert torch.equal(out.features, runs[0][1].features)
+        assert torch.equal(out.obj_ptr, runs[0][1].obj_ptr)
 
 
 def test_masks_at_model_size_are_used_as_given(ref_checkpoint):

@@ -49,6 +49,15 @@ def _from_windows(
     return x[:, :h, :w, :] if (hp > h or wp > w) else x
 
 
+# On the CPU the first stages' blocks run their attention windows and MLP rows in pieces of
+# this many tokens, so that a frame's 4x-wide MLP hidden tensor and 3x-wide qkv tensor are
+# never whole (at 1024 they are 100 and 150 MB in the first stage). The numbers do not
+# change: each window's attention and each token's MLP depend on that window or token
+# alone, and the CPU's matrix products give each row the same bits whatever the number of
+# rows (checked against the reference in tests/test_identity.py).
+PIECE_TOKENS = 2048
+
+
 class PatchEmbed(nn.Module):
     """7×7 stride-4 convolution from RGB to `embed_dim`, output channels-last."""
 
@@ -69,7 +78,10 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[1](self.act(self.layers[0](x)))
+        # GELU in place: the same kernel and numbers as `self.act`, without a second hidden
+        # tensor (4x the block's width: 100 MB a frame in the first stage at 1024)
+        h = self.layers[0](x)
+        return self.layers[1](torch.ops.aten.gelu_(h) if not h.requires_grad else self.act(h))
 
 
 class MultiScaleAttention(nn.Module):
@@ -136,7 +148,9 @@ class MultiScaleBlock(nn.Module):
         hw = (x.shape[1], x.shape[2])
         if window > 0:
             x, padded = _to_windows(x, window)
-        x = self.attn(x)
+            x = self._attend_windows(x)
+        else:
+            x = self.attn(x)
         if self.q_stride:
             # queries were pooled: windows shrank, and the output takes the shortcut's size
             window = self.window_size // self.q_stride[0]
@@ -145,8 +159,40 @@ class MultiScaleBlock(nn.Module):
         if self.window_size > 0:
             x = _from_windows(x, window, padded, hw)
 
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        # the residual adds in place, into tensors this block made (the same sums: float
+        # addition is commutative), so no third full-size tensor is allocated for each
+        x += shortcut
+        return self._add_mlp(x)
+
+    def _pieces(self, x: torch.Tensor) -> bool:
+        """Whether to run this block's attention windows and MLP rows a piece at a time:
+        on the CPU (eager) when `x` holds more than PIECE_TOKENS tokens."""
+        return (
+            x.device.type == "cpu"
+            and x.shape[:-1].numel() > PIECE_TOKENS
+            and not torch.compiler.is_compiling()
+        )
+
+    def _attend_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """`self.attn` over windows `[N, s, s, C]`, in pieces of windows on the CPU."""
+        if not self._pieces(windows):
+            return self.attn(windows)
+        step = max(1, PIECE_TOKENS // (windows.shape[1] * windows.shape[2]))
+        return torch.cat([self.attn(windows[i : i + step]) for i in range(0, len(windows), step)])
+
+    def _add_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x + mlp(norm2(x)), into `x`; on the CPU a piece of rows at a time (each token's
+        result depends on that token alone)."""
+        if not self._pieces(x):
+            return x.add_(self.mlp(self.norm2(x)))
+        x = x.contiguous()  # a copy only where the windows were padded
+        b, h, w, c = x.shape
+        rows = x.view(b * h, w, c)
+        step = max(1, PIECE_TOKENS // w)
+        for i in range(0, b * h, step):
+            piece = rows[i : i + step]
+            piece.add_(self.mlp(self.norm2(piece)))
+        return x
 
 
 class Hiera(nn.Module):
