@@ -488,7 +488,12 @@ def run_unit(
     store I/O, which is worth retrying).
     """
     from memenc.pipeline.decoders import SpareSources, choose_decoders, decoder_threads
-    from memenc.pipeline.engine import limit_malloc_arenas, pick_device, run_chunks
+    from memenc.pipeline.engine import (
+        keep_freed_memory,
+        limit_malloc_arenas,
+        pick_device,
+        run_chunks,
+    )
     from memenc.pipeline.faults import kill_point
     from memenc.pipeline.masks import open_masks
     from memenc.pipeline.video import VideoSource
@@ -501,6 +506,7 @@ def run_unit(
         limit_malloc_arenas()
         kill_point("unit-start", unit.unit)
         device = pick_device(_worker_device or settings.device)
+        keep_freed_memory(device)
         try:
             store = CacheStore.open_for_write(unit.store)
         except StoreError:
