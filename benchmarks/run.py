@@ -528,10 +528,17 @@ def compute_inputs(
     video: str, masks: str, ckpt: str | None, variant: str, size: int, device: str, frames: int
 ) -> tuple[Any, list[Any], list[Any]]:
     """The model, and frames 0..frames-1 decoded and their masks read, in memory, in
-    batches of COMPUTE_BATCH: the compute stage's inputs."""
+    batches of COMPUTE_BATCH: the compute stage's inputs. The process's malloc is set as
+    `encode_video` sets it, so the stage runs alone as it runs in the pipeline."""
+    import torch
+
     import memenc
+    from memenc.pipeline.engine import keep_freed_memory, limit_malloc_arenas
     from memenc.pipeline.masks import open_masks
     from memenc.pipeline.video import VideoSource
+
+    limit_malloc_arenas()
+    keep_freed_memory(torch.device(device))
 
     model = (
         memenc.load_model(ckpt, image_size=size, device=device)
