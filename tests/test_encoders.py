@@ -125,6 +125,30 @@ def test_pieces_change_no_bits(monkeypatch, size):
         assert torch.equal(out.obj_ptr, runs[0][1].obj_ptr)
 
 
+def test_bf16_autocast_keeps_the_reference_dtypes(ref_checkpoint):
+    """Under bf16 autocast each Hiera block's output has the reference block's dtype (the
+    residual sums stay float32: an in-place add into a bfloat16 attention output would
+    narrow them), and the features stay within 1e-2 of the reference's bf16 ones."""
+    ref, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    model = load_model(path, image_size=256)
+    frames = make_inputs(256)[0][:1]
+    dtypes: dict[str, list[torch.dtype]] = {"memenc": [], "reference": []}
+    hooks = [
+        block.register_forward_hook(lambda m, i, o, side=side: dtypes[side].append(o.dtype))
+        for side, trunk in (("memenc", model.image_encoder.trunk), ("reference", ref.image_encoder.trunk))
+        for block in trunk.blocks
+    ]  # fmt: skip
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = model.image_features(frames)
+            theirs = ref.forward_image(oracle.normalize(frames))["vision_features"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert dtypes["memenc"] == dtypes["reference"] and torch.float32 in dtypes["memenc"]
+    assert oracle.rel_l2(ours.float(), theirs.float()) <= 1e-2
+
+
 def test_masks_at_model_size_are_used_as_given(ref_checkpoint):
     """A binary mask already at S×S is not resized (add_new_mask's other branch)."""
     ref, path = ref_checkpoint("sam2.1_hiera_tiny", 256)

@@ -58,6 +58,12 @@ def _from_windows(
 PIECE_TOKENS = 2048
 
 
+def _add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y, into `x` when the sum has x's dtype (under autocast a bfloat16 `x` plus a
+    float32 `y` is float32, as out of place)."""
+    return x.add_(y) if torch.promote_types(x.dtype, y.dtype) == x.dtype else x + y
+
+
 class PatchEmbed(nn.Module):
     """7×7 stride-4 convolution from RGB to `embed_dim`, output channels-last."""
 
@@ -159,9 +165,9 @@ class MultiScaleBlock(nn.Module):
         if self.window_size > 0:
             x = _from_windows(x, window, padded, hw)
 
-        # the residual adds in place, into tensors this block made (the same sums: float
+        # the residual adds go in place, into tensors this block made (the same sums: float
         # addition is commutative), so no third full-size tensor is allocated for each
-        x += shortcut
+        x = _add(x, shortcut)
         return self._add_mlp(x)
 
     def _pieces(self, x: torch.Tensor) -> bool:
@@ -183,8 +189,8 @@ class MultiScaleBlock(nn.Module):
     def _add_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x + mlp(norm2(x)), into `x`; on the CPU a piece of rows at a time (each token's
         result depends on that token alone)."""
-        if not self._pieces(x):
-            return x.add_(self.mlp(self.norm2(x)))
+        if not self._pieces(x) or x.dtype != torch.float32:  # float32: any sum fits in x
+            return _add(x, self.mlp(self.norm2(x)))
         x = x.contiguous()  # a copy only where the windows were padded
         b, h, w, c = x.shape
         rows = x.view(b * h, w, c)
