@@ -521,6 +521,12 @@ def child_reference(
     return {"build_s": t_build, "loop_s": time.perf_counter() - t0 - t_build}
 
 
+def decoders_in(run: str) -> int | None:
+    """The K of a memenc run's name ("memenc bf16 K=4" -> 4; None: memenc's default)."""
+    k = [int(w[2:]) for w in run.split() if w.startswith("K=")]
+    return k[0] if k else None
+
+
 COMPUTE_BATCH = 4  # frames per call in the compute-alone stage
 
 
@@ -622,9 +628,8 @@ def whole_runs(
         words = name.split()
         if words[0] == "memenc":
             stores[name] = tmp / f"{c.name}_{name}.zarr".replace(" ", "_")
-            k = [int(w[2:]) for w in words if w.startswith("K=")]  # "K=4": --decoders 4
             runs[name] = memenc_cmd(
-                inp, stores[name], device, words[1], "compiled" in words, k[0] if k else None
+                inp, stores[name], device, words[1], "compiled" in words, decoders_in(name)
             )
         elif inp.checkpoint is not None:
             kind = "memories" if "memories" in name else "bank"
