@@ -209,8 +209,9 @@ def keep_freed_memory(device: torch.device) -> None:
     By default glibc serves large allocations (past a threshold that grows up to 32 MB)
     with a fresh mmap and unmaps them on free, so every frame's big activations touched new
     pages: at 1024, 78 thousand page faults a frame (180-260 thousand and 0.6-0.7 s of
-    kernel time before the image encoder ran in pieces). With mmap off (M_MMAP_MAX 0) and trimming off (M_TRIM_THRESHOLD at its maximum)
-    later frames reuse the first frame's memory, with the same numbers. Measured on the
+    kernel time before the image encoder ran in pieces). With mmap off (M_MMAP_MAX 0) and
+    trimming off (M_TRIM_THRESHOLD at its maximum) later frames reuse the first frame's
+    memory, with the same numbers. Measured on the
     short clip at 1024 (sam2.1 tiny, 6 frames, whole `memenc encode`, alternating): 22.6 and
     23.6 s against 25.5 and 25.7 s; the main process's peak 884-926 MB against 830-847 MB,
     since the heap keeps its high-water mark. It stays flat over long runs (240 frames at
@@ -981,10 +982,10 @@ def encode_video(
         # process and on PNG reads. A bad video or mask source is still reported first: its
         # error leaves this block, which waits for the load and drops it. A checkpoint that
         # must be downloaded loads after them, so a bad video never waits for a download.
-        loader = ThreadPoolExecutor(1, thread_name_prefix="memenc-load")
-        stack.callback(loader.shutdown)
-        early = checkpoint is None or Path(checkpoint).is_file()
-        loading = loader.submit(load) if early else None
+        loading = None
+        if checkpoint is None or Path(checkpoint).is_file():
+            loader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="memenc-load"))
+            loading = loader.submit(load)
         # every released variant runs at 1024 unless --image-size says otherwise
         size = image_size or VARIANTS[DEFAULT_VARIANT].image_size
         source = stack.enter_context(

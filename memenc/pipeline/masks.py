@@ -609,10 +609,12 @@ class PngFolderMasks(MaskSource):
         # order, so the first bad file in that order is the one reported.
         values: set[int] = set()
         size: tuple[int, int] | None = None
-        first = self._files[min(self._files)]
-        total_bytes, mtime = 0, 0.0
+        from memenc.pipeline.decoders import available_cores
+
         ordered = [self._files[frame] for frame in sorted(self._files)]
-        workers = max(1, min(_SCAN_THREADS, len(ordered), os.cpu_count() or 1))
+        first = ordered[0]
+        total_bytes, mtime = 0, 0.0
+        workers = min(_SCAN_THREADS, len(ordered), available_cores())
         pool = ThreadPoolExecutor(workers, thread_name_prefix="memenc-masks")
         try:
             for file, (height, width), found in pool.map(_scan_png, ordered):
