@@ -137,8 +137,8 @@ SUITES = {
         repeats=3,
         stages_case="tiny at 1024",
     ),
-    # long runs, where start-up no longer dominates: each run once, the default K (one
-    # decoder per 2 cores) against K = 4; `gpu.sh` runs it with GPU_SH_BENCH_ARGS="--suite
+    # long runs, where start-up no longer dominates: each run once, the default K (half the
+    # cores, at most 4) against K = 8; `gpu.sh` runs it with GPU_SH_BENCH_ARGS="--suite
     # gpu512 --only whole"
     "gpu512": Suite(
         cases=(
@@ -149,10 +149,10 @@ SUITES = {
                 512,
                 (
                     "memenc fp32",
-                    "memenc fp32 K=4",
+                    "memenc fp32 K=8",
                     "reference fp32",
                     "memenc bf16",
-                    "memenc bf16 K=4",
+                    "memenc bf16 K=8",
                 ),
                 1,
             ),  # fmt: skip
@@ -527,14 +527,14 @@ def decoders_in(run: str) -> int | None:
     return k[0] if k else None
 
 
-COMPUTE_BATCH = 4  # frames per call in the compute-alone stage
+STAGE_BATCH = 4  # frames per batch in the stages measured alone (decode, compute)
 
 
 def compute_inputs(
     video: str, masks: str, ckpt: str | None, variant: str, size: int, device: str, frames: int
 ) -> tuple[Any, list[Any], list[Any]]:
     """The model, and frames 0..frames-1 decoded and their masks read, in memory, in
-    batches of COMPUTE_BATCH: the compute stage's inputs. The process's malloc is set as
+    batches of STAGE_BATCH: the compute stage's inputs. The process's malloc is set as
     `encode_video` sets it, so the stage runs alone as it runs in the pipeline."""
     import torch
 
@@ -556,13 +556,11 @@ def compute_inputs(
     rows = list(range(frames))
     with VideoSource(Path(video), size) as src:
         info = src.info
-        batches = [b.frames for b in src.iter_batches(rows, COMPUTE_BATCH)]
+        batches = [b.frames for b in src.iter_batches(rows, STAGE_BATCH)]
     msrc = open_masks(Path(masks), video_frame_count=info.frame_count, video_width=info.width,
                       video_height=info.height)  # fmt: skip
     try:
-        mask_batches = [
-            msrc.read(rows[i : i + COMPUTE_BATCH]) for i in range(0, frames, COMPUTE_BATCH)
-        ]
+        mask_batches = [msrc.read(rows[i : i + STAGE_BATCH]) for i in range(0, frames, STAGE_BATCH)]
     finally:
         msrc.close()
     return model, batches, mask_batches
@@ -720,7 +718,7 @@ def whole_runs(
         words = name.split()
         same = res.measures.get(f"{key}/reference {words[1]}")
         ok = res.m(f"{key}/{name}").samples and same is not None and same.samples
-        if words[0] == "memenc" and words[1] not in ("fp32", "compute") and ok:
+        if words[0] == "memenc" and words[1] != "fp32" and name != COMPUTE_RUN and ok:
             speed = same.median / res.m(f"{key}/{name}").median
             res.ratios[f"{key}/{name}/speed_vs_reference_{words[1]}"] = speed
             res.say(f"- {name}: {speed:.2f}× the reference {words[1]} loop's speed")
@@ -829,7 +827,6 @@ def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> N
     c = inp.case
     key = f"stages/{c.name}"
     frames = list(range(c.frames))
-    batch = 4
     # decode-only, K decoders
     try:
         from benchmarks.decode import decode_throughput
@@ -838,12 +835,12 @@ def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> N
     for r in range(suite.repeats):
         for k in suite.decoders if r % 2 == 0 else suite.decoders[::-1]:
             if decode_throughput is not None:
-                got = decode_throughput(inp.video, c.image_size, frames, batch, k)
+                got = decode_throughput(inp.video, c.image_size, frames, STAGE_BATCH, k)
                 res.m(f"{key}/decode K={k}").add(got["seconds"])
             elif k == 1:
                 t = time.perf_counter()
                 with VideoSource(inp.video, c.image_size) as src:
-                    for _ in src.iter_batches(frames, batch):
+                    for _ in src.iter_batches(frames, STAGE_BATCH):
                         pass
                 res.m(f"{key}/decode K=1").add(time.perf_counter() - t)
     # compute-only: decoded frames and read masks in memory first. The stages case's whole

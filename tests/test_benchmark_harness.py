@@ -102,7 +102,7 @@ def test_whole_runs_without_a_budget_wait_as_long_as_a_run_takes(tmp_path, monke
 
 def test_a_runs_k_reaches_the_memenc_command(tmp_path):
     inp = bench.Inputs(tmp_path / "v.mp4", tmp_path / "m", None, bench.SUITES["gpu512"].cases[0])
-    assert [bench.decoders_in(r) for r in inp.case.runs] == [None, 4, None, None, 4]
+    assert [bench.decoders_in(r) for r in inp.case.runs] == [None, 8, None, None, 8]
     cmd = bench.memenc_cmd(inp, tmp_path / "o.zarr", "cuda", "bf16", False, 4)
     assert cmd[cmd.index("--decoders") + 1] == "4" and "--compile" not in cmd
     assert "--decoders" not in bench.memenc_cmd(inp, tmp_path / "o.zarr", "cpu", "fp32", True, None)
