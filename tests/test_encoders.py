@@ -125,6 +125,62 @@ def test_pieces_change_no_bits(monkeypatch, size):
         assert torch.equal(out.obj_ptr, runs[0][1].obj_ptr)
 
 
+def test_frame_workers_change_no_bits():
+    """On the CPU the frames of a batch run side by side on single-threaded workers
+    (MemencModel.frame_workers), convolutions on the caller's thread count; features, scores
+    and pointers are one frame at a time's bit for bit (that path is the reference's:
+    test_pointers, test_bank), for more workers than frames too, and the caller's thread
+    count is as it was. 320 pads the windows."""
+    model = load_model(weights="random", seed=3, image_size=320)
+    first, second = make_inputs(320, seed=1), make_inputs(320, seed=2)
+    frames = torch.cat([first[0], second[0][:1]])
+    masks = torch.cat([first[1], second[1][:1]])
+    threads = torch.get_num_threads()
+    seen: list[tuple[str, int]] = []
+    hook = model.image_encoder.trunk.blocks[0].register_forward_hook(
+        lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads()))
+    )
+    runs = {}
+    try:
+        for workers in (1, 2, 4):
+            seen.clear()
+            model.set_frame_workers(workers)
+            pix = model.image_features(frames)
+            with_ptr = model.encode_memory(pix, masks)
+            without = model.encode_memory(pix, masks, pointers=False)
+            runs[workers] = (pix, with_ptr, without)
+            assert torch.get_num_threads() == threads
+            if workers == 1:
+                assert seen == [(threading.current_thread().name, threads)] * 3
+            else:  # each frame in a worker, on one thread
+                assert [n.startswith("memenc-frame") and t == 1 for n, t in seen] == [True] * 3
+    finally:
+        hook.remove()
+        model.set_frame_workers(None)
+    pix, with_ptr, without = runs[1]
+    for other in (runs[2], runs[4]):
+        assert torch.equal(other[0], pix)
+        for out, base in ((other[1], with_ptr), (other[2], without)):
+            assert torch.equal(out.features, base.features)
+            assert torch.equal(out.object_score_logits, base.object_score_logits)
+        assert torch.equal(other[1].obj_ptr, with_ptr.obj_ptr) and other[2].obj_ptr is None
+
+
+def test_frame_workers_only_where_a_frame_is_small():
+    """Side by side only on the CPU, eager, outside autocast, with 2-4 threads and a
+    stride-4 map of at most 8 MiB: S=512 for sam2.1 tiny, not 1024."""
+    small = load_model(weights="random", seed=3, image_size=512)
+    threads = torch.get_num_threads()
+    assert small.frame_workers == (threads if 2 <= threads <= 4 else 1)
+    assert load_model(weights="random", seed=3, image_size=1024).frame_workers == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert small.frame_workers == 1
+    small.set_frame_workers(3)
+    assert small.frame_workers == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        small.set_frame_workers(0)
+
+
 def test_bf16_autocast_keeps_the_reference_dtypes(ref_checkpoint):
     """Under bf16 autocast each Hiera block's output has the reference block's dtype (the
     residual sums stay float32: an in-place add into a bfloat16 attention output would

@@ -209,10 +209,11 @@ def test_batch_size_default_is_per_device_and_recorded(tmp_path, clip):
 
 
 def test_cpu_stages_other_than_compute_run_no_torch_operation(tmp_path, clip):
-    """On the CPU only the compute stage (the calling thread) runs torch operations. One in
-    another stage's thread starts a second OpenMP team, and libgomp then stops the compute
-    team's workers spinning between parallel regions: 60 frames at S=512 on 2 cores took
-    55.7 s instead of 46.7 s while the decode thread built the mask planes with torch."""
+    """On the CPU only the compute stage (the calling thread, and the frame workers it runs
+    frames on) runs torch operations. One in another stage's thread starts a second OpenMP
+    team, and libgomp then stops the compute team's workers spinning between parallel
+    regions: 60 frames at S=512 on 2 cores took 55.7 s instead of 46.7 s while the decode
+    thread built the mask planes with torch (before frames ran on workers)."""
     seen: list = []
 
     def enter_mode(frame, event, arg):  # the first event in every thread started from now
@@ -225,7 +226,7 @@ def test_cpu_stages_other_than_compute_run_no_torch_operation(tmp_path, clip):
     finally:
         threading.setprofile(None)
     assert store.pending_chunks() == [] and arrays["maskmem_features"].any()
-    assert seen == []
+    assert [op for op in seen if not op[0].startswith("memenc-frame")] == []
     # the mode sees work in other threads: the same hook catches a mask expansion there
     t = threading.Thread(target=lambda: torch.zeros(3) == torch.ones(1), name="probe")
     threading.setprofile(enter_mode)

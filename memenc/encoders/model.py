@@ -13,7 +13,11 @@ frame's objects at once: `_encode_new_memory` for the memory features and
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +96,104 @@ class ImageEncoder(nn.Module):
         return self.neck(self.trunk(x))
 
 
+# On the CPU the frames of a batch run side by side, one single-threaded worker per thread of
+# torch's pool, instead of one frame after another on all of them: a worker's kernels run
+# without waiting at OpenMP barriers, and one frame's Python between kernels overlaps the
+# other's kernels. The numbers do not change: every kernel memenc runs gives the same bits
+# on one thread as on 2, 3 or 4 (checked op by op at S=256, 512 and 1024 on the
+# development machine), except 1x1 convolutions, whose oneDNN kernels split their sums by
+# thread count. `_FramePool` finds such convolutions by trying each once and runs them on
+# the caller's thread count; tests/test_encoders.py checks the whole against one frame at
+# a time, bit for bit.
+FRAME_WORKERS_MAX = 4
+# Each worker holds a frame's activations, which scale with Hiera's stride-4 map. Two
+# frames at once added ~370 MB at S=1024 (a 25 MB stride-4 map in float32, sam2.1 tiny),
+# so the workers run only where that map is at most this size: S=512 for tiny and
+# base_plus (6.3 and 7.3 MB) and the smaller sizes.
+FRAME_WORKERS_MAP_BYTES = 8 * 2**20
+
+
+class _FramePool:
+    """`workers` threads that run torch single-threaded, each on one frame at a time.
+
+    A convolution whose result changes with the thread count runs in a worker on `threads`
+    threads (the caller's count), so it rounds as it would in the caller. Whether it does
+    is tried once per convolution and input layout, on random input of that layout (a real
+    input can hide it: an empty mask makes every sum exactly zero). OpenMP's thread count is
+    a per-thread setting, but torch also sets MKL's and its own default for new threads
+    process-wide, so `map` puts those back to `threads` when it returns."""
+
+    def __init__(self, model: nn.Module, workers: int, threads: int) -> None:
+        self.workers, self.threads = workers, threads
+        self._local = threading.local()
+        self._wide: dict[tuple[Any, ...], bool] = {}  # convolution and layout -> caller's count
+        self._executor = ThreadPoolExecutor(
+            workers, thread_name_prefix="memenc-frame", initializer=self._start
+        )
+        self._hooks = []
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                self._hooks.append(module.register_forward_pre_hook(self._before))
+                self._hooks.append(module.register_forward_hook(self._after))
+
+    def _start(self) -> None:
+        torch.get_num_threads()  # this thread's settings made now, from the process's
+        torch.set_num_threads(1)
+        self._local.worker = True
+
+    @staticmethod
+    def _key(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (id(module), tuple(x.shape), x.stride(), x.dtype)
+
+    def _before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not getattr(self._local, "worker", False):
+            return
+        # decided here and kept for `_after`: another worker may decide in between
+        self._local.wide = wide = self._wide.get(self._key(module, args))
+        if wide:
+            torch.set_num_threads(self.threads)
+
+    def _after(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> Any:
+        if not getattr(self._local, "worker", False):
+            return None
+        wide = self._local.wide
+        if wide:
+            torch.set_num_threads(1)
+        elif wide is None:  # first time: do one and all threads give the same bits?
+            x = args[0]
+            probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+            probe = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(probe)
+            narrow = module.forward(probe)
+            torch.set_num_threads(self.threads)
+            try:
+                wide = not torch.equal(module.forward(probe), narrow)
+                self._wide[self._key(module, args)] = wide
+                if wide:
+                    return module.forward(*args)
+            finally:
+                torch.set_num_threads(1)
+        return None
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any]) -> list[Any]:
+        """`[fn(*args) ...]` in the workers, in order, under the caller's inference mode."""
+        inference = torch.is_inference_mode_enabled()
+
+        def run(*args: Any) -> Any:
+            with torch.inference_mode(inference):
+                return fn(*args)
+
+        try:
+            return list(self._executor.map(run, *iterables))
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._executor.shutdown(wait=False)
+
+
 class MemencModel(nn.Module):
     """SAM 2's image encoder and memory encoder for one variant at one image size.
 
@@ -151,6 +253,8 @@ class MemencModel(nn.Module):
         # torch.compile'd (image encoder, memory encoder), kept out of the module tree (and
         # so out of state_dict); None until `compile_encoders`
         self._compiled: tuple[nn.Module, nn.Module] | None = None
+        self._frame_pool: _FramePool | None = None
+        self._frame_workers: int | None = None  # None: `frame_workers` chooses
 
     def compile_encoders(self) -> None:
         """Run the image encoder and the memory encoder through `torch.compile`
@@ -183,6 +287,49 @@ class MemencModel(nn.Module):
         return 1 if self.device.type == "cpu" else None
 
     @property
+    def frame_workers(self) -> int:
+        """Frames the CPU kernels run at once, each on one thread (`_FramePool`): torch's
+        thread count (in this thread) when it is 2 to FRAME_WORKERS_MAX and Hiera's
+        stride-4 map of a frame is at most FRAME_WORKERS_MAP_BYTES; otherwise 1, one frame
+        at a time on all threads (also on accelerators, compiled, and under autocast,
+        which is per thread). `set_frame_workers` overrides the choice."""
+        if (
+            self.device.type != "cpu"
+            or self._compiled is not None
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return 1
+        if self._frame_workers is not None:
+            return self._frame_workers
+        threads = torch.get_num_threads()
+        side = self.image_size // 4
+        map_bytes = side * side * self.variant.embed_dim * 4
+        if 2 <= threads <= FRAME_WORKERS_MAX and map_bytes <= FRAME_WORKERS_MAP_BYTES:
+            return threads
+        return 1
+
+    def set_frame_workers(self, workers: int | None) -> None:
+        """Run `workers` frames at once on the CPU (1: one at a time); None: choose
+        (`frame_workers`)."""
+        if workers is not None and workers < 1:
+            raise ValueError(f"frame workers must be at least 1, got {workers}")
+        self._frame_workers = workers
+
+    def _map(self, fn: Callable[..., Any], *parts: Iterable[Any]) -> list[Any]:
+        """`[fn(*args) for args in zip(*parts)]`, frames side by side when `frame_workers`
+        is more than 1."""
+        workers = self.frame_workers
+        if workers == 1:
+            return [fn(*args) for args in zip(*parts, strict=True)]
+        threads = torch.get_num_threads()
+        pool = self._frame_pool
+        if pool is None or (pool.workers, pool.threads) != (workers, threads):
+            if pool is not None:
+                pool.close()
+            pool = self._frame_pool = _FramePool(self, workers, threads)
+        return pool.map(fn, *parts)
+
+    @property
     def feat_size(self) -> int:
         """Side of the stride-16 feature map, S/16."""
         return self.image_size // 16
@@ -201,9 +348,11 @@ class MemencModel(nn.Module):
             raise ValueError(f"frames must be [B, 3, {s}, {s}], got {tuple(frames.shape)}")
         encoder = self._compiled[0] if self._compiled else self.image_encoder
         # normalised a micro-batch at a time (elementwise: the same numbers), so on the CPU
-        # only one frame is ever held in float32 (12.6 MB at 1024, against 50 MB for a
-        # batch of 4 and twice that while it is normalised)
-        return torch.cat([encoder(self._normalize(part)) for part in self._split(frames)])
+        # only one frame per frame worker is ever held in float32 (12.6 MB at 1024, against
+        # 50 MB for a batch of 4 and twice that while it is normalised)
+        return torch.cat(
+            self._map(lambda part: encoder(self._normalize(part)), self._split(frames))
+        )
 
     def _normalize(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, 3, S, S]` -> float32 on the model's device, /255, ImageNet mean/std."""
@@ -273,30 +422,29 @@ class MemencModel(nn.Module):
             torch.sigmoid(logits) * self.variant.sigmoid_scale + self.variant.sigmoid_bias
         )
         encoder = self._compiled[1] if self._compiled else self.memory_encoder
-        features = torch.cat(
-            [
-                encoder(_reference_layout(pf), mm, self.frame_batch)  # [b, O, 64, h, w]
-                for pf, mm in zip(self._split(pix_feat), self._split(mask_for_mem))
-            ]
-        )
+        exact = self.frame_batch == 1  # the CPU: the reference's rounding
+
+        def frame(
+            pf: torch.Tensor, mm: torch.Tensor, *pointer_inputs: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            feats = encoder(_reference_layout(pf), mm, self.frame_batch)  # [b, O, 64, h, w]
+            if not pointer_inputs:
+                return feats, None
+            m01, present = pointer_inputs
+            return feats, object_pointers(self, _reference_layout(pf), m01, present, exact)
+
+        parts = [pix_feat, mask_for_mem]
+        if pointers:  # SAM 2's mask_inputs are the 0/1 masks: logits > 0
+            parts += [(logits > 0).to(torch.float32), scores > 0]
+        done = self._map(frame, *(self._split(x) for x in parts))
+        features = torch.cat([feats for feats, _ in done])
         if self.no_obj_embed_spatial is not None:
             absent = 1 - (scores > 0).to(features.dtype)  # [B, O]
             embed = self.no_obj_embed_spatial.to(features.dtype)  # [1, 64]
             features = features + absent[..., None, None, None] * embed[0, :, None, None]
         h, w = features.shape[-2:]
         pos_enc = self.position_encoding.encode(h, w, features.device).to(features.dtype)
-        obj_ptr = None
-        if pointers:  # SAM 2's mask_inputs are the 0/1 masks: logits > 0
-            masks01 = (logits > 0).to(torch.float32)
-            exact = self.frame_batch == 1  # the CPU: the reference's rounding
-            obj_ptr = torch.cat(
-                [
-                    object_pointers(self, _reference_layout(pf), m, p, exact)
-                    for pf, m, p in zip(
-                        self._split(pix_feat), self._split(masks01), self._split(scores > 0)
-                    )
-                ]
-            )
+        obj_ptr = torch.cat([ptr for _, ptr in done]) if pointers else None
         return MemoryOutput(
             features=features, pos_enc=pos_enc, object_score_logits=scores, obj_ptr=obj_ptr
         )
