@@ -6,7 +6,8 @@ Three stages overlap, joined by bounded queues so memory does not grow with the 
 
     decode thread   VideoSource batches (decoded in a child process) + the batch's masks
     main thread     image_features + encode_memory (memories and object pointers) on the
-                    device, results to host memory
+                    device, results to host memory (on the CPU at S <= 512 the model runs a
+                    batch's frames side by side on its frame workers, `MemencModel._map`)
     writer thread   whole frame-chunks into the store, each followed by its chunk_done marker
 
 `encode_video` is the coordinator: it plans the rows, creates or resumes the store, runs
