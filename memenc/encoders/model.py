@@ -107,9 +107,10 @@ class ImageEncoder(nn.Module):
 # a time, bit for bit.
 FRAME_WORKERS_MAX = 4
 # Each worker holds a frame's activations, which scale with Hiera's stride-4 map. Two
-# frames at once added ~370 MB at S=1024 (a 25 MB stride-4 map in float32, sam2.1 tiny),
-# so the workers run only where that map is at most this size: S=512 for tiny and
-# base_plus (6.3 and 7.3 MB) and the smaller sizes.
+# frames at once raised a process's peak from 798-831 MB to 1027-1146 MB at S=1024 (a
+# 25 MB stride-4 map in float32), and from 548 to 629 MB at 512 (sam2.1 tiny, 8 frames
+# in batches of 4 with 2 objects, maxrss, 2 runs and 1), so the workers run only where
+# that map is at most this size: S=512 for tiny and base_plus (6.3 and 7.3 MB) and below.
 FRAME_WORKERS_MAP_BYTES = 8 * 2**20
 
 
@@ -162,8 +163,8 @@ class _FramePool:
             torch.set_num_threads(1)
         elif wide is None:  # first time: do one and all threads give the same bits?
             x = args[0]
-            probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-            probe = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(probe)
+            probe = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+            probe.normal_(generator=torch.Generator().manual_seed(0))
             narrow = module.forward(probe)
             torch.set_num_threads(self.threads)
             try:
