@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from memenc.errors import StoreError, StoreLockedError
 from memenc.store import (
@@ -28,11 +28,14 @@ from memenc.store import (
     SCHEMA,
     CacheStore,
     StoreLayout,
+    chunkfiles,
     default_chunk_frames,
     fingerprint,
     open_cache,
     store_lock,
 )
+from memenc.store import writer as writer_module
+from memenc.store.chunkfiles import ChunkFiles
 from memenc.store.schema import LOCK_FILE
 
 T, OBJ, H, W, F = 10, 2, 4, 4, 3
@@ -81,6 +84,12 @@ def expected_features(store_dtype: str) -> np.ndarray:
     """[T, OBJ, 64, H, W] as the store should hold it (after the cast), as float32."""
     parts = [chunk_data(c, len(range(c * F, min(c * F + F, T))))[0] for c in range(4)]
     return np.concatenate(parts).astype(store_dtype).astype(np.float32)
+
+
+def chunk_file(path: Path, name: str, *coords: int) -> Path:
+    """The file of chunk ``coords`` of array ``name`` in the local store ``path``."""
+    key = zarr.open_array(path / name, mode="r").metadata.encode_chunk_key(coords)
+    return path / name / key
 
 
 def flip_bit(chunk_file: Path, bit: int) -> None:
@@ -232,8 +241,16 @@ def test_schema_dims_chunks_dtypes_and_checksums(written_store) -> None:
         assert str(array.dtype) == dtype, name
         assert any(isinstance(c, Crc32cCodec) for c in array.compressors), name
     np.testing.assert_array_equal(group["object_id"][:], OBJECT_IDS)
-    # Every frame-chunk marker lives in its own file, so workers never share a chunk.
-    assert sorted(p.name for p in (path / "chunk_done" / "c").iterdir()) == ["0", "1", "2", "3"]
+    # Every frame-chunk marker lives in its own file, so workers never share a chunk; chunk
+    # files sit side by side (``c.<i>…``), so writing a chunk creates no directories.
+    assert sorted(p.name for p in (path / "chunk_done").iterdir()) == [
+        "c.0",
+        "c.1",
+        "c.2",
+        "c.3",
+        "zarr.json",
+    ]
+    assert not [p for p in path.rglob("*") if p.is_dir() and p.parent != path]
 
 
 def test_store_without_tpos_enc(written_store) -> None:
@@ -391,12 +408,12 @@ def test_finalize_refuses_with_missing_chunks(written_store) -> None:
 
 def test_resume_keeps_written_chunks(written_store) -> None:
     path, _ = written_store(chunks=[0, 2], finalize=False)
-    chunk0 = (path / "maskmem_features" / "c" / "0" / "0" / "0" / "0" / "0").read_bytes()
+    chunk0 = chunk_file(path, "maskmem_features", 0, 0, 0, 0, 0).read_bytes()
 
     store = CacheStore.prepare(path, make_layout())
     assert store.status == "in_progress"
     assert store.pending_chunks() == [1, 3]
-    assert (path / "maskmem_features" / "c" / "0" / "0" / "0" / "0" / "0").read_bytes() == chunk0
+    assert chunk_file(path, "maskmem_features", 0, 0, 0, 0, 0).read_bytes() == chunk0
     write(store)
     store.finalize()
     cache = open_cache(path)
@@ -455,7 +472,7 @@ def test_interrupted_creation_is_redone(tmp_path: Path) -> None:
 def test_leftover_partial_files_are_removed(written_store) -> None:
     path, _ = written_store(chunks=[0], finalize=False)
     leftovers = [
-        path / "maskmem_features" / "c" / "1" / "0" / "0" / "0" / "0.3f2a9c.partial",
+        path / "maskmem_features" / "c.1.0.0.0.0.3f2a9c.partial",
         path / "zarr.77aa01.partial",
     ]
     for p in leftovers:
@@ -541,6 +558,78 @@ def test_workers_in_other_processes_fill_disjoint_chunks(tmp_path: Path) -> None
     want = expected_features("float16")
     for row in range(T):
         np.testing.assert_array_equal(cache.features(row, 7).numpy(), want[row, 1])
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {k: v for k, v in snapshot(path).items() if not k.endswith(LOCK_FILE)}
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("separator", [".", "/"])
+def test_chunk_files_are_the_bytes_zarr_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_dtype: str, separator: str
+) -> None:
+    """Local chunks go straight to their files (`ChunkFiles`); every file of the store,
+    the short last chunk's included, is what Zarr's own setitem writes. "/" is the nested
+    chunk keys of stores made before the flat ones."""
+    monkeypatch.setattr(
+        writer_module, "CHUNK_KEY_ENCODING", {"name": "default", "separator": separator}
+    )
+    direct_writes: list[str] = []
+    real_files = ChunkFiles.files
+
+    def counted(self: ChunkFiles, start: int, rows: np.ndarray):  # noqa: ANN202
+        direct_writes.append(self._array.path)
+        return real_files(self, start, rows)
+
+    monkeypatch.setattr(ChunkFiles, "files", counted)
+    direct = CacheStore.prepare(tmp_path / "direct.zarr", make_layout(store_dtype))
+    write(direct)
+    direct.finalize()
+    # 4 chunks x (features, scores, pointers, timestamps, marker)
+    assert sorted(set(direct_writes)) == sorted(
+        ["maskmem_features", "object_score_logits", "obj_ptr", "timestamp", "chunk_done"]
+    )
+    assert len(direct_writes) == 4 * 5
+
+    monkeypatch.setattr(ChunkFiles, "for_array", classmethod(lambda cls, root, array: None))
+    direct_writes.clear()
+    through_zarr = CacheStore.prepare(tmp_path / "zarr.zarr", make_layout(store_dtype))
+    write(through_zarr)
+    through_zarr.finalize()
+    assert direct_writes == []
+
+    want = _files(tmp_path / "zarr.zarr")
+    got = _files(tmp_path / "direct.zarr")
+    assert sorted(got) == sorted(want)
+    assert [k for k in want if want[k] != got[k]] == []
+    assert any(f"c{separator}3{separator}1{separator}" in k for k in got)  # the short chunk
+
+
+def test_chunk_files_step_aside_when_their_bytes_would_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A codec chain memenc does not encode itself, or a probe whose bytes differ from
+    Zarr's (here: a wrong checksum), sends the writes through Zarr: the store stays right."""
+    monkeypatch.setattr(chunkfiles, "_checked", {})
+    monkeypatch.setattr(chunkfiles, "_crc32c", lambda: lambda data: 0)
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    group = zarr.open_group(path, mode="r")
+    assert ChunkFiles.for_array(path, group["maskmem_features"]) is None
+    write(store)
+    store.finalize()
+    cache = open_cache(path)
+    for t in range(T):
+        np.testing.assert_array_equal(
+            cache.features(t, 7).numpy(), expected_features("float16")[t, 1]
+        )
+
+    other = zarr.create_array(
+        tmp_path / "zstd.zarr", shape=(6, 4), chunks=(3, 4), dtype="float32",
+        compressors=ZstdCodec(), zarr_format=3,
+    )  # fmt: skip
+    assert ChunkFiles.for_array(tmp_path / "zstd.zarr", other) is None
 
 
 # ----------------------------------------------------------------- paths that are not stores
@@ -643,7 +732,7 @@ def test_reader_on_in_progress_store_trusts_only_markers(written_store) -> None:
 
 def test_flipped_bit_is_detected_on_read(written_store) -> None:
     path, _ = written_store(make_layout("float32"))
-    flip_bit(path / "maskmem_features" / "c" / "1" / "0" / "0" / "0" / "0", 0x10)
+    flip_bit(chunk_file(path, "maskmem_features", 1, 0, 0, 0, 0), 0x10)
 
     cache = open_cache(path)
     with pytest.raises(StoreError, match="maskmem_features chunk 1 object 3 is damaged"):
@@ -656,7 +745,7 @@ def test_flipped_bit_is_detected_on_read(written_store) -> None:
 
 def test_damaged_small_array_fails_at_open(written_store) -> None:
     path, _ = written_store()
-    flip_bit(path / "maskmem_pos_enc" / "c" / "0" / "0" / "0", 0x01)
+    flip_bit(chunk_file(path, "maskmem_pos_enc", 0, 0, 0), 0x01)
     with pytest.raises(StoreError, match="damaged"):
         open_cache(path)
 

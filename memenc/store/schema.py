@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ARRAYS",
     "ATTRS_KEY",
+    "CHUNK_KEY_ENCODING",
     "COMPRESSORS",
     "LOCK_FILE",
     "MEM_DIM",
@@ -82,6 +83,13 @@ _STORE_DTYPE = "store"  # in ArraySpec.dtype: "the layout's store_dtype"
 # 100 MB/s on this project's 2-core machine, a fifth of an uncompressed write, for a 1.09
 # ratio; bit-shuffled LZ4 stored them smaller (1.12) at close to copy speed.
 COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec())
+
+# Chunk files named ``c.<i>.<j>…`` side by side in the array's directory, instead of
+# Zarr's default nested ``c/<i>/<j>/…``: a frame-chunk then creates no directories. With
+# the nested keys a 2-object chunk at S=512 made ten, and its write took 10.9 ms against
+# 8.2 ms (medians of 15, 2 cores). Both are Zarr v3's "default" chunk key encoding;
+# stores made before keep theirs (it is in their metadata).
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
 @dataclass(frozen=True)
