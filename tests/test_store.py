@@ -560,6 +560,39 @@ def test_workers_in_other_processes_fill_disjoint_chunks(tmp_path: Path) -> None
         np.testing.assert_array_equal(cache.features(row, 7).numpy(), want[row, 1])
 
 
+def test_writer_threads_sharing_one_store_write_what_one_thread_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer threads (two on CUDA) share one `CacheStore`, its `ChunkFiles` and the file
+    threads; chunks written by four threads at once, the first ones racing to set the
+    writers up, are the files one thread writes."""
+    monkeypatch.setattr(chunkfiles, "_checked", {})  # every thread finds no probe done
+    layout = make_layout()
+    alone = CacheStore.prepare(tmp_path / "alone.zarr", layout)
+    write(alone)
+    alone.finalize()
+    shared = CacheStore.prepare(tmp_path / "shared.zarr", layout)
+    start = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def worker(chunk: int) -> None:
+        try:
+            start.wait()
+            write(shared, [chunk])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failures == []
+    assert shared.pending_chunks() == []
+    shared.finalize()
+    assert _files(tmp_path / "shared.zarr") == _files(tmp_path / "alone.zarr")
+
+
 def _files(path: Path) -> dict[str, bytes]:
     return {k: v for k, v in snapshot(path).items() if not k.endswith(LOCK_FILE)}
 
