@@ -21,10 +21,10 @@ Compression where it pays: a chunk of 256 KiB or more is compressed (as Zarr wou
 when a 64 KiB sample of it, eight pieces spread over it, shrinks by at least 1/8 (ZFS
 keeps a block compressed by the same rule); otherwise it is stored as an uncompressed
 Blosc frame (the same header, its bytes copied), which every Blosc reader decodes. Blosc
-with bit-shuffle took 1.5-2.4 ms per 2 MB of float16 features on this project's 2-core
-machine, more than writing them (0.7-1.3 ms), and bought 7% on features of random
-weights; chunks of objects absent for most of their frames shrank 1.8×, and stay
-compressed.
+with bit-shuffle took 1.5-2.9 ms per 2 MB of float16 features on this project's 2-core
+machine, more than writing them (0.7-1.3 ms). What it buys depends on the features: 1.079×
+on one store's first chunk (random weights), 1.8× on the benchmark's 640×360 clip (random
+weights too, objects present); the latter stay compressed.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ __all__ = ["ChunkFiles", "write_file"]
 
 # Zarr's chunk files as they are written: the first bytes in a call of their own. On this
 # project's machine (Linux 6.18, ext4) one write() of exactly 2 MiB at offset 0 of a new
-# file took 7.2 ms against 1.5 ms for the same bytes in two calls (medians of 30): the
-# kernel then fills the file's first 2 MiB of page cache as one huge folio. np.save's
-# header has the same effect on its data.
+# file took 7.2 ms against 1.5 ms for the same bytes in two calls (medians of 30); 1 MiB,
+# 1.9 MB and split writes did not show it. Presumably the kernel then backs the file's
+# first 2 MiB of page cache with one huge folio (not verified). np.save writes its header
+# first, which has the same effect.
 _HEAD = 4096
 
 _checked: dict[str, bool] = {}  # array metadata JSON -> did the probe agree
@@ -155,8 +156,8 @@ def _zarr_copy(array: zarr.Array, shape: tuple[int, ...]) -> tuple[zarr.Array, d
 class ChunkFiles:
     """Writes whole frame-chunks of one array of a local store (dimension 0 is the frame).
 
-    Make it with `for_array`; `write_rows` writes every Zarr chunk in a run of rows that
-    starts on a chunk boundary and ends on one or at the array's end."""
+    Make it with `for_array`; `files` encodes every Zarr chunk of a run of rows that starts
+    on a chunk boundary and ends on one or at the array's end, for `write_file`."""
 
     def __init__(
         self,
@@ -269,16 +270,6 @@ class ChunkFiles:
         for first in range(start, stop, n):
             for key, data in self._encoded(first, rows[first - start : first - start + n]):
                 yield self._dir / key, data
-
-    def write_rows(self, start: int, rows: np.ndarray) -> None:
-        """Write rows ``start``… (whole frame-chunks) in this thread.
-
-        Raises:
-            ValueError: the rows do not cover whole frame-chunks.
-            OSError: a file could not be written (no file is left half-written).
-        """
-        for path, data in self.files(start, rows):
-            write_file(path, data)
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -79,10 +79,11 @@ _STORE_DTYPE = "store"  # in ArraySpec.dtype: "the layout's store_dtype"
 
 # Blosc (LZ4 over bit-shuffled values) for size, then CRC32C over the stored bytes: a
 # flipped bit fails the read. LZ4 rather than Zstd because the writer shares the cores
-# with the encoders: on float16 memories (random weights) Zstd level 1 took 6.7 ms per
-# 2 MB on this project's 2-core machine against 1.9 ms for LZ4, for a smaller ratio (1.070
-# against 1.079). Local chunks that would shrink by less than 1/8 are stored as
-# uncompressed Blosc frames instead (memenc/store/chunkfiles.py).
+# with the encoders: on float16 memories (random weights, bit-shuffled, 2 MB chunks) on this
+# project's 2-core machine Zstd level 1 took 5.8-6.7 ms a chunk against 1.9-2.9 ms for LZ4,
+# and stored them 1.070× against 1.079× on one clip, 2.09× against 1.81× on another. Local
+# chunks that would shrink by less than 1/8 are stored as uncompressed Blosc frames instead
+# (memenc/store/chunkfiles.py).
 COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec())
 
 # Chunk files named ``c.<i>.<j>…`` side by side in the array's directory, instead of

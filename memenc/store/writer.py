@@ -12,8 +12,8 @@ Who writes what (see RELIABILITY.md, Zarr section):
   share a Zarr chunk.
 - Resume trusts only the markers: a chunk never written reads as the fill value without
   error, so data without its marker is redone.
-- In a local store a worker's chunks go straight to their files (`ChunkFiles`: the bytes
-  Zarr would write, each through a ``*.partial`` file renamed into place), encoded in the
+- In a local store a worker's chunks go straight to their files (`ChunkFiles`: Zarr's
+  format, each through a ``*.partial`` file renamed into place), encoded in the
   calling thread while two shared threads write the chunks before; elsewhere, and for any
   array whose bytes `ChunkFiles` cannot vouch for, through Zarr.
 
@@ -68,9 +68,6 @@ from memenc.store.schema import (
 
 __all__ = ["CacheStore"]
 
-_CHUNK_DATA = ("maskmem_features", "object_score_logits", "obj_ptr", "timestamp")
-
-
 _file_writers_made: ThreadPoolExecutor | None = None
 _file_writers_lock = threading.Lock()
 
@@ -115,7 +112,7 @@ class CacheStore:
         # the bytes stored are the same.
         self._arrays = {name: _writing(group[name]) for name in SPECS if name in group}
         # Local stores: the chunks workers write go straight to their files (`ChunkFiles`),
-        # per array, once its probe showed the same bytes as Zarr's; set up on first write.
+        # per array, once its probes agreed with Zarr; set up on the first write.
         self._files: dict[str, ChunkFiles | None] | None = None
 
     # ---- making one
@@ -411,8 +408,8 @@ class CacheStore:
             root = self._loc.local
             self._files = {
                 name: None if root is None else ChunkFiles.for_array(root, self._arrays[name])
-                for name in (*_CHUNK_DATA, "chunk_done")
-                if name in self._arrays
+                for name, spec in SPECS.items()
+                if spec.written_by == "worker" and name in self._arrays
             }
         return self._files
 
