@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from memenc.errors import StoreError, StoreLockedError
 from memenc.store import (
@@ -598,16 +598,22 @@ def _files(path: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("store_dtype", ["float16", "float32"])
-@pytest.mark.parametrize("separator", [".", "/"])
+@pytest.mark.parametrize(("separator", "shuffle"), [(".", "shuffle"), ("/", "bitshuffle")])
 def test_chunk_files_are_the_bytes_zarr_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_dtype: str, separator: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store_dtype: str,
+    separator: str,
+    shuffle: str,
 ) -> None:
     """Local chunks go straight to their files (`ChunkFiles`); every file of the store,
-    the short last chunk's included, is what Zarr's own setitem writes. "/" is the nested
-    chunk keys of stores made before the flat ones."""
+    the short last chunk's included, is what Zarr's own setitem writes. "/" keys and
+    bit-shuffle are those of stores made before the flat keys and byte-shuffle."""
     monkeypatch.setattr(
         writer_module, "CHUNK_KEY_ENCODING", {"name": "default", "separator": separator}
     )
+    blosc = BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
+    monkeypatch.setattr(writer_module, "COMPRESSORS", (blosc, Crc32cCodec()))
     direct_writes: list[str] = []
     real_files = ChunkFiles.files
 
@@ -637,6 +643,8 @@ def test_chunk_files_are_the_bytes_zarr_writes(
     assert sorted(got) == sorted(want)
     assert [k for k in want if want[k] != got[k]] == []
     assert any(f"c{separator}3{separator}1{separator}" in k for k in got)  # the short chunk
+    stored = zarr.open_array(tmp_path / "direct.zarr" / "maskmem_features", mode="r")
+    assert stored.compressors[0].shuffle.value == shuffle
 
 
 def test_large_chunks_are_compressed_only_where_it_pays(

@@ -5,8 +5,9 @@ uncompressed (below).
 Why: `zarr.Array.__setitem__` costs about 2.5 ms a call on this project's 2-core machine
 before a byte is encoded (the trip to Zarr's event loop, its task fan-out and thread
 hops; a 1-byte ``chunk_done`` marker took 3.0 ms), and a frame-chunk is five such calls.
-Here a chunk is encoded in the calling thread with the array's own codec settings and
-written as Zarr's LocalStore writes it: to a ``*.partial`` temporary file in the chunk's
+Here a chunk is encoded with the array's own codec settings (by the store, in the thread
+that then writes it: a frame-chunk's chunks compress side by side) and written as
+Zarr's LocalStore writes it: to a ``*.partial`` temporary file in the chunk's
 directory, then renamed into place, so a killed writer leaves whole old or whole new
 chunks (RELIABILITY.md, Zarr).
 
@@ -22,13 +23,15 @@ when a 64 KiB sample of it, eight pieces spread over it, shrinks by at least 1/8
 keeps a block compressed by the same rule); otherwise it is stored as an uncompressed
 Blosc frame (the same header, its bytes copied), which every Blosc reader decodes. Blosc
 with bit-shuffle took 1.5-2.9 ms per 2 MB of float16 features on this project's 2-core
-machine, more than writing them (0.7-1.3 ms). What it buys depends on the features: 1.079×
-on one store's first chunk (random weights), 1.8× on the benchmark's 640×360 clip (random
-weights too, objects present); the latter stay compressed.
+machine (byte-shuffle, the schema's codec since, 1.4-1.9 ms), more than writing them
+(0.7-1.3 ms). What it buys depends on the features: with bit-shuffle 1.079× on one store's
+first chunk (random weights), 1.8× on the benchmark's 640×360 clip (random weights too,
+objects present; 1.69× with byte-shuffle); the latter stay compressed.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -241,8 +244,8 @@ class ChunkFiles:
             return False
         return True
 
-    def _encoded(self, start: int, rows: np.ndarray) -> Iterator[tuple[str, bytes]]:
-        """(chunk key, stored bytes) for each chunk of the frame-chunk starting at row
+    def _parts(self, start: int, rows: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """(chunk key, the chunk's values) for each chunk of the frame-chunk starting at row
         ``start``; ``rows`` holds its rows (fewer than a chunk at the array's end)."""
         n = self._chunks[0]
         c0 = start // n
@@ -256,20 +259,27 @@ class ChunkFiles:
                 whole = np.full(self._chunks, self._fill, dtype=self._array.dtype)
                 whole[tuple(slice(0, k) for k in part.shape)] = part
                 part = whole
-            yield self._key((c0, *coords)), self._encode(part)
+            yield self._key((c0, *coords)), part
 
-    def files(self, start: int, rows: np.ndarray) -> Iterator[tuple[Path, bytes]]:
-        """(file, bytes) of every chunk of rows ``start``…, encoded one by one as the
-        iterator is advanced, for `write_file`. The rows must be whole frame-chunks (the
-        last may end at the array's end)."""
+    def _encoded(self, start: int, rows: np.ndarray) -> Iterator[tuple[str, bytes]]:
+        """(chunk key, stored bytes) for each chunk of the frame-chunk starting at ``start``."""
+        for key, part in self._parts(start, rows):
+            yield key, self._encode(part)
+
+    def files(self, start: int, rows: np.ndarray) -> Iterator[tuple[Path, Callable[[], bytes]]]:
+        """(file, a call that returns its bytes) for every chunk of rows ``start``…, for
+        `write_file`: the caller runs the encodings where it likes (the store runs each in
+        the thread that writes its file, so a frame-chunk's chunks compress side by side).
+        The rows must be whole frame-chunks (the last may end at the array's end), and must
+        not change until every call has returned."""
         n = self._chunks[0]
         stop = start + len(rows)
         if start % n or (stop % n and stop != self._shape[0]) or stop > self._shape[0]:
             raise ValueError(f"rows {start}:{stop} are not whole chunks of {n} frames")
         rows = np.asarray(rows, dtype=self._array.dtype)
         for first in range(start, stop, n):
-            for key, data in self._encoded(first, rows[first - start : first - start + n]):
-                yield self._dir / key, data
+            for key, part in self._parts(first, rows[first - start : first - start + n]):
+                yield self._dir / key, functools.partial(self._encode, part)
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -77,14 +77,18 @@ _OWNED_KEYS = ("schema", "memenc_version", "status", "fingerprint", "storage_dty
 _CHUNK_FRAMES = -1  # in ArraySpec.chunking: "this dimension is chunked by F frames"
 _STORE_DTYPE = "store"  # in ArraySpec.dtype: "the layout's store_dtype"
 
-# Blosc (LZ4 over bit-shuffled values) for size, then CRC32C over the stored bytes: a
+# Blosc (LZ4 over byte-shuffled values) for size, then CRC32C over the stored bytes: a
 # flipped bit fails the read. LZ4 rather than Zstd because the writer shares the cores
 # with the encoders: on float16 memories (random weights, bit-shuffled, 2 MB chunks) on this
 # project's 2-core machine Zstd level 1 took 5.8-6.7 ms a chunk against 1.9-2.9 ms for LZ4,
-# and stored them 1.070× against 1.079× on one clip, 2.09× against 1.81× on another. Local
-# chunks that would shrink by less than 1/8 are stored as uncompressed Blosc frames instead
-# (memenc/store/chunkfiles.py).
-COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec())
+# and stored them 1.070× against 1.079× on one clip, 2.09× against 1.81× on another.
+# Byte-shuffle rather than bit-shuffle: on the benchmark clip's features (640×360 at 512,
+# randn·0.1 weights) LZ4 stored them 1.69× against 1.83× in 1.8 ms a 2 MB chunk against
+# 3.0-4.2 ms (1.85× against 2.08× at 1024, 1.4 against 2.6 ms), and compressing was most of
+# a frame-chunk's write (3-4 ms of 6-8 ms). Stores made before keep bit-shuffle (it is in
+# their metadata). Local chunks that would shrink by less than 1/8 are stored as
+# uncompressed Blosc frames instead (memenc/store/chunkfiles.py).
+COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec())
 
 # Chunk files named ``c.<i>.<j>…`` side by side in the array's directory, instead of
 # Zarr's default nested ``c/<i>/<j>/…``: a frame-chunk then creates no directories. With
