@@ -291,3 +291,36 @@ def test_frame_without_mask_is_an_error_unless_skipped(tmp_path, clip):
     assert not (tmp_path / "a.zarr").exists()
     encode_video(video, out=tmp_path / "b.zarr", skip_unmasked=True, **kw)
     assert open_cache(tmp_path / "b.zarr").frame_index.tolist() == [f for f in range(T) if f != 5]
+
+
+def test_decoder_process_ends_once_every_frame_is_read(tmp_path, clip, monkeypatch):
+    """The video's decoder process is closed as soon as the last frame is read, not when
+    the run ends: the last batch's compute waits (up to 20 s) for it to be gone, which
+    it never is when the decoder lives until `encode_video` returns."""
+    import multiprocessing
+    import time
+
+    from memenc.encoders.model import MemencModel
+
+    video, masks, _ = clip
+    real = MemencModel.encode_memory
+    alive: list[int] = []
+
+    def encode_memory(self, *args, **kwargs):
+        decoders = multiprocessing.active_children()
+        alive.append(len(decoders))
+        if len(alive) == T:  # the last batch: its frames were read long ago
+            deadline = time.monotonic() + 20
+            while multiprocessing.active_children() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            alive.append(len(multiprocessing.active_children()))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemencModel, "encode_memory", encode_memory)
+    done = encode_video(
+        video, masks=masks, weights="random", image_size=64, batch_size=1, out=tmp_path / "s.zarr"
+    )
+    assert done.chunks_written == done.chunks_total
+    assert alive[0] >= 1, "the decoder process was not running while frames were decoded"
+    assert alive[-1] == 0, "the decoder process outlived the reading of the last frame"
+    assert len(open_cache(tmp_path / "s.zarr").frame_index) == T

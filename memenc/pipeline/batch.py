@@ -548,6 +548,7 @@ def run_unit(
                     progress=progress,
                     decoders=decoders,
                     spares=spares,
+                    decoded_all=lambda: (source.close(), masks.close()),
                 )
             finally:
                 masks.close()

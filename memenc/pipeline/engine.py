@@ -675,6 +675,7 @@ def run_chunks(
     decoders: int = 1,
     spares: SpareSources | None = None,
     writers: int | None = None,
+    decoded_all: Callable[[], None] | None = None,
 ) -> int:
     """Compute and write `chunks` of an existing store (one work unit).
 
@@ -686,6 +687,10 @@ def run_chunks(
     others are `spares` started earlier, or opened on its path; all closed before this
     returns); the chunks then finish in any order, about one per group being filled at
     a time.
+    `decoded_all()`, when given, is called in the decode thread once every frame and mask
+    has been read, while the last batches are still computed: the caller closes its video
+    and mask sources there, so their decoder processes do not outlive their work (at 1024 a
+    decoder process held 115 MB through the computing of a 6-frame clip).
     `progress(n)` is called with the frames finished by each batch. `chunks` may be in any
     order and repeat a chunk; each is computed once, in order (within each decoder's
     group when K > 1). Returns the number of chunks written. Raises UsageError for a
@@ -750,6 +755,8 @@ def run_chunks(
             for batch_rows, batch in batches:
                 m = masks.read_to(batch.frame_index.tolist(), model.device)
                 _put(decoded, (batch_rows, batch, m), stop)
+        if decoded_all is not None and not stop.is_set():
+            decoded_all()
         _put(decoded, _DONE, stop)
 
     written = 0
@@ -1044,6 +1051,7 @@ def encode_video(
                 progress=on_batch,
                 decoders=k_decoders,
                 spares=spares,
+                decoded_all=lambda: (source.close(), mask_source.close()),
             )
             store.finalize()
             seconds = time.monotonic() - t0
