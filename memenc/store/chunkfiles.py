@@ -38,6 +38,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,27 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 
 __all__ = ["ChunkFiles", "write_file"]
+
+_writers_made: ThreadPoolExecutor | None = None
+_writers_lock = threading.Lock()
+
+
+def _writers() -> ThreadPoolExecutor:
+    """The threads that encode and write chunk files, shared by every store of the
+    process: one per core, 2 to 8 (Blosc and file writes release the GIL, so a
+    frame-chunk's object chunks compress side by side)."""
+    global _writers_made
+    with _writers_lock:
+        if _writers_made is None:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cores = os.cpu_count() or 2
+            _writers_made = ThreadPoolExecutor(
+                min(8, max(2, cores)), thread_name_prefix="memenc-chunk-file"
+            )
+        return _writers_made
+
 
 # Zarr's chunk files as they are written: the first bytes in a call of their own. On this
 # project's machine (Linux 6.18, ext4) one write() of exactly 2 MiB at offset 0 of a new
@@ -280,6 +302,19 @@ class ChunkFiles:
         for first in range(start, stop, n):
             for key, part in self._parts(first, rows[first - start : first - start + n]):
                 yield self._dir / key, functools.partial(self._encode, part)
+
+    def submit(self, start: int, rows: np.ndarray) -> list[Future[None]]:
+        """Encode and write every chunk of rows ``start``… (as `files`), each in one of the
+        shared writer threads; the futures finish when the files are in place. The rows
+        must not change until then."""
+        pool = _writers()
+        return [
+            pool.submit(_encode_and_write, path, encode) for path, encode in self.files(start, rows)
+        ]
+
+
+def _encode_and_write(path: Path, encode: Callable[[], bytes]) -> None:
+    write_file(path, encode())
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -27,11 +27,9 @@ import asyncio
 import contextlib
 import json
 import os
-import threading
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -40,7 +38,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from memenc.errors import StoreError
 from memenc.pipeline.faults import kill_point
-from memenc.store.chunkfiles import ChunkFiles, write_file
+from memenc.store.chunkfiles import ChunkFiles
 from memenc.store.location import (
     Location,
     check_memenc_location,
@@ -68,30 +66,6 @@ from memenc.store.schema import (
 )
 
 __all__ = ["CacheStore"]
-
-_file_writers_made: ThreadPoolExecutor | None = None
-_file_writers_lock = threading.Lock()
-
-
-def _file_writers() -> ThreadPoolExecutor:
-    """The threads that encode and write chunk files, shared by every store of the
-    process: one per core, 2 to 8 (Blosc and file writes release the GIL, so a
-    frame-chunk's object chunks compress side by side)."""
-    global _file_writers_made
-    with _file_writers_lock:
-        if _file_writers_made is None:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except (AttributeError, OSError):
-                cores = os.cpu_count() or 2
-            _file_writers_made = ThreadPoolExecutor(
-                min(8, max(2, cores)), thread_name_prefix="memenc-chunk-file"
-            )
-        return _file_writers_made
-
-
-def _encode_and_write(path: Path, encode: Callable[[], bytes]) -> None:
-    write_file(path, encode())
 
 
 def _writing(array: zarr.Array) -> zarr.Array:
@@ -427,7 +401,7 @@ class CacheStore:
 
     def _set_together(self, sel: slice, data: dict[str, np.ndarray]) -> None:
         """Write each array's rows `sel`: straight to the chunk files where `ChunkFiles`
-        can (each chunk encoded and written in one of `_file_writers`), the rest in one
+        can (each chunk encoded and written in one of its shared threads), the rest in one
         trip to Zarr's event loop, those arrays concurrently. Returns once all are
         written; raises the first error after every write has finished or failed."""
         files = self._direct()
@@ -438,8 +412,7 @@ class CacheStore:
             for name, value in data.items():
                 writer = files.get(name)
                 if writer is not None:
-                    for path, encode in writer.files(sel.start, value):
-                        jobs.append(_file_writers().submit(_encode_and_write, path, encode))
+                    jobs += writer.submit(sel.start, value)
         finally:
             for job in jobs:
                 exc = job.exception()
