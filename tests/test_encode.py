@@ -305,15 +305,18 @@ def test_decoder_process_ends_once_every_frame_is_read(tmp_path, clip, monkeypat
     video, masks, _ = clip
     real = MemencModel.encode_memory
     alive: list[int] = []
+    before = set(multiprocessing.active_children())  # any other test's, left alone
+
+    def ours() -> int:
+        return len(set(multiprocessing.active_children()) - before)
 
     def encode_memory(self, *args, **kwargs):
-        decoders = multiprocessing.active_children()
-        alive.append(len(decoders))
+        alive.append(ours())
         if len(alive) == T:  # the last batch: its frames were read long ago
             deadline = time.monotonic() + 20
-            while multiprocessing.active_children() and time.monotonic() < deadline:
+            while ours() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            alive.append(len(multiprocessing.active_children()))
+            alive.append(ours())
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MemencModel, "encode_memory", encode_memory)
