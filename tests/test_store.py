@@ -917,3 +917,32 @@ def test_reader_sees_rows_finished_after_it_opened(written_store) -> None:
     assert np.isnan(cache.timestamps[6:9]).all()  # chunk 2 is still pending
     np.testing.assert_allclose(cache.timestamps[9], 9 / 24.0)
     assert cache.features(4, OBJECT_IDS[0]).shape == (64, H, W)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_chunk_file_threads_are_made_again_in_a_forked_child(tmp_path: Path) -> None:
+    """A process forked after the shared chunk-file threads exist gets threads of its own:
+    the parent's pool would take the child's jobs and never run them."""
+    import concurrent.futures
+
+    path = tmp_path / "s.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store, [0])  # the parent's chunk-file threads exist from here
+    files = ChunkFiles.for_array(path, zarr.open_group(path, mode="r+")["obj_ptr"])
+    assert files is not None
+    rows = chunk_data(1, F)[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # the child: no pytest, no assertions, only an exit status
+        status = 3
+        try:
+            jobs = files.submit(F, rows)
+            done, pending = concurrent.futures.wait(jobs, timeout=20)
+            status = 0 if not pending and all(j.exception() is None for j in done) else 4
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    stored = zarr.open_array(path / "obj_ptr", mode="r")[F : 2 * F]
+    np.testing.assert_array_equal(stored, rows)
