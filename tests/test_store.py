@@ -946,3 +946,34 @@ def test_chunk_file_threads_are_made_again_in_a_forked_child(tmp_path: Path) -> 
     assert os.waitstatus_to_exitcode(status) == 0
     stored = zarr.open_array(path / "obj_ptr", mode="r")[F : 2 * F]
     np.testing.assert_array_equal(stored, rows)
+
+
+def test_a_failed_chunk_file_is_raised_only_after_the_others_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one chunk file fails with an error that is not an OSError, `write_chunk`
+    still waits for the chunk's other files before raising, and sets no marker."""
+    import time
+
+    import memenc.store.chunkfiles as chunkfiles_module
+
+    store = CacheStore.prepare(tmp_path / "s.zarr", make_layout())
+    write(store, [0])  # the probes ran: from here the direct writes go through write_file
+    real = chunkfiles_module.write_file
+    finished: list[str] = []
+
+    def write_file(path: Path, data: bytes) -> None:
+        if path.parent.name == "maskmem_features" and path.name.startswith("c.1.0."):
+            raise RuntimeError("encoder bug")
+        time.sleep(0.2)
+        real(path, data)
+        finished.append(path.parent.name)
+
+    monkeypatch.setattr(chunkfiles_module, "write_file", write_file)
+    with pytest.raises(RuntimeError, match="encoder bug"):
+        store.write_chunk(1, *chunk_data(1, F))
+    # object 1's features, scores, pointers and timestamps: all written before the raise
+    assert sorted(finished) == sorted(
+        ["maskmem_features", "object_score_logits", "obj_ptr", "timestamp"]
+    )
+    assert store.pending_chunks() == [1, 2, 3]

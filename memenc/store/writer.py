@@ -13,9 +13,9 @@ Who writes what (see RELIABILITY.md, Zarr section):
 - Resume trusts only the markers: a chunk never written reads as the fill value without
   error, so data without its marker is redone.
 - In a local store a worker's chunks go straight to their files (`ChunkFiles`: Zarr's
-  format, each through a ``*.partial`` file renamed into place), encoded in the
-  calling thread while two shared threads write the chunks before; elsewhere, and for any
-  array whose bytes `ChunkFiles` cannot vouch for, through Zarr.
+  format, each through a ``*.partial`` file renamed into place), each chunk encoded and
+  written in one of a shared pool of threads (one per core, 2 to 8); elsewhere, and for
+  any array whose bytes `ChunkFiles` cannot vouch for, through Zarr.
 
 Paths are local directories, ``file://`` URLs or fsspec URLs (``s3://…``); the write lock
 exists only for local paths (see `store_lock`).
@@ -29,6 +29,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Future
 from typing import Any
 
@@ -414,6 +415,7 @@ class CacheStore:
                 if writer is not None:
                     jobs += writer.submit(sel.start, value)
         finally:
+            futures.wait(jobs)  # every file finished or failed before anything is raised
             for job in jobs:
                 exc = job.exception()
                 if isinstance(exc, OSError):
