@@ -3,6 +3,7 @@ outlasts its budget: benchmarks/gpu.sh runs it once, inside a fixed device budge
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -106,3 +107,20 @@ def test_a_runs_k_reaches_the_memenc_command(tmp_path):
     cmd = bench.memenc_cmd(inp, tmp_path / "o.zarr", "cuda", "bf16", False, 4)
     assert cmd[cmd.index("--decoders") + 1] == "4" and "--compile" not in cmd
     assert "--decoders" not in bench.memenc_cmd(inp, tmp_path / "o.zarr", "cpu", "fp32", True, None)
+
+
+def test_compute_alone_times_the_engines_calls_and_writes_its_table(tmp_path):
+    """benchmarks/compute.py on the CPU: host time is timed inside wall time, the
+    throughput is the batch over wall time, and there is no CUDA graph row to report."""
+    from benchmarks import compute
+
+    assert compute.main(["--device", "cpu", "--image-size", "256", "--batch-size", "2",
+                         "--precisions", "fp32", "--repeats", "2", "--warmup", "1",
+                         "--out", str(tmp_path)]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "compute.json").read_text())
+    (row,) = result["rows"]
+    assert row["precision"] == "fp32" and 0 < row["host_s"] <= row["wall_s"]
+    assert row["frames_per_s"] == pytest.approx(2 / row["wall_s"])
+    assert "graph_replay_s" not in row
+    md = (tmp_path / "compute.md").read_text()
+    assert "S=256, batches of 2, cpu" in md and "| fp32 |" in md and "| – | – |" in md
