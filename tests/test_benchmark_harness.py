@@ -124,3 +124,15 @@ def test_compute_alone_times_the_engines_calls_and_writes_its_table(tmp_path):
     assert "graph_replay_s" not in row
     md = (tmp_path / "compute.md").read_text()
     assert "S=256, batches of 2, cpu" in md and "| fp32 |" in md and "| – | – |" in md
+
+
+def test_the_stages_run_in_the_engines_batches_for_the_device():
+    """The stages measured alone use the batch `memenc encode` uses on that device (on CUDA
+    the compute stage in batches of 4 ran at half the speed of the engine's 16)."""
+    import torch
+
+    from memenc.pipeline.engine import default_batch_size
+
+    for device in ("cpu", "cuda"):
+        assert bench.stage_batch(device) == default_batch_size(torch.device(device))
+    assert bench.stage_batch("cuda") > bench.stage_batch("cpu")
