@@ -884,7 +884,12 @@ def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> N
     with np.load(dump) as arrays:
         features, pointers, score_arr = arrays["features"], arrays["pointers"], arrays["scores"]
     # write-only: the chunks of the memenc fp32 store's layout, into fresh stores
-    done = next(tmp.glob(f"{c.name.replace(' ', '_')}_memenc_fp32*.zarr"))
+    made = sorted(tmp.glob(f"{c.name.replace(' ', '_')}_memenc_fp32*.zarr"))
+    if not made:  # `--only stages`: no whole run made that store, so make it here
+        made = [tmp / f"{c.name.replace(' ', '_')}_memenc_fp32_for_stages.zarr"]
+        timed_process(memenc_cmd(inp, made[0], device, "fp32", False, None),
+                      gpu=device.startswith("cuda"), timeout=DEADLINE.timeout())  # fmt: skip
+    done = made[0]
     group, _ = open_existing(Location(str(done)), "r")
     layout = layout_from_group(group, Location(str(done)))
     npsave = tmp / "npsave"
@@ -918,9 +923,9 @@ def stages(res: Results, inp: Inputs, suite: Suite, device: str, tmp: Path) -> N
         shutil.rmtree(path)
         shutil.rmtree(npsave)
     n_compute = len(res.m(f"{key}/compute").samples)
-    res.say(f"### Stages alone: {c.name} ({c.frames} frames, S={c.image_size}, {device}, fp32; "
-            f"medians of {suite.repeats}; compute: {n_compute}, from the whole-run rotation "
-            "when it ran there)")  # fmt: skip
+    res.say(f"### Stages alone: {c.name} ({c.frames} frames, S={c.image_size}, {device}, fp32, "
+            f"batches of {batch}; medians of {suite.repeats}; compute: {n_compute}, from the "
+            "whole-run rotation when it ran there)")  # fmt: skip
     res.say("")
     res.say("| stage | seconds | frames/s |")
     res.say("|---|---:|---:|")
