@@ -136,3 +136,24 @@ def test_the_stages_run_in_the_engines_batches_for_the_device():
     for device in ("cpu", "cuda"):
         assert bench.stage_batch(device) == default_batch_size(torch.device(device))
     assert bench.stage_batch("cuda") > bench.stage_batch("cpu")
+
+
+def test_the_stages_run_alone_without_the_whole_runs(tmp_path):
+    """`--only stages`: no whole run has made the memenc fp32 store whose layout the
+    write-only stage copies, so the stages make it (it failed with StopIteration)."""
+    case = bench.Case("stages only", "sam2.1_hiera_tiny", 256, 4, ("memenc fp32",), 1,
+                      width=96, height=64)  # fmt: skip
+    suite = bench.Suite(cases=(case,), decoders=(1,), micro_size=256,
+                        micro_variant=case.variant, repeats=1, stages_case=case.name)  # fmt: skip
+    inp = bench.make_inputs(tmp_path, case, have_reference=False)
+    res = bench.Results(None)
+    bench.stages(res, inp, suite, "cpu", tmp_path)
+    key = f"stages/{case.name}"
+    for stage in ("decode K=1", "compute", "write"):
+        assert len(res.m(f"{key}/{stage}").samples) == 1, stage
+    assert res.m(f"{key}/write MB/s").median > 0
+    (made,) = tmp_path.glob("stages_only_memenc_fp32*.zarr")
+    assert json.loads((made / "zarr.json").read_text())["attributes"]["memenc"]["status"] == (
+        "complete"
+    )
+    assert any("fp32, batches of 4" in line for line in res.lines)
