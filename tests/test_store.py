@@ -955,11 +955,9 @@ def test_a_failed_chunk_file_is_raised_only_after_the_others_finish(
     still waits for the chunk's other files before raising, and sets no marker."""
     import time
 
-    import memenc.store.chunkfiles as chunkfiles_module
-
     store = CacheStore.prepare(tmp_path / "s.zarr", make_layout())
     write(store, [0])  # the probes ran: from here the direct writes go through write_file
-    real = chunkfiles_module.write_file
+    real = chunkfiles.write_file
     finished: list[str] = []
 
     def write_file(path: Path, data: bytes) -> None:
@@ -969,7 +967,7 @@ def test_a_failed_chunk_file_is_raised_only_after_the_others_finish(
         real(path, data)
         finished.append(path.parent.name)
 
-    monkeypatch.setattr(chunkfiles_module, "write_file", write_file)
+    monkeypatch.setattr(chunkfiles, "write_file", write_file)
     with pytest.raises(RuntimeError, match="encoder bug"):
         store.write_chunk(1, *chunk_data(1, F))
     # object 1's features, scores, pointers and timestamps: all written before the raise

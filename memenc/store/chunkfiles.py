@@ -57,15 +57,14 @@ def _writers() -> ThreadPoolExecutor:
     """The threads that encode and write chunk files, shared by every store of the
     process: one per core, 2 to 8 (Blosc and file writes release the GIL, so a
     frame-chunk's object chunks compress side by side)."""
+    # on first use: that module loads the video decoding the store itself does not need
+    from memenc.pipeline.decoders import available_cores
+
     global _writers_made
     with _writers_lock:
         if _writers_made is None:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except (AttributeError, OSError):
-                cores = os.cpu_count() or 2
             _writers_made = ThreadPoolExecutor(
-                min(8, max(2, cores)), thread_name_prefix="memenc-chunk-file"
+                min(8, max(2, available_cores())), thread_name_prefix="memenc-chunk-file"
             )
         return _writers_made
 
