@@ -532,7 +532,9 @@ def stage_batch(device: str) -> int:
     """Frames per batch in the stages measured alone (decode, compute): the engine's
     default for the device (4 on the CPU, 16 on CUDA), so a stage runs as in `memenc
     encode`. (It was 4 everywhere: on the H200 the compute stage then measured 45.6
-    frames/s in fp32, against 94 at the engine's 16.)"""
+    frames/s in fp32, while `benchmarks/compute.py` timed the encoders alone, without
+    this stage's host copies, at 94 frames/s in batches of 16; the stage itself has not
+    been timed at 16 yet.)"""
     import torch
 
     from memenc.pipeline.engine import default_batch_size

@@ -127,8 +127,8 @@ def test_compute_alone_times_the_engines_calls_and_writes_its_table(tmp_path):
 
 
 def test_the_stages_run_in_the_engines_batches_for_the_device():
-    """The stages measured alone use the batch `memenc encode` uses on that device (on CUDA
-    the compute stage in batches of 4 ran at half the speed of the engine's 16)."""
+    """The stages measured alone use the batch `memenc encode` uses on that device (they
+    used 4 everywhere, and on CUDA the engine runs 16)."""
     import torch
 
     from memenc.pipeline.engine import default_batch_size
