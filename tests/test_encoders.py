@@ -449,3 +449,40 @@ def test_the_model_holds_the_checkpoints_tensors_not_copies(ref_checkpoint, monk
     bias = params["obj_ptr_proj.layers.0.bias"]
     assert bias.dtype == torch.float32 and "obj_ptr_proj.layers.0.bias" not in same
     assert torch.equal(bias, loaded["obj_ptr_proj.layers.0.bias"].float())
+
+
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map the file ``path`` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_zip_checkpoints_weights_stay_in_the_file_and_a_legacy_one_still_loads(
+    ref_checkpoint, tmp_path
+):
+    """An official (zip-format) checkpoint is memory-mapped: every parameter of the loaded
+    model lies in a mapping of the checkpoint file, not on the heap. A legacy-format file
+    (which torch cannot map) loads through a plain read, to the same weights."""
+    _, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    model = load_model(path, image_size=256)
+    ranges = _mapped_from(path.resolve())
+    assert ranges, "the checkpoint file is not mapped"
+    params = dict(model.named_parameters())
+    outside = [
+        k for k, p in params.items() if not any(lo <= p.data_ptr() < hi for lo, hi in ranges)
+    ]
+    assert outside == []
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy)
+    again = load_model(legacy, image_size=256)
+    assert _mapped_from(legacy.resolve()) == []
+    for k, p in dict(again.named_parameters()).items():
+        assert torch.equal(p, params[k]), k
