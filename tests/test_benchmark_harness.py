@@ -152,6 +152,9 @@ def test_the_stages_run_alone_without_the_whole_runs(tmp_path):
     for stage in ("decode K=1", "compute", "write"):
         assert len(res.m(f"{key}/{stage}").samples) == 1, stage
     assert res.m(f"{key}/write MB/s").median > 0
+    # one repeat: the throughput over the pairs is np.save's MB/s over Zarr's
+    throughput = res.m(f"{key}/write MB/s").median / res.m(f"{key}/np.save MB/s").median
+    assert res.ratios[f"{key}/zarr_over_npsave_throughput"] == pytest.approx(throughput)
     (made,) = tmp_path.glob("stages_only_memenc_fp32*.zarr")
     assert json.loads((made / "zarr.json").read_text())["attributes"]["memenc"]["status"] == (
         "complete"
