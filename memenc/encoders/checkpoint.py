@@ -189,12 +189,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     A zip-format file (every official one) is memory-mapped rather than read: its tensors
     are views of the file's pages, which the model then takes as its own (`assign=True`),
     so the weights never pass through the heap, and the keys memenc does not use (memory
-    attention, the mask decoder's other heads) are never read at all. Measured on the
-    benchmark's short clip at 1024 (sam2.1 tiny, whole `memenc encode`, three alternating
-    runs each): the process tree's peak RSS fell from 825-860 to 819-829 MB, at the same
-    speed. The pages are the file's: a checkpoint overwritten in place while memenc runs
-    is not supported (the downloader renames a finished file into place, as does any
-    careful copy). Neither way checks the zip's CRCs: the store records the file's SHA-256."""
+    attention, the mask decoder's other heads) are never read at all. Measured for sam2.1
+    tiny at 1024 on this project's 2-core machine: right after `load_model` the process
+    holds 244 MB (heap 221 MB, 90 MB of it live) against 393 MB (heap 370, 213 live) when
+    the file is read. A CPU run's peak is another matter: it comes later, from the image
+    encoder's activations, which now grow the heap instead of filling what the load left
+    free, and it did not change measurably (short clip: 838-889 MB in the benchmark's
+    three runs, 825-860 MB before). The pages are the file's: a checkpoint overwritten in
+    place while memenc runs is not supported (the downloader renames a finished file into
+    place, as does any careful copy). Neither way checks the zip's CRCs: the store
+    records the file's SHA-256."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # torch.load raises many types for damaged or foreign files
