@@ -26,7 +26,8 @@ clip: generated 1280×720 H.264 with two moving objects and PNG label masks):
   (`image_features` + `encode_memory` on decoded frames and read masks), write-only
   (`CacheStore.write_chunk` of the computed chunks into a fresh store), and the end-to-end
   run against the slowest of them.
-- Zarr against `np.save` for the same bytes (each chunk's stored features, interleaved).
+- Zarr against `np.save` for the same bytes (each chunk's stored features, interleaved):
+  the median of the chunks' ratios, and the same pairs as one throughput.
 - bf16: memenc's `--precision bf16` run against the reference's fp32 loop, and the relative
   L2 distance of its stored features from the fp32 store's.
 """
