@@ -195,10 +195,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     the file is read. A CPU run's peak is another matter: it comes later, from the image
     encoder's activations, which now grow the heap instead of filling what the load left
     free, and it did not change measurably (short clip: 838-889 MB in the benchmark's
-    three runs, 825-860 MB before). The pages are the file's: a checkpoint overwritten in
-    place while memenc runs is not supported (the downloader renames a finished file into
-    place, as does any careful copy). Neither way checks the zip's CRCs: the store
-    records the file's SHA-256."""
+    three runs, 825-860 MB before). Processes on one machine that load the same file
+    (several `memenc batch` workers, for one) share its pages: two processes that had each
+    run a frame held 103 MB of it each, a proportional share of 51 MB, where a read file
+    is a private copy in each. The pages are the file's: a checkpoint overwritten in place
+    while memenc runs is not supported (the downloader renames a finished file into place,
+    as does any careful copy). Neither way checks the zip's CRCs: the store records the
+    file's SHA-256."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # torch.load raises many types for damaged or foreign files
