@@ -160,3 +160,22 @@ def test_the_stages_run_alone_without_the_whole_runs(tmp_path):
         "complete"
     )
     assert any("fp32, batches of 4" in line for line in res.lines)
+
+
+def test_the_load_benchmark_shows_the_mapping_keeps_the_weights_off_the_heap(ref_checkpoint):
+    """benchmarks/load.py at 256: right after `load_model`, reading the file leaves at least
+    half the model's weight bytes more in the heap than mapping it does, and two processes
+    that map it share its pages (each one's proportional share is under its resident
+    part)."""
+    from benchmarks import load as load_bench
+    from memenc.encoders import load_model
+
+    _, path = ref_checkpoint("sam2.1_hiera_tiny", 256)
+    weights_mb = sum(p.nbytes for p in load_model(path, image_size=256).parameters()) / 2**20
+    got = load_bench.measure(path, 256, rounds=1)
+    assert got["read"]["heap_mb"] - got["mapped"]["heap_mb"] > weights_mb / 2
+    assert got["read"]["live_mb"] - got["mapped"]["live_mb"] > weights_mb / 2
+    for share in got["pair"]:
+        assert share["mapped_rss_mb"] > weights_mb / 2
+        assert share["mapped_pss_mb"] < 0.75 * share["mapped_rss_mb"]
+    assert "| mapped |" in load_bench.table(got, path, 256, 1)

@@ -189,16 +189,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     A zip-format file (every official one) is memory-mapped rather than read: its tensors
     are views of the file's pages, which the model then takes as its own (`assign=True`),
     so the weights never pass through the heap, and the keys memenc does not use (memory
-    attention, the mask decoder's other heads) are never read at all. Measured for sam2.1
-    tiny at 1024 on this project's 2-core machine: right after `load_model` the process
-    holds 244 MB (heap 221 MB, 90 MB of it live) against 393 MB (heap 370, 213 live) when
-    the file is read. A CPU run's peak is another matter: it comes later, from the image
-    encoder's activations, which now grow the heap instead of filling what the load left
-    free, and it did not change measurably (short clip: 838-889 MB in the benchmark's
-    three runs, 825-860 MB before). Processes on one machine that load the same file
-    (several `memenc batch` workers, for one) share its pages: two processes that had each
-    run a frame held 103 MB of it each, a proportional share of 51 MB, where a read file
-    is a private copy in each. The pages are the file's: a checkpoint overwritten in place
+    attention, the mask decoder's other heads) are never read at all. `benchmarks/load.py`
+    for sam2.1 tiny at 1024 on this project's 2-core machine: right after `load_model` the
+    process holds 245 MB (heap 221 MB, 90 MB of it live) against 393 MB (heap 370, 213
+    live) when the file is read. A CPU run's peak is another matter: it comes later, from
+    the image encoder's activations, which now grow the heap instead of filling what the
+    load left free, and it did not change measurably (short clip: 838-889 MB in the
+    benchmark's three runs, 825-860 MB before). Processes on one machine that load the same
+    file (several `memenc batch` workers, for one) share its pages: two that had each run a
+    frame held 104 MB of it each, a proportional share of 52 MB, where a read file is a
+    private copy in each. The pages are the file's: a checkpoint overwritten in place
     while memenc runs is not supported (the downloader renames a finished file into place,
     as does any careful copy). Neither way checks the zip's CRCs: the store records the
     file's SHA-256."""
