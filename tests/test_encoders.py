@@ -125,6 +125,38 @@ def test_pieces_change_no_bits(monkeypatch, size):
         assert torch.equal(out.obj_ptr, runs[0][1].obj_ptr)
 
 
+def test_the_position_embedding_is_made_once_and_anew_for_new_weights(monkeypatch):
+    """Hiera's position embedding depends only on its two parameters and the map's size,
+    so image_features makes it once; weights changed in place, or replaced, make it anew
+    (the features then equal a fresh model's with those weights, bit for bit)."""
+    model = load_model(weights="random", seed=3, image_size=256)
+    other = load_model(weights="random", seed=4, image_size=256)
+    trunk = model.image_encoder.trunk
+    made = []
+    make = trunk._make_pos_embed
+    monkeypatch.setattr(trunk, "_make_pos_embed", lambda h, w: made.append((h, w)) or make(h, w))
+    frames = make_inputs(256)[0]
+    first = model.image_features(frames)
+    assert torch.equal(model.image_features(frames), first)
+    assert made == [(64, 64)]  # 2 frames, twice: made once
+
+    with torch.no_grad():  # in place: the parameters' versions change
+        trunk.pos_embed.copy_(other.image_encoder.trunk.pos_embed)
+        trunk.pos_embed_window.copy_(other.image_encoder.trunk.pos_embed_window)
+    changed = model.image_features(frames)
+    assert len(made) == 2 and not torch.equal(changed, first)
+    mixed = load_model(weights="random", seed=3, image_size=256)
+    mixed.image_encoder.trunk.pos_embed = other.image_encoder.trunk.pos_embed
+    mixed.image_encoder.trunk.pos_embed_window = other.image_encoder.trunk.pos_embed_window
+    assert torch.equal(changed, mixed.image_features(frames))
+
+    # replaced (as load_state_dict(assign=True) does): new tensors
+    trunk.pos_embed = torch.nn.Parameter(first.new_zeros(trunk.pos_embed.shape))
+    trunk.pos_embed_window = torch.nn.Parameter(first.new_zeros(trunk.pos_embed_window.shape))
+    zeroed = model.image_features(frames)
+    assert len(made) == 3 and not torch.equal(zeroed, changed)
+
+
 def test_frame_workers_change_no_bits():
     """On the CPU the frames of a batch run side by side on single-threaded workers
     (MemencModel.frame_workers), convolutions on the caller's thread count; features, scores

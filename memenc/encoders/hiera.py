@@ -8,7 +8,9 @@ channels-last (`[B, H, W, C]`) inside the trunk, as in SAM 2.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,8 @@ def _from_windows(
 # (tests/test_pointers.py, tests/test_bank.py), and against whole tensors at 512 and 320
 # (tests/test_encoders.py).
 PIECE_TOKENS = 2048
+
+_POS_LOCK = threading.Lock()  # Hiera._pos_embed's cache
 
 
 def _add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -223,6 +227,10 @@ class Hiera(nn.Module):
         q_pool_blocks = [end + 1 for end in self.stage_ends[:-1]][:q_pool]
 
         self.patch_embed = PatchEmbed(embed_dim)
+        # `_pos_embed`'s: (the parameters it was made from, its key, the embedding)
+        self._pos_cache: tuple[tuple[nn.Parameter, ...], tuple[Any, ...], torch.Tensor] | None = (
+            None
+        )
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(
             torch.zeros(1, embed_dim, window_spec[0], window_spec[0])
@@ -253,7 +261,37 @@ class Hiera(nn.Module):
         self.channel_list = [self.blocks[i].dim_out for i in reversed(self.stage_ends)]
 
     def _pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """Background embedding resized to (h, w) plus the tiled window embedding, `[1, h, w, C]`."""
+        """Background embedding resized to (h, w) plus the tiled window embedding, `[1, h, w, C]`.
+
+        It depends on the weights and the map's size alone, so under inference mode it is
+        made once and kept (the reference makes it for every frame: at 1024 a bicubic
+        resize to 256×256 and a 25 MB sum, then the frame's sum out of place; 66 ms a frame
+        against 3 ms for the sum into the convolution's output, medians of 15 on the
+        development machine's 2 cores, sam2.1 tiny). The same operations make it, so the
+        numbers are the same. Its key holds the two parameters (identity, storage,
+        version), so new or changed weights make it anew, and the device and autocast
+        state, which could change its dtype. It holds the embedding (25 MB at 1024)."""
+        if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+            return self._make_pos_embed(h, w)
+        params = (self.pos_embed, self.pos_embed_window)
+        dev = self.pos_embed.device.type
+        key = (
+            h, w, self.pos_embed.device, self.pos_embed.dtype,
+            *(p.data_ptr() for p in params), *(p._version for p in params),
+            torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
+        )  # fmt: skip
+        with _POS_LOCK:  # frame workers (model._FramePool) start together: made once
+            cached = self._pos_cache
+            if (
+                cached is None
+                or cached[1] != key
+                or any(a is not b for a, b in zip(cached[0], params))
+            ):
+                self._pos_cache = None  # the old one is not held while the new one is made
+                self._pos_cache = cached = (params, key, self._make_pos_embed(h, w))
+        return cached[2]
+
+    def _make_pos_embed(self, h: int, w: int) -> torch.Tensor:
         pos = F.interpolate(self.pos_embed, size=(h, w), mode="bicubic")
         win = self.pos_embed_window
         pos = pos + win.tile([a // b for a, b in zip(pos.shape, win.shape)])
@@ -261,7 +299,7 @@ class Hiera(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)
-        x = x + self._pos_embed(x.shape[1], x.shape[2])
+        x = _add(x, self._pos_embed(x.shape[1], x.shape[2]))  # into the conv's output
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
