@@ -157,6 +157,8 @@ class MultiScaleBlock(nn.Module):
             shortcut = _pool(self.proj(x), self.pool)
 
         window = self.window_size
+        if window > 0 and self._pieces(x):
+            return self._add_mlp(self._attend_in_bands(x, shortcut))
         hw = (x.shape[1], x.shape[2])
         if window > 0:
             x, padded = _to_windows(x, window)
@@ -184,6 +186,50 @@ class MultiScaleBlock(nn.Module):
             and x.shape[:-1].numel() > PIECE_TOKENS
             and not torch.compiler.is_compiling()
         )
+
+    def _attend_in_bands(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """Windowed attention of the normalised map `x` `[B, H, W, C]` plus `shortcut`
+        (`[B, H', W', C']`, the block's output size), a band of window rows at a time.
+
+        Each band is cut into its windows (zero-padded at the map's right and bottom edges,
+        as `_to_windows` pads the whole map), attended, put back and added to its rows of
+        the shortcut, straight into the output. Each window's attention depends on that
+        window alone, so the numbers are those of the whole map cut into windows; what is
+        saved is the whole map's window copy, the attention outputs' concatenation and the
+        copy back (at 1024, three 25 MB copies of the first stage's map a block)."""
+        s = self.window_size
+        b, h, w, c = x.shape
+        ho, wo = shortcut.shape[1:3]
+        so = s // self.q_stride[0] if self.q_stride else s  # output window side
+        across = -(-w // s)  # windows per row of windows
+        rows = max(1, PIECE_TOKENS // (s * s * across))  # rows of windows per band
+        out: torch.Tensor | None = None
+        for i in range(b):
+            for r0 in range(0, -(-h // s), rows):
+                band = x[i : i + 1, r0 * s : (r0 + rows) * s]
+                k = -(-band.shape[1] // s)
+                pad_h, pad_w = k * s - band.shape[1], across * s - w
+                if pad_h or pad_w:
+                    band = F.pad(band, (0, 0, 0, pad_w, 0, pad_h))
+                # [1, k, s, across, s, C] -> [k * across, s, s, C], contiguous as in
+                # `_to_windows` (with k = 1 a reshape would give a strided view, and the
+                # linear layers round a strided input differently)
+                windows = band.reshape(1, k, s, across, s, c).permute(0, 1, 3, 2, 4, 5)
+                att = self.attn(windows.reshape(-1, s, s, c).contiguous())
+                if out is None:
+                    dtype = torch.promote_types(att.dtype, shortcut.dtype)
+                    out = att.new_empty((b, ho, wo, att.shape[-1]), dtype=dtype)
+                # [k * across, so, so, C'] -> [1, k, so, across, so, C'] (a view)
+                att = att.view(1, k, across, so, so, -1).permute(0, 1, 3, 2, 4, 5)
+                y0, y1 = r0 * so, min((r0 + k) * so, ho)
+                dst, short = out[i : i + 1, y0:y1], shortcut[i : i + 1, y0:y1]
+                if y1 - y0 == k * so and wo == across * so:  # no padding: added as it lies
+                    torch.add(att, short.reshape(att.shape), out=dst.view(att.shape))
+                else:  # the padding cropped off first
+                    att = att.reshape(1, k * so, across * so, -1)[:, : y1 - y0, :wo]
+                    torch.add(att, short, out=dst)
+        assert out is not None
+        return out
 
     def _attend_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """`self.attn` over windows `[N, s, s, C]`, in pieces of windows on the CPU."""
