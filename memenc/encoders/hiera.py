@@ -154,7 +154,7 @@ class MultiScaleBlock(nn.Module):
         shortcut = x  # [B, H, W, C]
         x = self.norm1(x)
         if self.dim != self.dim_out:
-            shortcut = _pool(self.proj(x), self.pool)
+            shortcut = self._project_shortcut(x)
 
         window = self.window_size
         if window > 0 and self._pieces(x):
@@ -186,6 +186,27 @@ class MultiScaleBlock(nn.Module):
             and x.shape[:-1].numel() > PIECE_TOKENS
             and not torch.compiler.is_compiling()
         )
+
+    def _project_shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage transition's shortcut, pool(proj(x)) for the normalised map `x`; on the
+        CPU in pieces (`_pieces`) a band of rows at a time, so the projection is never whole
+        (at 1024 the first transition's is 50 MB, a frame's peak of live memory). The
+        projection gives each token the same bits alone as in the whole map (the band is
+        contiguous rows of a contiguous map), and the max-pool does not round."""
+        if self.pool is None or not self._pieces(x) or not x.is_contiguous():
+            return _pool(self.proj(x), self.pool)
+        q = self.q_stride[0]
+        b, h, w, _ = x.shape
+        rows = max(q, PIECE_TOKENS // w // q * q)  # input rows per band, a multiple of q
+        out: torch.Tensor | None = None
+        for i in range(b):
+            for r in range(0, h // q * q, rows):  # max-pool drops a last odd row
+                pooled = _pool(self.proj(x[i : i + 1, r : min(r + rows, h // q * q)]), self.pool)
+                if out is None:
+                    out = pooled.new_empty((b, h // q, w // q, pooled.shape[-1]))
+                out[i : i + 1, r // q : r // q + pooled.shape[1]] = pooled
+        assert out is not None
+        return out
 
     def _attend_in_bands(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         """Windowed attention of the normalised map `x` `[B, H, W, C]` plus `shortcut`

@@ -412,40 +412,52 @@ class MemencModel(nn.Module):
         2 cores); at S=256, where the image encoder is cheap, 3.6%. They skip what SAM 2's
         `_use_mask_as_output` spends on upscaling the mask, which does not reach them.
         """
+        if masks.ndim != 4:
+            raise ValueError(f"masks must be [B, O, H, W], got {tuple(masks.shape)}")
         b, o = masks.shape[:2]
         if pix_feat.shape[0] != b:
             raise ValueError(f"pix_feat has {pix_feat.shape[0]} frames but masks have {b}")
-        logits, scores = self.mask_logits(masks)
+        given = None
         if object_score_logits is not None:
-            scores = object_score_logits.to(self.device, torch.float32).reshape(b, o)
-        # SAM 2's scaled sigmoid: sigmoid(logits) * 20 - 10, then the encoder skips its sigmoid
-        mask_for_mem = (
-            torch.sigmoid(logits) * self.variant.sigmoid_scale + self.variant.sigmoid_bias
-        )
+            given = object_score_logits.to(self.device, torch.float32).reshape(b, o)
         encoder = self._compiled[1] if self._compiled else self.memory_encoder
         exact = self.frame_batch == 1  # the CPU: the reference's rounding
 
+        # The masks are resized and scaled a micro-batch at a time, with its frames'
+        # features (each mask's numbers are its own), so on the CPU only one frame's
+        # S×S planes are held: at 1024 a batch of 4 frames of 2 objects made four 33 MB
+        # tensors, the peak of live memory of a run.
         def frame(
-            pf: torch.Tensor, mm: torch.Tensor, *pointer_inputs: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-            feats = encoder(_reference_layout(pf), mm, self.frame_batch)  # [b, O, 64, h, w]
-            if not pointer_inputs:
-                return feats, None
-            m01, present = pointer_inputs
-            return feats, object_pointers(self, _reference_layout(pf), m01, present, exact)
+            pf: torch.Tensor, mk: torch.Tensor, *given_scores: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            logits, scores = self.mask_logits(mk)
+            if given_scores:
+                scores = given_scores[0]
+            # SAM 2's scaled sigmoid: sigmoid(logits) * 20 - 10; the encoder skips its own
+            mask_for_mem = (
+                torch.sigmoid(logits) * self.variant.sigmoid_scale + self.variant.sigmoid_bias
+            )
+            feats = encoder(_reference_layout(pf), mask_for_mem, self.frame_batch)
+            del mask_for_mem
+            if not pointers:
+                return feats, scores, None
+            # SAM 2's mask_inputs are the 0/1 masks: logits > 0
+            m01 = (logits > 0).to(torch.float32)
+            del logits
+            ptr = object_pointers(self, _reference_layout(pf), m01, scores > 0, exact)
+            return feats, scores, ptr
 
-        parts = [pix_feat, mask_for_mem]
-        if pointers:  # SAM 2's mask_inputs are the 0/1 masks: logits > 0
-            parts += [(logits > 0).to(torch.float32), scores > 0]
+        parts = [pix_feat, masks] + ([given] if given is not None else [])
         done = self._map(frame, *(self._split(x) for x in parts))
-        features = torch.cat([feats for feats, _ in done])
+        scores = torch.cat([sc for _, sc, _ in done])
+        features = torch.cat([feats for feats, _, _ in done])
         if self.no_obj_embed_spatial is not None:
             absent = 1 - (scores > 0).to(features.dtype)  # [B, O]
             embed = self.no_obj_embed_spatial.to(features.dtype)  # [1, 64]
             features = features + absent[..., None, None, None] * embed[0, :, None, None]
         h, w = features.shape[-2:]
         pos_enc = self.position_encoding.encode(h, w, features.device).to(features.dtype)
-        obj_ptr = torch.cat([ptr for _, ptr in done]) if pointers else None
+        obj_ptr = torch.cat([ptr for _, _, ptr in done]) if pointers else None
         return MemoryOutput(
             features=features, pos_enc=pos_enc, object_score_logits=scores, obj_ptr=obj_ptr
         )
