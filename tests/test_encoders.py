@@ -157,6 +157,35 @@ def test_the_position_embedding_is_made_once_and_anew_for_new_weights(monkeypatc
     assert len(made) == 3 and not torch.equal(zeroed, changed)
 
 
+def test_cpu_pieces_hold_no_whole_projection_and_one_frames_masks(monkeypatch):
+    """On the CPU the stage transitions project their shortcut a band of rows at a time
+    (at most PIECE_TOKENS tokens a call; whole, 16384 at 512) and encode_memory resizes
+    and scales the masks of one frame at a time, not the batch's: the two places where a
+    frame's live memory peaked at 1024. Their numbers are whole tensors' (above)."""
+    model = load_model(weights="random", seed=3, image_size=512)
+    trunk = model.image_encoder.trunk
+    tokens: list[int] = []
+    hooks = [
+        block.proj.register_forward_hook(lambda m, i, o: tokens.append(i[0].shape[:-1].numel()))
+        for block in trunk.blocks
+        if block.dim != block.dim_out
+    ]
+    frames, masks, _ = make_inputs(512, seed=1)
+    try:
+        pix = model.image_features(frames)
+    finally:
+        for h in hooks:
+            h.remove()
+    transitions = sum(block.dim != block.dim_out for block in trunk.blocks)
+    assert max(tokens) <= hiera.PIECE_TOKENS and len(tokens) > 2 * transitions  # two frames
+
+    sizes: list[int] = []
+    resize = model.mask_logits
+    monkeypatch.setattr(model, "mask_logits", lambda m: sizes.append(m.shape[0]) or resize(m))
+    out = model.encode_memory(pix, masks)
+    assert sizes == [1, 1] and out.features.shape[:2] == (2, 3)
+
+
 def test_frame_workers_change_no_bits():
     """On the CPU the frames of a batch run side by side on single-threaded workers
     (MemencModel.frame_workers), convolutions on the caller's thread count; features, scores

@@ -51,12 +51,14 @@ def _from_windows(
     return x[:, :h, :w, :] if (hp > h or wp > w) else x
 
 
-# On the CPU the first stages' blocks run their attention windows and MLP rows in pieces of
-# this many tokens, so that a frame's 4x-wide MLP hidden tensor and 3x-wide qkv tensor are
-# never whole (at 1024 they are 100 and 150 MB in the first stage). The numbers do not
-# change: each window's attention and each token's MLP depend on that window or token
-# alone, and the CPU's matrix products give each row the same bits whatever the number of
-# rows. Checked bit for bit against the reference at 256, which runs in pieces
+# On the CPU the first stages' blocks run their attention windows (a band of window rows at
+# a time), their stage transitions' shortcut projection and their MLP rows in pieces of
+# about this many tokens, so that a frame's 4x-wide MLP hidden tensor, 3x-wide qkv tensor
+# and 2x-wide projection are never whole (at 1024 they are 100, 150 and 50 MB in the first
+# stage). The numbers do not change: each window's attention and each token's MLP and
+# projection depend on that window or token alone, and the CPU's matrix products give
+# each row of a contiguous input the same bits whatever the number of rows (a strided
+# input is rounded differently, so pieces are made contiguous). Checked bit for bit against the reference at 256, which runs in pieces
 # (tests/test_pointers.py, tests/test_bank.py), and against whole tensors at 512 and 320
 # (tests/test_encoders.py).
 PIECE_TOKENS = 2048

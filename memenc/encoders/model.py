@@ -111,6 +111,10 @@ FRAME_WORKERS_MAX = 4
 # 25 MB stride-4 map in float32), and from 548 to 629 MB at 512 (sam2.1 tiny, 8 frames
 # in batches of 4 with 2 objects, maxrss, 2 runs and 1), so the workers run only where
 # that map is at most this size: S=512 for tiny and base_plus (6.3 and 7.3 MB) and below.
+# Measured again at 1024 after a frame's live peak fell (b67f946): two frames ran
+# image_features 1.11x as fast (6.69 against 7.45 s for two frames, medians of 4) for 82
+# MB more live memory, but whole runs of the benchmark's 6-frame clip were no faster
+# (medians of 4 alternating: 29.4 s both) and peaked at 930-969 MB against 731-798 MB.
 FRAME_WORKERS_MAP_BYTES = 8 * 2**20
 
 
