@@ -33,9 +33,11 @@ def _to_windows(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, in
     if ph or pw:
         x = F.pad(x, (0, 0, 0, pw, 0, ph))
     hp, wp = h + ph, w + pw
-    # [B, Hp/s, s, Wp/s, s, C] -> [B, Hp/s, Wp/s, s, s, C] -> [B*nWin, s, s, C]
+    # [B, Hp/s, s, Wp/s, s, C] -> [B, Hp/s, Wp/s, s, s, C] -> [B*nWin, s, s, C], contiguous
+    # as in the reference (with one row of windows a reshape alone would give a strided
+    # view, and the linear layers round a strided input differently)
     x = x.view(b, hp // size, size, wp // size, size, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, size, size, c), (hp, wp)
+    return x.reshape(-1, size, size, c).contiguous(), (hp, wp)
 
 
 def _from_windows(
@@ -214,43 +216,28 @@ class MultiScaleBlock(nn.Module):
         """Windowed attention of the normalised map `x` `[B, H, W, C]` plus `shortcut`
         (`[B, H', W', C']`, the block's output size), a band of window rows at a time.
 
-        Each band is cut into its windows (zero-padded at the map's right and bottom edges,
-        as `_to_windows` pads the whole map), attended, put back and added to its rows of
-        the shortcut, straight into the output. Each window's attention depends on that
-        window alone, so the numbers are those of the whole map cut into windows; what is
-        saved is the whole map's window copy, the attention outputs' concatenation and the
-        copy back (at 1024, three 25 MB copies of the first stage's map a block)."""
+        Each band is cut into its windows (`_to_windows`, which pads it as it pads the
+        whole map), attended, put back (`_from_windows`) and added to its rows of the
+        shortcut in the output. Each window's attention depends on that window alone, so
+        the numbers are those of the whole map cut into windows; no copy of the whole map
+        is made (at 1024 the first stage's is 25 MB: cut, concatenated and put back)."""
         s = self.window_size
-        b, h, w, c = x.shape
+        b, h, w, _ = x.shape
         ho, wo = shortcut.shape[1:3]
         so = s // self.q_stride[0] if self.q_stride else s  # output window side
-        across = -(-w // s)  # windows per row of windows
-        rows = max(1, PIECE_TOKENS // (s * s * across))  # rows of windows per band
+        rows = max(1, PIECE_TOKENS // (s * s * -(-w // s)))  # rows of windows per band
         out: torch.Tensor | None = None
         for i in range(b):
             for r0 in range(0, -(-h // s), rows):
-                band = x[i : i + 1, r0 * s : (r0 + rows) * s]
-                k = -(-band.shape[1] // s)
-                pad_h, pad_w = k * s - band.shape[1], across * s - w
-                if pad_h or pad_w:
-                    band = F.pad(band, (0, 0, 0, pad_w, 0, pad_h))
-                # [1, k, s, across, s, C] -> [k * across, s, s, C], contiguous as in
-                # `_to_windows` (with k = 1 a reshape would give a strided view, and the
-                # linear layers round a strided input differently)
-                windows = band.reshape(1, k, s, across, s, c).permute(0, 1, 3, 2, 4, 5)
-                att = self.attn(windows.reshape(-1, s, s, c).contiguous())
+                windows, (hp, wp) = _to_windows(x[i : i + 1, r0 * s : (r0 + rows) * s], s)
+                att = self.attn(windows)
+                y0 = r0 * so
+                y1 = min(y0 + hp // s * so, ho)
+                att = _from_windows(att, so, (hp // s * so, wp // s * so), (y1 - y0, wo))
                 if out is None:
                     dtype = torch.promote_types(att.dtype, shortcut.dtype)
                     out = att.new_empty((b, ho, wo, att.shape[-1]), dtype=dtype)
-                # [k * across, so, so, C'] -> [1, k, so, across, so, C'] (a view)
-                att = att.view(1, k, across, so, so, -1).permute(0, 1, 3, 2, 4, 5)
-                y0, y1 = r0 * so, min((r0 + k) * so, ho)
-                dst, short = out[i : i + 1, y0:y1], shortcut[i : i + 1, y0:y1]
-                if y1 - y0 == k * so and wo == across * so:  # no padding: added as it lies
-                    torch.add(att, short.reshape(att.shape), out=dst.view(att.shape))
-                else:  # the padding cropped off first
-                    att = att.reshape(1, k * so, across * so, -1)[:, : y1 - y0, :wo]
-                    torch.add(att, short, out=dst)
+                torch.add(att, shortcut[i : i + 1, y0:y1], out=out[i : i + 1, y0:y1])
         assert out is not None
         return out
 
@@ -334,10 +321,8 @@ class Hiera(nn.Module):
 
         It depends on the weights and the map's size alone, so under inference mode it is
         made once and kept (the reference makes it for every frame: at 1024 a bicubic
-        resize to 256×256 and a 25 MB sum, then the frame's sum out of place; 66 ms a frame
-        against 3 ms for the sum into the convolution's output, medians of 15 on the
-        development machine's 2 cores, sam2.1 tiny). The same operations make it, so the
-        numbers are the same. Its key holds the two parameters (identity, storage,
+        resize to 256×256 and a 25 MB sum), and the frame's sum goes into the
+        convolution's output. The same operations make it, so the numbers are the same. Its key holds the two parameters (identity, storage,
         version), so new or changed weights make it anew, and the device and autocast
         state, which could change its dtype. It holds the embedding (25 MB at 1024)."""
         if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
