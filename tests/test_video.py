@@ -558,6 +558,39 @@ def test_decord_error_in_the_idle_seek_is_not_raised(media, capfd, error):
     assert capfd.readouterr().err == ""
 
 
+def test_a_batch_that_fails_only_together_is_read_frame_by_frame(media):
+    # Seen once in CI: decord failed frames 8-15 together ("Error sending packet", its
+    # frame threads had read ahead into a damaged keyframe at 20) while each of them
+    # decoded alone. Those frames are the batch's; a frame that fails alone is named.
+    decord.bridge.set_bridge("native")
+    vr = decord.VideoReader(str(media["mp4"]), width=64, height=64)
+    calls = []
+
+    class FailsTogether:  # decord's reader, whose batches fail and single frames do not
+        def __init__(self, bad=()):
+            self.bad = set(bad)
+
+        def get_batch(self, frames):
+            calls.append(list(frames))
+            if len(frames) > 1 or self.bad & set(frames):
+                raise decord.DECORDError("Error sending packet")
+            return vr.get_batch(frames)
+
+        def seek(self, index):
+            vr.seek(index)
+
+    out = np.zeros((4, 3, 64, 64), np.uint8)
+    vreaders.DecordReader(FailsTogether(), budget=1 << 40).read(np.arange(8, 12), out)
+    assert [ident(f) for f in out] == [8, 9, 10, 11]
+    assert calls == [[8, 9, 10, 11], [8], [9], [10], [11]]
+    expected = vr.get_batch([8, 9, 10, 11]).asnumpy().transpose(0, 3, 1, 2)
+    assert np.array_equal(out, expected)  # the same pixels as the batch would have had
+    with pytest.raises(vreaders.DecodeFailure, match=r"^frame 10: decord: Error sending"):
+        vreaders.DecordReader(FailsTogether(bad=[10]), budget=1 << 40).read(
+            np.arange(8, 12), out
+        )
+
+
 @pytest.mark.parametrize(
     "error, problem",
     [

@@ -100,24 +100,28 @@ class DecordReader:
         errors = (RuntimeError, decord.DECORDError, decord.DECORDLimitReachedError)
         try:
             batch = self.vr.get_batch(frames.tolist()).asnumpy()  # [B, S, S, 3]
-        except errors as e:
-            # Name the first frame that fails on its own, from a clean decoder state
-            # each time (after a failure decord's position is unreliable). With frame
-            # threads and B-frames, a damaged packet also fails a few frames before it.
-            for k in frames.tolist():
-                try:
-                    with contextlib.suppress(*errors):
-                        self.vr.seek(0)
-                    self.vr.get_batch([k])
-                except errors as e1:
-                    raise DecodeFailure(f"frame {k}: decord: {short_error(e1)}") from None
-            raise DecodeFailure(
-                f"frames {frames[0]}-{frames[-1]}: decord: {short_error(e)}"
-            ) from None
-        out[...] = batch.transpose(0, 3, 1, 2)  # [B, S, S, 3] -> [B, 3, S, S]
+        except errors:
+            self._one_by_one(frames, out, errors)
+        else:
+            out[...] = batch.transpose(0, 3, 1, 2)  # [B, S, S, 3] -> [B, 3, S, S]
         if self._baseline is None:  # growth is measured from the first batch, so it cannot creep
             self._baseline = _rss_bytes()
         self._capped = False
+
+    def _one_by_one(self, frames: np.ndarray, out: np.ndarray, errors: tuple[type, ...]) -> None:
+        """After a batch failed: each frame alone, from a clean decoder state each time
+        (after a failure decord's position is unreliable). The first frame that fails
+        alone is named. With frame threads and B-frames a damaged packet also fails a
+        batch that ends a few frames before it, whose frames all decode alone: then the
+        batch is theirs and the read goes on."""
+        for i, k in enumerate(frames.tolist()):
+            try:
+                with contextlib.suppress(*errors):
+                    self.vr.seek(0)
+                one = self.vr.get_batch([k]).asnumpy()  # [1, S, S, 3]
+            except errors as e:
+                raise DecodeFailure(f"frame {k}: decord: {short_error(e)}") from None
+            out[i] = one[0].transpose(2, 0, 1)
 
     def idle(self) -> None:
         """Called while waiting for a request: stop read-ahead past the budget."""
