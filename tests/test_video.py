@@ -586,9 +586,7 @@ def test_a_batch_that_fails_only_together_is_read_frame_by_frame(media):
     expected = vr.get_batch([8, 9, 10, 11]).asnumpy().transpose(0, 3, 1, 2)
     assert np.array_equal(out, expected)  # the same pixels as the batch would have had
     with pytest.raises(vreaders.DecodeFailure, match=r"^frame 10: decord: Error sending"):
-        vreaders.DecordReader(FailsTogether(bad=[10]), budget=1 << 40).read(
-            np.arange(8, 12), out
-        )
+        vreaders.DecordReader(FailsTogether(bad=[10]), budget=1 << 40).read(np.arange(8, 12), out)
 
 
 @pytest.mark.parametrize(
