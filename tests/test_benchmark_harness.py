@@ -144,17 +144,26 @@ def test_the_stages_run_alone_without_the_whole_runs(tmp_path):
     case = bench.Case("stages only", "sam2.1_hiera_tiny", 256, 4, ("memenc fp32",), 1,
                       width=96, height=64)  # fmt: skip
     suite = bench.Suite(cases=(case,), decoders=(1,), micro_size=256,
-                        micro_variant=case.variant, repeats=1, stages_case=case.name)  # fmt: skip
+                        micro_variant=case.variant, repeats=2, stages_case=case.name)  # fmt: skip
     inp = bench.make_inputs(tmp_path, case, have_reference=False)
     res = bench.Results(None)
     bench.stages(res, inp, suite, "cpu", tmp_path)
     key = f"stages/{case.name}"
     for stage in ("decode K=1", "compute", "write"):
-        assert len(res.m(f"{key}/{stage}").samples) == 1, stage
+        assert len(res.m(f"{key}/{stage}").samples) == 2, stage
     assert res.m(f"{key}/write MB/s").median > 0
-    # one repeat: the throughput over the pairs is np.save's MB/s over Zarr's
-    throughput = res.m(f"{key}/write MB/s").median / res.m(f"{key}/np.save MB/s").median
+    # the same bytes each repeat: the throughput over all pairs is the sum of np.save's
+    # seconds (1 / its rate) over the sum of Zarr's
+    zarr_rates, np_rates = res.m(f"{key}/write MB/s").samples, res.m(f"{key}/np.save MB/s").samples
+    throughput = sum(1 / r for r in np_rates) / sum(1 / r for r in zarr_rates)
     assert res.ratios[f"{key}/zarr_over_npsave_throughput"] == pytest.approx(throughput)
+    # one chunk: only the second repeat's write is timed per chunk (the first probes)
+    (wall,) = res.m(f"{key}/write wall ms per chunk").samples
+    assert wall == pytest.approx(res.m(f"{key}/write").samples[1] * 1e3)
+    for name in ("write CPU", "np.save CPU", "np.save wall"):
+        (ms,) = res.m(f"{key}/{name} ms per chunk").samples
+        assert ms > 0, name
+    assert any(line.startswith("- per frame-chunk (") for line in res.lines)
     (made,) = tmp_path.glob("stages_only_memenc_fp32*.zarr")
     assert json.loads((made / "zarr.json").read_text())["attributes"]["memenc"]["status"] == (
         "complete"
