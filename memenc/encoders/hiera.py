@@ -60,9 +60,9 @@ def _from_windows(
 # stage). The numbers do not change: each window's attention and each token's MLP and
 # projection depend on that window or token alone, and the CPU's matrix products give
 # each row of a contiguous input the same bits whatever the number of rows (a strided
-# input is rounded differently, so pieces are made contiguous). Checked bit for bit against the reference at 256, which runs in pieces
-# (tests/test_pointers.py, tests/test_bank.py), and against whole tensors at 512 and 320
-# (tests/test_encoders.py).
+# input is rounded differently, so pieces are made contiguous). Checked bit for bit
+# against the reference at 256, which runs in pieces (tests/test_pointers.py,
+# tests/test_bank.py), and against whole tensors at 512 and 320 (tests/test_encoders.py).
 PIECE_TOKENS = 2048
 
 _POS_LOCK = threading.Lock()  # Hiera._pos_embed's cache
@@ -322,9 +322,10 @@ class Hiera(nn.Module):
         It depends on the weights and the map's size alone, so under inference mode it is
         made once and kept (the reference makes it for every frame: at 1024 a bicubic
         resize to 256×256 and a 25 MB sum), and the frame's sum goes into the
-        convolution's output. The same operations make it, so the numbers are the same. Its key holds the two parameters (identity, storage,
-        version), so new or changed weights make it anew, and the device and autocast
-        state, which could change its dtype. It holds the embedding (25 MB at 1024)."""
+        convolution's output. The same operations make it, so the numbers are the same.
+        Its key holds the two parameters (identity, storage, version), so new or changed
+        weights make it anew, and the device and autocast state, which could change its
+        dtype. It holds the embedding (25 MB at 1024)."""
         if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
             return self._make_pos_embed(h, w)
         params = (self.pos_embed, self.pos_embed_window)
