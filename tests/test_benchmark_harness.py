@@ -188,3 +188,24 @@ def test_the_load_benchmark_shows_the_mapping_keeps_the_weights_off_the_heap(ref
         assert share["mapped_rss_mb"] > weights_mb / 2
         assert share["mapped_pss_mb"] < 0.75 * share["mapped_rss_mb"]
     assert "| mapped |" in load_bench.table(got, path, 256, 1)
+
+
+def test_the_heap_benchmark_samples_a_whole_run(tmp_path):
+    """benchmarks/heap.py on 8 frames of the bundled sample at 256: the run completes, the
+    series covers it, and what it reports holds together (live within the heap, the store
+    written)."""
+    from benchmarks import heap
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ball.zarr"
+    got = heap.run([str(root / "samples" / "ball.mp4"), "--weights", "random",
+                    "--image-size", "256", "--frames", "0:8", "-o", str(out)], every=0.05)  # fmt: skip
+    assert got["exit"] == 0
+    samples = got["samples"]
+    assert len(samples) >= 10 and samples[-1]["t"] > samples[0]["t"]
+    for s in samples:
+        assert 0 < s["live_mb"] <= s["heap_mb"] + 0.01
+    # the samples cover the work: the model and a frame's activations come after the first
+    assert max(s["live_mb"] for s in samples) > samples[0]["live_mb"] + 10
+    meta = json.loads((out / "zarr.json").read_text())["attributes"]["memenc"]
+    assert meta["status"] == "complete"
