@@ -48,7 +48,15 @@ def progress_wanted(quiet: bool, as_json: bool) -> bool:
     return not (quiet or as_json) and sys.stderr.isatty()
 
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No progress and no closing result or summary (errors, warnings and the exit "
+        "code stay).",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")]
 
 SavStep = Annotated[
@@ -92,7 +100,11 @@ ChunkFrames = Annotated[
     Optional[int], typer.Option(min=1, help="Frames per chunk (default: ~1-4 MB chunks).")
 ]
 Overwrite = Annotated[
-    bool, typer.Option(help="Replace an existing store made with other settings.")
+    bool,
+    typer.Option(
+        help="Delete any existing memenc store at the output path and start anew "
+        "(even one made with the same settings: no resume)."
+    ),
 ]
 SkipUnmasked = Annotated[
     bool, typer.Option(help="Encode only frames that have a mask instead of failing.")

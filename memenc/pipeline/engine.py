@@ -2,13 +2,21 @@
 
     encode_video("clip.mp4", masks="clip_masks/", checkpoint="sam2.1_hiera_tiny", out="clip.zarr")
 
-Three stages overlap, joined by bounded queues so memory does not grow with the video:
+The stages overlap, joined by bounded queues so memory does not grow with the video
+(`run_chunks`):
 
-    decode thread   VideoSource batches (decoded in a child process) + the batch's masks
-    main thread     image_features + encode_memory (memories and object pointers) on the
-                    device, results to host memory (on the CPU at S <= 512 the model runs a
-                    batch's frames side by side on its frame workers, `MemencModel._map`)
-    writer thread   whole frame-chunks into the store, each followed by its chunk_done marker
+    decode          VideoSource batches, decoded in K child processes (one thread each
+                    when K > 1) over disjoint chunk ranges, + the batch's masks
+    stage (CUDA)    host copies into pinned buffers, then to the device
+    compute         image_features + encode_memory (memories and object pointers) on the
+                    device, in the calling thread; on the CPU, in fp32, uncompiled, with 2-4
+                    torch threads and a stride-4 map of at most 8 MiB (tiny, small and
+                    base_plus up to S=512), a batch's frames run side by side on the
+                    model's frame workers (`MemencModel.frame_workers`)
+    assemble        results from host memory into whole frame-chunks
+    write           `default_writers` threads (1 on the CPU, 2 on CUDA): each frame-chunk
+                    into the store (its files encoded and written by a shared pool),
+                    followed by its chunk_done marker
 
 `encode_video` is the coordinator: it plans the rows, creates or resumes the store, runs
 the one work unit "all pending chunks", and marks the store complete. `run_chunks` is
@@ -929,7 +937,8 @@ def encode_video(
     "cpu", "cuda[:i]"), precision ("fp32", "bf16", "fp16"), store_dtype ("float16",
     "float32"), chunk_frames (default: ~1–4 MB chunks). compile: `torch.compile` the image
     and memory encoders (`MemencModel.compile_encoders`; recorded, not fingerprinted).
-    overwrite: replace a store made with other settings. skip_unmasked: drop frames
+    overwrite: delete any memenc store at `out` and start anew (even one made with the
+    same settings: no resume). skip_unmasked: drop frames
     without a mask instead of failing. sav_step: SA-V annotation step (annotation k is
     video frame k * sav_step). decoders: decoder processes K over disjoint chunk ranges
     of the video (None: 1 on the CPU, from the cores on CUDA; see `choose_decoders`);

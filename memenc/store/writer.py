@@ -3,7 +3,8 @@
 Who writes what (see RELIABILITY.md, Zarr section):
 
 - The coordinator calls `CacheStore.prepare` once: it creates every array and the small
-  ones' data, and writes the group attributes (status ``in_progress``). It is the only
+  ones' data, and writes the group attributes (status ``creating``, then ``in_progress``
+  as its last write, so a store cut short while ``creating`` is rebuilt on rerun). It is the only
   writer of metadata and attributes, and the only caller of `CacheStore.finalize`, which
   checks every ``chunk_done`` marker and then writes status ``complete``.
 - Workers (in this process or others) call `CacheStore.open_for_write` and
@@ -112,20 +113,23 @@ class CacheStore:
 
         - New path (or an empty directory): creates every array, writes ``frame_index``,
           ``maskmem_pos_enc``, ``object_id``, ``maskmem_tpos_enc`` (when given), and the
-          ``memenc`` attributes with status ``in_progress``.
+          ``memenc`` attributes: status ``creating`` first, ``in_progress`` once every
+          array exists.
         - ``in_progress`` store with the same fingerprint and layout: resumed, data kept;
           `pending_chunks` lists what is left.
         - ``complete`` store with the same fingerprint and layout: returned as is, nothing
           pending (`finalize` is then a no-op).
-        - Anything else memenc made (other fingerprint, layout or schema version, or a
-          creation that was cut short) is deleted and recreated when ``overwrite`` is true.
+        - Anything else memenc made (other fingerprint, layout or schema version) is
+          refused; a creation that was cut short (status ``creating``) is recreated.
+        - With ``overwrite``, any memenc store at the path (whatever its settings and
+          status) is deleted and recreated.
 
         Leftover ``*.partial`` temp files (from killed writers) are removed.
 
         Args:
             path: a directory path, ``file://`` or fsspec URL.
             layout: the store's layout, attributes and fingerprint.
-            overwrite: replace an existing memenc store made with other settings.
+            overwrite: delete any memenc store at the path first (no resume).
 
         Returns:
             The store, open for writing.
