@@ -143,6 +143,25 @@ def test_inputs_globs_frame_folders_manifests_and_names(tmp_path):
         expand_inputs([bad])
 
 
+def test_manifest_rows_that_give_one_video_other_settings_are_all_kept(tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "video,output,objects\n"
+        "clip.mp4,a.zarr,\n"
+        "clip.mp4,b.zarr,\n"  # another output: its own input
+        "clip.mp4,c.zarr,1\n"
+        "clip.mp4,a.zarr,\n"  # the first row again: kept once
+        "clip.mp4,a.zarr,2\n"  # the first row's output with other objects: refused
+    )
+    rows = expand_inputs([manifest, tmp_path / "clip.mp4", tmp_path / "clip.mp4"])
+    assert [(r.name, r.objects) for r in rows] == [
+        ("a.zarr", None), ("b.zarr", None), ("c.zarr", "1"), ("a.zarr", "2"), ("clip.zarr", None),
+    ]  # fmt: skip
+    assert [r.error is None for r in rows] == [True, True, True, False, True]
+    assert "used by another input" in rows[3].error
+
+
 def test_parse_shard_and_slurm_environment():
     assert parse_shard("2/5") == (2, 5)
     env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5"}

@@ -321,13 +321,18 @@ def _safe_name(output: str) -> str | None:
     return "/".join(parts)
 
 
+# A manifest row's fields besides the video; rows equal in all of them are one input.
+_ROW_SETTINGS = ("masks", "output", "objects", "frames")
+
+
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
     """Turn the command line's INPUTS into videos, in a deterministic order.
 
     Each input is a video file, a glob, a folder (a frame folder, or a folder of videos and
     frame folders), or a manifest (``.csv``, ``.jsonl``, ``.ndjson``) with the column
     ``video`` and optional ``masks``, ``output``, ``objects``, ``frames``. A video listed
-    twice is kept once. Store names are the video's stem (a frame folder's name) plus
+    twice with the same settings (e.g. by a folder and a glob) is kept once; manifest rows
+    that give one video other settings or another output are inputs of their own. Store names are the video's stem (a frame folder's name) plus
     ``.zarr``, with ``-2``, ``-3`` … appended when stems collide; a manifest's ``output``
     is used as given unless it is absolute or has ``..`` (that input is refused).
 
@@ -353,12 +358,12 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
         for m in matches:
             for video in _expand_folder(m) if m.is_dir() else [m]:
                 rows.append({"video": str(video)})
-    seen: set[str] = set()
+    seen: set[tuple[str | None, ...]] = set()
     taken: set[str] = set()
     result: list[BatchInput] = []
     for row in rows:
         video = str(row["video"])
-        key = os.path.realpath(video)
+        key = (os.path.realpath(video), *(row.get(k) for k in _ROW_SETTINGS))
         if key in seen:
             continue
         seen.add(key)
