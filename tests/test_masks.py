@@ -198,6 +198,19 @@ def test_unknown_object_id_lists_the_ids(paths, name):
     assert paths[name].name in message and "9" in message and "ids present: 3, 7" in message
 
 
+def test_an_object_id_past_32_bits_is_refused_naming_the_file(tmp_path):
+    labels = np.zeros((T, 32, 48), np.int64)
+    labels[:, 4:9, 4:9] = 2**40
+    labels[:, 20:25, 20:25] = 3
+    path = tmp_path / "big_ids.npy"
+    np.save(path, labels)
+    with pytest.raises(MaskError, match=r"big_ids\.npy: object id 1099511627776 does not fit"):
+        open_masks(path, **VIDEO)
+    labels[:, 4:9, 4:9] = 2**31 - 1  # the largest int32 is fine
+    np.save(path, labels)
+    assert open_masks(path, **VIDEO).object_ids == [3, 2**31 - 1]
+
+
 @pytest.mark.parametrize("name", ["video", "npz", "npz-stored"])
 def test_sources_pickle_without_open_handles(paths, labels, name):
     source = open_masks(paths[name], **VIDEO)

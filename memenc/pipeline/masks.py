@@ -160,7 +160,7 @@ def open_masks(
     aspect ratio does not fit the video, when an array has the wrong dtype or
     shape, when an SA-V file's annotation count is not ``ceil(frames / sav_step)``,
     or when a requested object id does not exist (the message lists the ids that
-    do). When the video is damaged (fewer frames decode than it promises) and the
+    do) or does not fit in 32 bits. When the video is damaged (fewer frames decode than it promises) and the
     masks do not fit the frames that decode, raises `VideoDecodeError` naming the
     video as damaged, with both counts and the masks' own. Raises `UsageError` when
     `objects` is empty or repeats an id, or when `sav_step` is below 1.
@@ -187,13 +187,26 @@ def open_masks(
         None if video_path is None else os.fspath(video_path),
         video_frame_count_declared,
     )
+    source: MaskSource
     if kind == "png":
-        return PngFolderMasks(source_path, video, objects)
-    if kind == "video":
-        return MaskVideo(source_path, video, objects, timeout_s=timeout_s)
-    if kind in ("npy", "npz"):
-        return ArrayMasks(source_path, video, objects, kind=kind)
-    return SavJsonMasks(source_path, video, objects, step=sav_step)
+        source = PngFolderMasks(source_path, video, objects)
+    elif kind == "video":
+        source = MaskVideo(source_path, video, objects, timeout_s=timeout_s)
+    elif kind in ("npy", "npz"):
+        source = ArrayMasks(source_path, video, objects, kind=kind)
+    else:
+        source = SavJsonMasks(source_path, video, objects, step=sav_step)
+    too_big = [i for i in source.object_ids if not _ID_MIN <= i <= _ID_MAX]
+    if too_big:
+        source.close()
+        raise MaskError(
+            f"{source_path}: object id {too_big[0]} does not fit in 32 bits "
+            "(the store keeps object ids as int32)"
+        )
+    return source
+
+
+_ID_MIN, _ID_MAX = -(2**31), 2**31 - 1  # the store's object_id is int32
 
 
 def _detect_kind(path: Path) -> str:
