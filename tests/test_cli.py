@@ -125,6 +125,8 @@ BAD_OPTIONS = {
     "weights": (["--weights", "pretrained"], "--weights"),
     "variant": (["--variant", "huge"], "--variant"),
     "decode timeout 0": (["--decode-timeout", "0"], "--decode-timeout"),
+    "decode timeout inf": (["--decode-timeout", "inf"], "--decode-timeout"),
+    "decode timeout nan": (["--decode-timeout", "nan"], "--decode-timeout"),
     "decoders 0": (["--decoders", "0"], "--decoders"),
     "decoders not a number": (["--decoders", "two"], "--decoders"),
     "decoders not whole": (["--decoders", "1.5"], "--decoders"),
@@ -320,6 +322,24 @@ def test_bad_inputs_give_one_line_and_exit_1(tmp_path, clip):
         assert line.startswith("memenc: error: ") and must in line, (name, line)
         assert elapsed < 60, (name, elapsed)
         assert not _complete(out), name
+
+
+def test_chunk_frames_past_what_blosc_takes_is_a_usage_error_without_a_store(tmp_path, clip):
+    """The chunk size is known once the model and masks are: a chunk of more than 2 GiB
+    (Blosc's limit) is refused there, naming the largest --chunk-frames that fits."""
+    video, labels = clip
+    out = tmp_path / "s.zarr"
+    argv = ["encode", video, "--weights", "random", "--image-size", "64", "-o", out]
+    # S=64: a frame of one object's float16 features is 64 * 4 * 4 * 2 = 2048 bytes, of
+    # every object's float32 pointers 256 * 4 * O
+    frame_bytes = max(2048, 1024 * len(np.unique(labels[labels > 0])))
+    most = (2**31 - 1 - 16) // frame_bytes
+    r = invoke(*argv, "--chunk-frames", str(most + 1))
+    line = usage_error_line(r)
+    assert f"--chunk-frames {most + 1}" in line and f"at most {most}" in line, line
+    assert not out.exists()
+    r = invoke(*argv, "--chunk-frames", "4", "--quiet")
+    assert r.exit_code == 0, r.stderr
 
 
 def test_bad_video_is_reported_before_a_bad_checkpoint(tmp_path, clip):

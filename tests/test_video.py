@@ -202,6 +202,18 @@ def test_timestamps_are_pyav_frame_times(media):
     np.testing.assert_allclose(batch.timestamps, pyav_times(media["mp4"]), atol=1e-9)
 
 
+def test_no_room_for_the_frame_buffer_names_the_video_and_the_batch_size(media, monkeypatch):
+    def full(frames, image_size):
+        raise OSError(f"cannot allocate {frames * 3 * image_size**2} bytes of shared memory")
+
+    monkeypatch.setattr(vsource, "SharedBuffer", full)
+    with VideoSource(media["mp4"], 64) as src, pytest.raises(VideoDecodeError) as info:
+        src.read([0, 1])
+    line = str(info.value)
+    assert line.startswith(str(media["mp4"])) and line.endswith("lower --batch-size"), line
+    assert "cannot allocate 24576 bytes" in line and "\n" not in line, line
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
 def test_iter_batches_with_a_step(media, prefetch):
     frames = list(range(3, N, 4))  # 3, 7, ..., 39: 10 frames

@@ -1001,6 +1001,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
     from memenc.pipeline.engine import (
         STORE_DTYPES,
         autocast_for,
+        check_decode_timeout,
         check_image_size,
         choose_checkpoint,
         pick_device,
@@ -1018,8 +1019,7 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
         raise UsageError(f"--batch-size {settings.batch_size}: must be at least 1")
     if settings.chunk_frames is not None and settings.chunk_frames < 1:
         raise UsageError(f"--chunk-frames {settings.chunk_frames}: must be at least 1")
-    if not settings.decode_timeout_s > 0:
-        raise UsageError(f"--decode-timeout {settings.decode_timeout_s}: must be more than 0")
+    check_decode_timeout(settings.decode_timeout_s)
     check_decoders(settings.decoders)
     autocast_for(pick_device(settings.device), settings.precision)
     if settings.store_dtype not in STORE_DTYPES:

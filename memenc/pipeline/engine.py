@@ -34,6 +34,7 @@ differ), and stores the features in bfloat16.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import queue
 import sys
@@ -80,8 +81,11 @@ from memenc.store import (
     is_url,
     store_lock,
 )
+from memenc.store.schema import MEM_DIM, PTR_DIM
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Blosc (the schema's compressor) takes at most 2**31 - 1 bytes less its 16-byte header
+MAX_CHUNK_BYTES = 2**31 - 1 - 16
 STORE_DTYPES = ("float16", "float32")
 
 
@@ -188,6 +192,12 @@ def _warn_if_slow_bf16(device: torch.device, precision: str) -> None:
             ),
             stacklevel=4,
         )
+
+
+def check_decode_timeout(seconds: float) -> None:
+    """Raise UsageError unless `seconds` is a finite number above 0."""
+    if not 0 < seconds < math.inf:
+        raise UsageError(f"--decode-timeout {seconds}: must be a finite number of seconds above 0")
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -299,6 +309,14 @@ def store_layout(
     f = chunk_frames or min(default_chunk_frames(o, h, w, store_dtype), len(frames))
     if f < 1:
         raise UsageError(f"--chunk-frames must be at least 1, got {f}")
+    # the largest chunk: one object's features, or every object's pointers (float32)
+    frame_bytes = max(MEM_DIM * h * w * np.dtype(store_dtype).itemsize, o * PTR_DIM * 4)
+    if f * frame_bytes > MAX_CHUNK_BYTES:
+        raise UsageError(
+            f"--chunk-frames {f}: a chunk would hold {f * frame_bytes / 2**30:.1f} GiB, more "
+            f"than Blosc compresses in one piece (2 GiB); choose at most "
+            f"{MAX_CHUNK_BYTES // frame_bytes}"
+        )
     v = model.variant
     settings = RunSettings(
         numbers_version=NUMBERS_VERSION,
@@ -967,8 +985,7 @@ def encode_video(
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     if chunk_frames is not None and chunk_frames < 1:
         raise UsageError(f"--chunk-frames {chunk_frames}: must be at least 1")
-    if not decode_timeout_s > 0:
-        raise UsageError(f"--decode-timeout {decode_timeout_s}: must be more than 0 seconds")
+    check_decode_timeout(decode_timeout_s)
     dev = pick_device(device)
     batch_size = default_batch_size(dev) if batch_size is None else batch_size
     autocast_for(dev, precision)

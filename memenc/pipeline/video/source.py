@@ -16,7 +16,7 @@ import numpy as np
 from memenc.errors import VideoDecodeError
 from memenc.pipeline.video.child import video_child_main
 from memenc.pipeline.video.process import Decoder, DecoderGone, SharedBuffer
-from memenc.pipeline.video.types import NATIVE, FrameBatch, VideoInfo
+from memenc.pipeline.video.types import NATIVE, FrameBatch, VideoInfo, short_error
 
 __all__ = ["VideoSource", "probe_video", "read_frame"]
 
@@ -273,7 +273,10 @@ class VideoSource:
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None
-        buffer = SharedBuffer(frames, self.image_size)
+        try:
+            buffer = SharedBuffer(frames, self.image_size)
+        except OSError as e:  # /dev/shm and the temp folder both too small
+            raise VideoDecodeError(f"{self.path}: {short_error(e)}; lower --batch-size") from None
         try:
             decoder.send(("map", buffer.path, buffer.nbytes))
             self._expect(decoder.recv(time.monotonic()), "ok")
