@@ -431,6 +431,15 @@ def test_complete_store_with_same_fingerprint_is_a_no_op(written_store) -> None:
     assert snapshot(path) == before
 
 
+def test_a_setting_that_differs_is_named_once(written_store) -> None:
+    path, _ = written_store(chunks=[0], finalize=False)
+    other = {**SETTINGS, "chunk_frames": F + 1}  # a layout key that is fingerprinted too
+    with pytest.raises(StoreError) as info:
+        CacheStore.prepare(path, make_layout(settings=other, chunk_frames=F + 1))
+    message = str(info.value)
+    assert "(chunk_frames differ)" in message, message
+
+
 @pytest.mark.parametrize("finish", [False, True], ids=["in_progress", "complete"])
 def test_other_fingerprint_is_refused_unless_overwrite(written_store, finish: bool) -> None:
     path, _ = written_store(chunks=[0, 1, 2, 3] if finish else [0], finalize=finish)

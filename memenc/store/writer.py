@@ -184,6 +184,7 @@ class CacheStore:
             differs.extend(keys or ["fingerprint"])
         if attrs.get("status") not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
             differs.append(f"status {attrs.get('status')!r}")
+        differs = list(dict.fromkeys(differs))  # a layout key can also be a fingerprint key
         if differs:
             shown = ", ".join(differs[:8]) + (", …" if len(differs) > 8 else "")
             raise StoreError(
