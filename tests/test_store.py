@@ -849,6 +849,28 @@ def test_flipped_bit_is_detected_on_read(written_store) -> None:
     np.testing.assert_array_equal(cache.features(0, 3).numpy(), expected_features("float32")[0, 0])
 
 
+def test_a_chunk_file_deleted_under_its_marker_is_an_error_on_read(written_store) -> None:
+    """Zarr reads a missing chunk as the fill value (NaN) without an error; the reader
+    refuses NaN in a chunk marked written, since the writer never stores it."""
+    path, _ = written_store()
+    chunk_file(path, "maskmem_features", 1, 0, 0, 0, 0).unlink()
+    chunk_file(path, "obj_ptr", 2, 0, 0).unlink()
+    chunk_file(path, "object_score_logits", 0, 0).unlink()
+    cache = open_cache(path)
+    with pytest.raises(StoreError, match=r"maskmem_features chunk 1 object 3 is missing"):
+        cache.features(4, 3)
+    with pytest.raises(StoreError, match=r"obj_ptr chunk 2 is missing"):
+        cache.pointer(6, 7)
+    with pytest.raises(StoreError, match=r"object_score_logits row 1 object 3 is missing"):
+        cache.score(1, 3)
+    with pytest.raises(StoreError, match=r"maskmem_features chunk 1 object 3 is missing"):
+        cache.sam2_output_dict(3, frames=[int(cache.frame_index[4])])
+    np.testing.assert_array_equal(  # what is there still reads
+        cache.features(4, 7).numpy(), expected_features("float16")[4, 1]
+    )
+    assert cache.pointer(0, 3).shape == (256,)
+
+
 def test_damaged_small_array_fails_at_open(written_store) -> None:
     path, _ = written_store()
     flip_bit(chunk_file(path, "maskmem_pos_enc", 0, 0, 0), 0x01)

@@ -213,11 +213,23 @@ class MemoryCache:
     def _feature_chunk(self, chunk: int, obj: int) -> np.ndarray:
         """Decoded maskmem_features of one frame-chunk and object: [n, 64, h, w] store dtype."""
         rows = self._layout.chunk_rows(chunk)
+        what = f"maskmem_features chunk {chunk} object {self.object_ids[obj]}"
         return self._cached(
             (chunk, obj),
-            f"maskmem_features chunk {chunk} object {self.object_ids[obj]}",
-            lambda: self._features[rows.start : rows.stop, obj],
+            what,
+            lambda: self._written(what, self._features[rows.start : rows.stop, obj]),
         )
+
+    def _written(self, what: str, data: np.ndarray) -> np.ndarray:
+        """`data` read from a chunk marked written, or StoreError when it holds NaN: the
+        writer refuses non-finite features, pointers and scores, and NaN is the arrays' fill
+        value, so NaN there means the chunk's file is missing (deleted after it was written)."""
+        if np.isnan(data).any():
+            raise StoreError(
+                f"{self.path}: {what} is missing (NaN, the fill value, in a chunk marked "
+                "written: its file was deleted or replaced); recompute the store"
+            )
+        return data
 
     def _cached(self, key: tuple[int, int], what: str, read: Any) -> np.ndarray:
         """`read()` through the LRU chunk cache (``key``: chunk, object or -1 for pointers)."""
@@ -258,7 +270,8 @@ class MemoryCache:
         """
         obj = self._object(object_id)
         self._chunk_of(row)
-        return float(self._read("object_score_logits", lambda: self._scores[row, obj]))
+        what = f"object_score_logits row {row} object {object_id}"
+        return float(self._written(what, self._read(what, lambda: self._scores[row, obj])))
 
     def for_sam2(
         self, row: int, object_id: int, device: str | torch.device = "cpu"
@@ -294,8 +307,9 @@ class MemoryCache:
             )
         rows = self._layout.chunk_rows(chunk)
         pointers = self._pointers
+        what = f"obj_ptr chunk {chunk}"
         return self._cached(
-            (chunk, -1), f"obj_ptr chunk {chunk}", lambda: pointers[rows.start : rows.stop]
+            (chunk, -1), what, lambda: self._written(what, pointers[rows.start : rows.stop])
         )
 
     def pointer(self, row: int, object_id: int) -> torch.Tensor:
@@ -365,7 +379,8 @@ class MemoryCache:
             k = row - chunk * self.chunk_frames
             feats = self._feature_chunk(chunk, obj)[k]
             ptr = self._pointer_chunk(chunk)[k, obj]
-            score = self._read("object_score_logits", lambda r=row: self._scores[r, obj])
+            what = f"object_score_logits row {row} object {object_id}"
+            score = self._written(what, self._read(what, lambda r=row: self._scores[r, obj]))
             cond[frame] = {
                 "maskmem_features": torch.from_numpy(feats.astype(np.float32))
                 .to(device=device, dtype=dtype)
