@@ -434,6 +434,14 @@ def test_url_without_its_backend_is_a_usage_error_naming_the_extra(tmp_path, dat
     assert not any(tmp_path.iterdir())
 
 
+def test_out_that_is_a_file_is_a_usage_error_and_the_file_is_kept(tmp_path, dataset):
+    taken = tmp_path / "taken.zarr"
+    taken.write_bytes(b"precious")
+    with pytest.raises(UsageError, match=r"--out .*taken\.zarr: exists and is not a folder"):
+        run_batch([dataset / "c0.mp4"], taken, settings=SETTINGS)
+    assert taken.read_bytes() == b"precious"
+
+
 def test_after_a_prepare_pass_shards_split_long_videos_by_unit(tmp_path, dataset, references):
     """--prepare-only creates every store and the plan; then three shards each take every
     third unit across the batch, so the long clip's three units land on three shards, each

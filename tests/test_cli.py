@@ -244,6 +244,33 @@ def test_out_of_gpu_memory_is_one_line_suggesting_a_smaller_batch(clip, monkeypa
     assert "smaller --batch-size" in line and "8" in line and "internal error" not in line
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 26843545600 bytes. Error code 12 (Cannot allocate "
+            "memory)"
+        ),
+        MemoryError(),
+    ],
+)
+def test_out_of_host_memory_is_one_line_suggesting_a_smaller_size(clip, monkeypatch, error):
+    import memenc.pipeline.engine as engine
+
+    def raise_oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(engine, "encode_video", raise_oom)
+    video, _ = clip
+    r = invoke("encode", video, "--weights", "random", "--image-size", "8192")
+    assert r.exit_code == 1, r.stderr
+    line = stderr_line(r)
+    assert line.startswith("memenc: error: out of memory ("), line
+    assert "smaller --image-size" in line and "internal error" not in line, line
+    assert len(line) < 220, line
+
+
 def test_debug_env_shows_the_traceback(tmp_path):
     r = invoke("encode", tmp_path / "nope.mp4", "--weights", "random", env={"MEMENC_DEBUG": "1"})
     assert r.exit_code == 1 and "Traceback" in r.stderr and "nope.mp4" in r.stderr
@@ -337,6 +364,11 @@ def test_chunk_frames_past_what_blosc_takes_is_a_usage_error_without_a_store(tmp
     r = invoke(*argv, "--chunk-frames", str(most + 1))
     line = usage_error_line(r)
     assert f"--chunk-frames {most + 1}" in line and f"at most {most}" in line, line
+    assert not out.exists()
+    # past 2 GiB in one frame (S=65536: 64 * 4096**2 * 2 bytes), the image size is named
+    big = ["encode", video, "--weights", "random", "--image-size", "65536", "-o", out]
+    line = usage_error_line(invoke(*big))
+    assert "--image-size 65536" in line and "smaller --image-size" in line, line
     assert not out.exists()
     r = invoke(*argv, "--chunk-frames", "4", "--quiet")
     assert r.exit_code == 0, r.stderr

@@ -20,7 +20,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from memenc.errors import StoreError
+from memenc.errors import StoreError, UsageError
 from memenc.pipeline.preview import CAPTION_HEIGHT, PANEL_GAP, render_preview
 from memenc.store import SCHEMA, CacheStore, StoreLayout, describe_store, fingerprint
 
@@ -396,8 +396,13 @@ def test_preview_errors(scene: dict[str, Path]) -> None:
         render_preview(store, 0, folder / "x.png", object_id=9)
     with pytest.raises(StoreError, match=r"no-such-dir/x\.png: cannot write the preview"):
         render_preview(store, 0, folder / "no-such-dir" / "x.png")
+    (folder / "taken.png").mkdir()
     with pytest.raises(StoreError, match="cannot write the preview"):
-        render_preview(store, 0, folder)  # a directory
+        render_preview(store, 0, folder / "taken.png")  # a directory
+    with pytest.raises(UsageError, match=r"x\.jpg: the preview is a PNG"):
+        render_preview(store, 0, folder / "x.jpg")  # PNG bytes under another name
+    with pytest.raises(UsageError, match="the preview is a PNG"):
+        render_preview(store, 0, folder)  # no suffix at all
     with pytest.raises(StoreError, match="no memenc store here"):
         render_preview(folder / "absent.zarr", 0, folder / "x.png")
     assert not (folder / "x.png").exists()

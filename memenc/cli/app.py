@@ -42,7 +42,7 @@ class _ErrorMappingCommand(TyperCommand):
     """Runs a command and maps what it raises: memenc's `UsageError` becomes the parser's
     usage error (usage line + one `Error:` line, exit 2); another `MemencError` one line
     on stderr and its exit code; running out of GPU memory one line suggesting a smaller
-    --batch-size (exit 1); a closed output pipe nothing (exit 141, as SIGPIPE would);
+    --batch-size (exit 1), out of host memory one suggesting a smaller --image-size; a closed output pipe nothing (exit 141, as SIGPIPE would);
     anything else one line marked as an internal error (exit 1).
     MEMENC_DEBUG=1 prints the traceback as well."""
 
@@ -81,6 +81,12 @@ class _ErrorMappingCommand(TyperCommand):
                     f"try a smaller --batch-size (this run: {batch}) or --image-size"
                 )
                 ctx.exit(1)
+            if _is_out_of_host_memory(e):
+                _error_line(
+                    f"memenc: error: out of memory ({_first_line(e)[:100]}); "
+                    "try a smaller --image-size or --batch-size"
+                )
+                ctx.exit(1)
             _error_line(
                 f"memenc: internal error: {type(e).__name__}: {e} "
                 "(set MEMENC_DEBUG=1 for the traceback)"
@@ -101,6 +107,13 @@ def _is_out_of_memory(e: BaseException) -> bool:
     if type(e).__name__ == "OutOfMemoryError":
         return True
     return isinstance(e, RuntimeError) and "CUDA out of memory" in str(e)
+
+
+def _is_out_of_host_memory(e: BaseException) -> bool:
+    """torch's CPU allocator refusing a tensor, or Python's MemoryError."""
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate" in str(e)
 
 
 def _first_line(e: BaseException) -> str:

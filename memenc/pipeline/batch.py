@@ -1029,9 +1029,12 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
 
 
 def _check_out(out: str) -> None:
-    """A URL's fsspec backend must be installed (a usage error naming the extra)."""
+    """A URL's fsspec backend must be installed (a usage error naming the extra); a local
+    --out must be a folder or not exist yet."""
     if _is_url(out):
         check_url(out)
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a folder")
 
 
 def run_batch(

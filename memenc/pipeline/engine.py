@@ -311,6 +311,12 @@ def store_layout(
         raise UsageError(f"--chunk-frames must be at least 1, got {f}")
     # the largest chunk: one object's features, or every object's pointers (float32)
     frame_bytes = max(MEM_DIM * h * w * np.dtype(store_dtype).itemsize, o * PTR_DIM * 4)
+    if frame_bytes > MAX_CHUNK_BYTES:
+        raise UsageError(
+            f"--image-size {model.image_size}: one frame's features would take "
+            f"{frame_bytes / 2**30:.1f} GiB, more than a chunk can hold (2 GiB); use a "
+            "smaller --image-size"
+        )
     if f * frame_bytes > MAX_CHUNK_BYTES:
         raise UsageError(
             f"--chunk-frames {f}: a chunk would hold {f * frame_bytes / 2**30:.1f} GiB, more "

@@ -96,13 +96,15 @@ def render_preview(
             message gives the stored range); ``object_id`` is not in it (the message lists
             the ids); the frame's chunk is not written yet; its data is damaged; or ``out``
             cannot be written.
-        UsageError: ``panel_height`` below 16.
+        UsageError: ``panel_height`` below 16, or ``out`` not named ``*.png``.
 
     A missing or unreadable video or mask source does not raise: its panel is grey and
     says "video unavailable" / "mask unavailable".
     """
     if panel_height < 16:
         raise UsageError(f"panel height must be at least 16 pixels, got {panel_height}")
+    if Path(out).suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: the preview is a PNG; give a path ending in .png")
     cache = store if isinstance(store, MemoryCache) else MemoryCache(store)
     if object_id is None:
         object_id = cache.object_ids[0]
