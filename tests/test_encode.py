@@ -129,6 +129,38 @@ def test_complete_store_is_a_noop_and_other_settings_are_refused(tmp_path, clip)
     assert open_cache(tmp_path / "s.zarr").attrs["model"]["seed"] == 5
 
 
+def test_a_failed_overwrite_brings_the_old_store_back(tmp_path, clip, monkeypatch):
+    """--overwrite on a complete store whose replacement fails part way (here a chunk that
+    cannot be written, after the first): the complete store is back, file for file."""
+    import memenc.pipeline.engine as engine
+    from memenc.store import CacheStore
+
+    video, _, _ = clip
+    out = tmp_path / "s.zarr"
+    kw = dict(weights="random", image_size=64, out=out, chunk_frames=2)
+    encode_video(video, **kw)
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    files = {k: v for k, v in files.items() if k.name != ".memenc.lock"}
+    real = CacheStore.write_chunk
+
+    def fail_after_one(self, chunk, *args, **kwargs):
+        if chunk > 0:
+            raise StoreError(f"{out}: writing chunk {chunk} failed: no space left on device")
+        return real(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(CacheStore, "write_chunk", fail_after_one)
+    with pytest.raises(StoreError, match="no space left"):
+        encode_video(video, **{**kw, "seed": 5}, overwrite=True)
+    now = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {k: v for k, v in now.items() if k.name != ".memenc.lock"} == files
+    assert not (tmp_path / ".s.zarr.memenc-replaced").exists()
+    assert open_cache(out).attrs["model"]["seed"] == 0
+    monkeypatch.setattr(CacheStore, "write_chunk", real)
+    assert engine.encode_video(video, **{**kw, "seed": 5}, overwrite=True).chunks_written > 1
+    assert open_cache(out).attrs["model"]["seed"] == 5
+    assert not (tmp_path / ".s.zarr.memenc-replaced").exists()
+
+
 def test_mask_formats_give_the_same_features(tmp_path, clip):
     """The same masks as PNGs, a mask video, .npy labels and SA-V JSON (every 4th frame
     annotated) store the same features."""

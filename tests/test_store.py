@@ -431,6 +431,35 @@ def test_complete_store_with_same_fingerprint_is_a_no_op(written_store) -> None:
     assert snapshot(path) == before
 
 
+def test_an_overwrite_keeps_the_old_store_aside_until_the_new_one_is_complete(
+    written_store,
+) -> None:
+    path, _ = written_store()  # complete
+    before = snapshot(path)
+    aside = path.parent / f".{path.name}.memenc-replaced"
+    other = {**SETTINGS, "model": {"variant": "tiny", "seed": 1}}
+
+    # a replacement that fails: the old store comes back whole, nothing left beside it
+    new = CacheStore.prepare(path, make_layout(settings=other), overwrite=True)
+    assert aside.is_dir() and new.pending_chunks() == [0, 1, 2, 3]
+    write(new, [0, 1])
+    assert new.bring_back_replaced() is True
+    assert snapshot(path) == before and not aside.exists()
+    assert open_cache(path).status == "complete"
+
+    # an overwrite cut short, then a second one: the aside still holds the first store
+    new = CacheStore.prepare(path, make_layout(settings=other), overwrite=True)
+    write(new, [0])
+    again = CacheStore.prepare(path, make_layout(settings=other), overwrite=True)
+    assert again.pending_chunks() == [0, 1, 2, 3]
+    assert snapshot(aside) == {k: v for k, v in before.items() if k != LOCK_FILE}
+    # one that completes: the old store is deleted
+    write(again, None)
+    again.finalize()
+    assert not aside.exists() and again.bring_back_replaced() is False
+    assert open_cache(path).attrs["fingerprint"] == fingerprint(other)
+
+
 def test_a_setting_that_differs_is_named_once(written_store) -> None:
     path, _ = written_store(chunks=[0], finalize=False)
     other = {**SETTINGS, "chunk_frames": F + 1}  # a layout key that is fingerprinted too

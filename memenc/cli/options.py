@@ -102,8 +102,9 @@ ChunkFrames = Annotated[
 Overwrite = Annotated[
     bool,
     typer.Option(
-        help="Delete any existing memenc store at the output path and start anew "
-        "(even one made with the same settings: no resume)."
+        help="Replace any memenc store at the output path and start anew (no resume). A "
+        "local store replaced is kept aside until the new one is complete; encode brings "
+        "it back if the run fails."
     ),
 ]
 SkipUnmasked = Annotated[

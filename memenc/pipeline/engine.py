@@ -33,6 +33,7 @@ differ), and stores the features in bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -53,7 +54,14 @@ import numpy as np
 import torch
 
 from memenc.encoders import DEFAULT_VARIANT, VARIANTS, MemencModel, get_variant, load_model
-from memenc.errors import CheckpointError, MaskError, MemencWarning, UsageError, VideoDecodeError
+from memenc.errors import (
+    CheckpointError,
+    MaskError,
+    MemencError,
+    MemencWarning,
+    UsageError,
+    VideoDecodeError,
+)
 from memenc.pipeline.decoders import (
     ParallelDecode,
     SpareSources,
@@ -961,8 +969,9 @@ def encode_video(
     "cpu", "cuda[:i]"), precision ("fp32", "bf16", "fp16"), store_dtype ("float16",
     "float32"), chunk_frames (default: ~1–4 MB chunks). compile: `torch.compile` the image
     and memory encoders (`MemencModel.compile_encoders`; recorded, not fingerprinted).
-    overwrite: delete any memenc store at `out` and start anew (even one made with the
-    same settings: no resume). skip_unmasked: drop frames
+    overwrite: replace any memenc store at `out`, starting anew (even one made with the
+    same settings: no resume); a local store replaced is kept aside until the new one is
+    complete, and comes back if this run fails. skip_unmasked: drop frames
     without a mask instead of failing. sav_step: SA-V annotation step (annotation k is
     video frame k * sav_step). decoders: decoder processes K over disjoint chunk ranges
     of the video (None: 1 on the CPU, from the cores on CUDA; see `choose_decoders`);
@@ -1072,20 +1081,29 @@ def encode_video(
                 if progress:
                     progress(Progress(done, todo, time.monotonic() - t_run))
 
-            written = run_chunks(
-                store,
-                source,
-                mask_source,
-                model,
-                pending,
-                batch_size=batch_size,
-                precision=precision,
-                progress=on_batch,
-                decoders=k_decoders,
-                spares=spares,
-                decoded_all=lambda: (source.close(), mask_source.close()),
-            )
-            store.finalize()
+            try:
+                written = run_chunks(
+                    store,
+                    source,
+                    mask_source,
+                    model,
+                    pending,
+                    batch_size=batch_size,
+                    precision=precision,
+                    progress=on_batch,
+                    decoders=k_decoders,
+                    spares=spares,
+                    decoded_all=lambda: (source.close(), mask_source.close()),
+                )
+                store.finalize()
+            except Exception:
+                # The replacement failed: the store it replaced comes back (every stage
+                # thread has ended by now). Not on Ctrl-C, which may land while they run:
+                # the old store then stays aside until a run completes or fails.
+                if overwrite:
+                    with contextlib.suppress(MemencError):
+                        store.bring_back_replaced()
+                raise
             seconds = time.monotonic() - t0
             run_s = time.monotonic() - t_run
     return EncodeResult(

@@ -119,6 +119,55 @@ class Location:
         except OSError as exc:
             raise StoreError(f"{self}: cannot delete old store: {describe_os_error(exc)}") from exc
 
+    @property
+    def aside(self) -> Path | None:
+        """Where `set_aside` keeps a local store's old contents: a hidden folder beside it."""
+        if self.local is None:
+            return None
+        return self.local.parent / f".{self.local.name}.memenc-replaced"
+
+    def set_aside(self) -> None:
+        """Empty the store directory for a new store (all but the lock file), keeping its
+        contents beside it (`aside`) until `drop_aside` or `bring_back`. When that folder
+        is there already (an earlier replacement never finished), it holds the store that
+        was replaced, so the directory is just cleared. Object stores are cleared."""
+        aside = self.aside
+        if self.local is None or aside is None or aside.exists():
+            self.clear()
+            return
+        try:
+            aside.mkdir()
+            for child in list(self.local.iterdir()):
+                if child.name != LOCK_FILE:
+                    os.replace(child, aside / child.name)
+        except OSError as exc:
+            raise StoreError(
+                f"{self}: cannot set the old store aside: {describe_os_error(exc)}"
+            ) from exc
+
+    def bring_back(self) -> bool:
+        """Put back what `set_aside` kept, replacing the directory's contents (all but the
+        lock file); False when nothing was kept."""
+        aside = self.aside
+        if self.local is None or aside is None or not aside.is_dir():
+            return False
+        self.clear()
+        try:
+            for child in list(aside.iterdir()):
+                os.replace(child, self.local / child.name)
+            aside.rmdir()
+        except OSError as exc:
+            raise StoreError(
+                f"{self}: cannot bring back the old store from {aside}: {describe_os_error(exc)}"
+            ) from exc
+        return True
+
+    def drop_aside(self) -> None:
+        """Delete what `set_aside` kept (once the new store is complete)."""
+        aside = self.aside
+        if aside is not None and aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+
     def remove_partials(self) -> int:
         """Delete zarr's ``*.partial`` temp files left by killed writers; return the count."""
         if self.local is None:

@@ -122,14 +122,16 @@ class CacheStore:
         - Anything else memenc made (other fingerprint, layout or schema version) is
           refused; a creation that was cut short (status ``creating``) is recreated.
         - With ``overwrite``, any memenc store at the path (whatever its settings and
-          status) is deleted and recreated.
+          status) is replaced. A local store's old contents are kept beside it, in
+          ``.<name>.memenc-replaced``, until the new store is complete (`finalize` deletes
+          them) or `bring_back_replaced` restores them; object stores are deleted.
 
         Leftover ``*.partial`` temp files (from killed writers) are removed.
 
         Args:
             path: a directory path, ``file://`` or fsspec URL.
             layout: the store's layout, attributes and fingerprint.
-            overwrite: delete any memenc store at the path first (no resume).
+            overwrite: replace any memenc store at the path (no resume).
 
         Returns:
             The store, open for writing.
@@ -143,17 +145,26 @@ class CacheStore:
         loc = Location(path)
         with store_lock(loc):
             kind = check_memenc_location(loc)
+            replacing = False
             if kind == "zarr":
                 group = open_group(loc, "r+")
                 attrs = memenc_attrs(group) or {}
-                if overwrite or attrs.get("status") == STATUS_CREATING:
+                if attrs.get("status") == STATUS_CREATING:
                     loc.clear()
+                elif overwrite:
+                    loc.set_aside()  # kept until the new store is complete
+                    replacing = True
                 else:
                     store = cls._resume(loc, group, attrs, layout)
                     loc.remove_partials()
                     return store
             loc.remove_partials()
-            return cls._create(loc, layout)
+            try:
+                return cls._create(loc, layout)
+            except BaseException:
+                if replacing:
+                    loc.bring_back()
+                raise
 
     @classmethod
     def _resume(
@@ -464,6 +475,7 @@ class CacheStore:
                 f"chunks not written (chunks {chunk_ranges(missing)})"
             )
         if self.status == STATUS_COMPLETE:
+            self._loc.drop_aside()
             return
         kill_point("before-complete")
         attrs = {**self._attrs, "status": STATUS_COMPLETE}
@@ -481,6 +493,13 @@ class CacheStore:
             ) from exc
         self._group = group
         self._attrs = attrs
+        self._loc.drop_aside()  # the store an overwrite replaced, kept until now
+
+    def bring_back_replaced(self) -> bool:
+        """Restore the store that `prepare(overwrite=True)` set aside, deleting this one
+        (for a replacement that failed); False when nothing was set aside. Takes the lock."""
+        with store_lock(self._loc):
+            return self._loc.bring_back()
 
     def __repr__(self) -> str:
         return f"CacheStore({self.path!r}, status={self.status!r}, chunks={self.num_chunks})"
