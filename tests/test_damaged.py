@@ -120,9 +120,9 @@ def test_whole_files_promise_what_decodes(whole, tmp_path):
         assert (info.frame_count, info.frame_count_declared) == (N - shift, N - shift), shift
 
 
-def encode(video: Path, masks: Path, out: Path):
+def encode(video: Path, masks: Path, out: Path, *extra: str):
     argv = ["encode", video, "--masks", masks, "--weights", "random", "--image-size", SIZE]
-    return runner.invoke(app, [*map(str, argv), "-o", str(out), "-q"])
+    return runner.invoke(app, [*map(str, argv), "-o", str(out), "-q", *extra])
 
 
 def one_line(stderr: str) -> str:
@@ -160,6 +160,17 @@ def test_damaged_video_is_named_or_encoded_with_a_warning(tmp_path, whole, conta
     else:  # nothing promised more: the masks disagree with the video, both named and counted
         assert line == f"memenc: error: {full}: masks for {N} frames, the video {video} has {m}"
     assert not (tmp_path / "full.zarr").exists()
+    if n > m:
+        # the same masks with --frames that select only frames that decode: encoded
+        out = tmp_path / "selected.zarr"
+        r = encode(video, full, out, "--frames", f"0:{m}")
+        assert r.exit_code == 0, r.stderr
+        assert one_line(r.stderr).startswith(f"memenc: warning: {video}: only {m} of {n}")
+        assert MemoryCache(out).frame_index.tolist() == list(range(m))
+        # one frame past them: the video is named as damaged again
+        r = encode(video, full, tmp_path / "past.zarr", "--frames", f"0:{m + 1}")
+        assert r.exit_code == 1 and "truncated or damaged" in one_line(r.stderr), r.stderr
+        assert not (tmp_path / "past.zarr").exists()
 
     # masks for the frames that decode: those are encoded
     fit = tmp_path / f"masks_{m}.npy"

@@ -914,7 +914,7 @@ class _Coordinator:
         masks = masks_for(inp, self.masks_template)
         mask_source = open_run_masks(
             Path(masks), video_path, info, objects=object_ids, sav_step=s.sav_step,
-            timeout_s=s.decode_timeout_s,
+            timeout_s=s.decode_timeout_s, selection=selection,
         )  # fmt: skip
         try:
             planned = plan_frames(info.frame_count, selection, mask_source, s.skip_unmasked)

@@ -385,9 +385,17 @@ def open_run_masks(
     objects: list[int] | None,
     sav_step: int,
     timeout_s: float,
+    selection: slice = slice(None),
 ) -> MaskSource:
     """A run's mask source, checked against the probed video (`encode` and `batch` alike).
-    Raises MaskError, or VideoDecodeError when the masks show the video to be damaged."""
+    Raises MaskError, or VideoDecodeError when the masks show the video to be damaged. On
+    a damaged video whose `selection` (of the frames it promises) holds only frames that
+    decode, masks for at least every promised frame are taken too: the run asks for
+    nothing past the damage."""
+    promised = range(info.frame_count_declared)[selection]
+    whole = info.frame_count_declared > info.frame_count and (
+        len(promised) > 0 and max(promised) < info.frame_count
+    )
     return open_masks(
         mask_path,
         video_frame_count=info.frame_count,
@@ -398,6 +406,7 @@ def open_run_masks(
         video_frame_count_declared=info.frame_count_declared,
         timeout_s=timeout_s,
         sav_step=sav_step,
+        whole_video_masks=whole,
     )
 
 
@@ -1046,7 +1055,7 @@ def encode_video(
         mask_path = Path(masks) if masks is not None else find_masks_beside(video_path)
         mask_source = open_run_masks(
             mask_path, video_path, info, objects=object_ids, sav_step=sav_step,
-            timeout_s=decode_timeout_s,
+            timeout_s=decode_timeout_s, selection=selection,
         )  # fmt: skip
         stack.callback(mask_source.close)
         _warn_if_damaged(info)

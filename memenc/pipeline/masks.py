@@ -141,6 +141,7 @@ def open_masks(
     video_frame_count_declared: int | None = None,
     timeout_s: float = 60.0,
     sav_step: int = SAV_STEP,
+    whole_video_masks: bool = False,
 ) -> MaskSource:
     """Open a mask source and check that it fits the video.
 
@@ -162,7 +163,9 @@ def open_masks(
     or when a requested object id does not exist (the message lists the ids that
     do) or does not fit in 32 bits. When the video is damaged (fewer frames decode than it promises) and the
     masks do not fit the frames that decode, raises `VideoDecodeError` naming the
-    video as damaged, with both counts and the masks' own. Raises `UsageError` when
+    video as damaged, with both counts and the masks' own; with ``whole_video_masks``
+    (the run selects only frames that decode) masks for at least as many frames as the
+    video promises are taken too. Raises `UsageError` when
     `objects` is empty or repeats an id, or when `sav_step` is below 1.
     """
     if min(video_frame_count, video_width, video_height) < 1:
@@ -186,6 +189,7 @@ def open_masks(
         video_height,
         None if video_path is None else os.fspath(video_path),
         video_frame_count_declared,
+        whole_video_masks,
     )
     source: MaskSource
     if kind == "png":
@@ -245,14 +249,23 @@ class _VideoInfo:
         height: int,
         path: str | None = None,
         declared: int | None = None,
+        whole_video_masks: bool = False,
     ) -> None:
         self.frame_count = frame_count
         self.width = width
         self.height = height
         self.path = path
         self.declared = max(declared or frame_count, frame_count)
+        # masks may be made for the frames that decode, or (a damaged video whose selected
+        # frames all decode) for at least every frame it promises: a damaged file's promise
+        # can fall short of what was written (an mp4 cut short promised 15 of 24 frames)
+        self.whole_video_masks = whole_video_masks and self.declared > frame_count
         # how messages name the video
         self.name = "the video" if path is None else f"the video {path}"
+
+    def fits(self, count: int) -> bool:
+        """Whether masks for `count` frames fit this video."""
+        return count == self.frame_count or (self.whole_video_masks and count >= self.declared)
 
     def count_error(self, claim: str, mismatch: str) -> MemencError:
         """The error for masks whose frames do not fit the video's: ``claim`` says what
@@ -609,7 +622,7 @@ class PngFolderMasks(MaskSource):
         if not self._files:
             raise MaskError(f"{folder}: no .png mask files in this folder")
         last = max(self._files)
-        if last >= video.frame_count:
+        if last >= video.frame_count and not video.whole_video_masks:
             claim = f"{self._files[last]}: mask for frame {last}"
             raise video.count_error(
                 claim,
@@ -707,7 +720,7 @@ class MaskVideo(MaskSource):
         try:
             count, size = self._labels.frame_count, (self._labels.height, self._labels.width)
             _check_aspect(file, size[1], size[0], video)
-            if count != video.frame_count:
+            if not video.fits(count):
                 claim = f"{file}: the mask video has {count} frames"
                 raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
             self.height, self.width = size
@@ -966,7 +979,7 @@ class ArrayMasks(MaskSource):
             raise MaskError(
                 f"{where}: shape {list(shape)}; expected [T, H, W] labels or [T, O, H, W] masks"
             )
-        if shape[0] != video.frame_count:
+        if not video.fits(shape[0]):
             claim = f"{where}: masks for {shape[0]} frames"
             raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
         self.height, self.width = shape[-2], shape[-1]
@@ -1208,10 +1221,14 @@ class SavJsonMasks(MaskSource):
             json_frames = _json_int(json_frames)
             if json_frames is None or json_frames < 1:
                 raise MaskError(f"{file}: 'video_frame_count' must be a positive integer")
-            if json_frames != video.frame_count:
+            if not video.fits(json_frames):
                 claim = f"{file}: annotated for a video of {json_frames} frames"
                 raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
         expected = -(-video.frame_count // step)  # frames 0, step, ... <= N - 1
+        if annotations > expected and video.fits(annotations * step):
+            # made for every frame the video promises: those past the decoded ones go
+            annotations = expected
+            masklet = masklet[:expected]
         if annotations != expected:
             raise MaskError(
                 f"{file}: {annotations} annotations do not fit a video of {video.frame_count} "
