@@ -687,6 +687,13 @@ def test_mask_video_label_values_are_exact(tmp_path, labels, codec, pix_fmt, fmt
     assert torch.equal(source.read(range(T)), expected_masks(values, [3 * scale, 7 * scale]))
 
 
+def test_lossy_mask_video_is_refused_naming_the_codec(tmp_path, labels):
+    grey = [np.repeat(frame[..., None], 3, axis=-1).astype(np.uint8) * 30 for frame in labels]
+    path = write_frames(tmp_path / "lossy.mp4", grey)  # libx264, yuv420p
+    with pytest.raises(MaskError, match=r"lossy\.mp4: the mask video is h264, a lossy codec"):
+        open_masks(path, **VIDEO)
+
+
 def test_colour_mask_video_is_refused(tmp_path, labels):
     rgb = [np.stack([frame, frame, frame * 0], axis=-1) for frame in labels]
     path = write_frames(tmp_path / "colour.mkv", rgb, codec="ffv1", pix_fmt="bgr0")

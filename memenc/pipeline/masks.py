@@ -17,8 +17,9 @@ Formats (DESIGN.md §5):
 - ``video``: a mask video PyAV can decode; frame k is the mask of video frame k.
   Label values are taken from grey or palette-index frames as they are, from RGB
   frames whose channels are equal, and otherwise from the frame converted to grey.
-  The codec is expected to be lossless (ffv1, png, utvideo, ...): a lossy codec
-  turns edges into stray values, which would read as extra object ids. Decoded in a
+  The codec must be lossless (ffv1, png, utvideo, ...; H.264 only in its High 4:4:4
+  Predictive profile): a lossy codec turns edges into stray values, which would read as
+  extra object ids, so it is refused. Decoded in a
   child process with a deadline, like the video (`memenc.pipeline.video.LabelVideo`).
 - ``npy`` / ``npz``: ``[T, H, W]`` integer (or bool) labels; ``[T, O, H, W]`` bool
   masks; ``[T, O, H, W]`` float logits (``is_logits``). Per-object arrays have ids

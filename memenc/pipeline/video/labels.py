@@ -33,6 +33,27 @@ def _frame_labels(index: int, frame: Any) -> np.ndarray:
     return frame.to_ndarray(format="gray")
 
 
+# Codecs that store every pixel value exactly. H.264 is lossless only with qp 0, which
+# needs its High 4:4:4 Predictive profile (`libx264 -qp 0`), so that profile is taken too.
+_LOSSLESS = frozenset((
+    "ffv1", "png", "apng", "rawvideo", "huffyuv", "ffvhuff", "utvideo", "magicyuv", "qtrle",
+    "zlib", "zmbv", "gif", "bmp", "tiff", "pam", "pgm", "pgmyuv", "ppm", "pbm", "targa", "sgi",
+    "qoi",
+))  # fmt: skip
+
+
+def _check_lossless(codec: Any) -> None:
+    """DecodeFailure for a lossy codec: its edges and noise would read as extra ids (an
+    H.264 mask video of the bundled sample read as 119 objects)."""
+    name = codec.name
+    if name in _LOSSLESS or (name == "h264" and "4:4:4 Predictive" in str(codec.profile)):
+        return
+    raise DecodeFailure(
+        f"the mask video is {name}, a lossy codec: its edges would read as stray object "
+        "ids; store the masks losslessly (ffv1 or png video, or a folder of PNGs)"
+    )
+
+
 def iter_labels(path: str) -> Iterator[np.ndarray]:
     """Every frame of a mask video as labels [H, W], in order; `DecodeFailure` on a problem."""
     import av
@@ -52,6 +73,7 @@ def iter_labels(path: str) -> Iterator[np.ndarray]:
         if not container.streams.video:
             raise DecodeFailure("no video stream")
         stream = container.streams.video[0]
+        _check_lossless(stream.codec_context)
         for frame in container.decode(stream):
             yield _frame_labels(index, frame)
             index += 1
