@@ -546,10 +546,10 @@ def test_write_chunk_refuses_float16_overflow_and_nan(tmp_path: Path) -> None:
         store.write_chunk(3, features * 1e6, scores, timestamps, pointers)
     bad = pointers.copy()
     bad[0, 1, 5] = np.inf
-    with pytest.raises(StoreError, match="non-finite.*object pointers"):
+    with pytest.raises(StoreError, match="non-finite.*object pointers.*check the checkpoint"):
         store.write_chunk(3, features, scores, timestamps, bad)
     features[0, 0, 0, 0, 0] = np.nan
-    with pytest.raises(StoreError, match="non-finite"):
+    with pytest.raises(StoreError, match="non-finite.*features.*check the checkpoint and"):
         store.write_chunk(3, features, scores, timestamps, pointers)
     assert store.pending_chunks() == [0, 1, 2, 3]
 

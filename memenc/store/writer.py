@@ -380,13 +380,18 @@ class CacheStore:
                 peak = float(np.abs(features).max()) if peak is None else peak
                 raise StoreError(
                     f"{self._loc}: features in {where} exceed the float16 range "
-                    f"(max |x| = {peak:.4g}); use --store-dtype float32"
+                    f"(max |x| = {peak:.4g}); use --store-dtype float32, or check the "
+                    "checkpoint if it may be damaged"
                 )
-            raise StoreError(f"{self._loc}: non-finite (NaN/inf) features in {where}")
+            raise StoreError(
+                f"{self._loc}: non-finite (NaN/inf) features in {where}; the model gave "
+                "them: check the checkpoint and the masks"
+            )
         if not np.isfinite(pointers).all():
             raise StoreError(
                 f"{self._loc}: non-finite (NaN/inf) object pointers in rows "
-                f"{rows.start}-{rows.stop - 1} (chunk {chunk})"
+                f"{rows.start}-{rows.stop - 1} (chunk {chunk}); the model gave them: check "
+                "the checkpoint and the masks"
             )
         sel = slice(rows.start, rows.stop)
         data = {
