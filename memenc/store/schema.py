@@ -52,6 +52,7 @@ __all__ = [
     "default_chunk_frames",
     "layout_from_group",
     "memenc_attrs",
+    "settings_that_differ",
 ]
 
 SCHEMA = "memenc.memory-cache/2"
@@ -352,6 +353,28 @@ class StoreLayout:
     def group_attrs(self, status: str) -> dict[str, Any]:
         """The ``memenc`` group attribute for this layout with the given status."""
         return {**self.attrs, **self._owned_attrs(status)}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def settings_that_differ(layout: StoreLayout, old: StoreLayout, attrs: dict[str, Any]) -> list[str]:
+    """The dotted names of the settings in which a run (``layout``) and an existing store
+    (its ``attrs`` and layout ``old``) differ: those the fingerprint covers, when the run
+    says which (`StoreLayout.identity`), else all of them."""
+    if layout.identity is not None:
+        before = _flat(dict(layout.identity(attrs)))
+        after = _flat(dict(layout.identity(layout.attrs)))
+    else:
+        before = _flat(old.attrs)
+        after = _flat(layout.attrs)
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 def memenc_attrs(group: zarr.Group) -> dict[str, Any] | None:

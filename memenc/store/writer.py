@@ -65,6 +65,7 @@ from memenc.store.schema import (
     chunk_ranges,
     layout_from_group,
     memenc_attrs,
+    settings_that_differ,
 )
 
 __all__ = ["CacheStore"]
@@ -73,15 +74,6 @@ __all__ = ["CacheStore"]
 def _writing(array: zarr.Array) -> zarr.Array:
     """`array` set to write every chunk, even one equal to its fill value."""
     return array.with_config({"write_empty_chunks": True})
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): value}
 
 
 class CacheStore:
@@ -185,14 +177,7 @@ class CacheStore:
         ):
             differs.append("frame_index")
         if attrs.get("fingerprint") != layout.fingerprint:
-            if layout.identity is not None:  # only the settings the fingerprint covers
-                before = _flat(dict(layout.identity(attrs)))
-                after = _flat(dict(layout.identity(layout.attrs)))
-            else:
-                before = _flat(old.attrs)
-                after = _flat(layout.attrs)
-            keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-            differs.extend(keys or ["fingerprint"])
+            differs.extend(settings_that_differ(layout, old, attrs) or ["fingerprint"])
         if attrs.get("status") not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
             differs.append(f"status {attrs.get('status')!r}")
         differs = list(dict.fromkeys(differs))  # a layout key can also be a fingerprint key
