@@ -42,7 +42,8 @@ class _ErrorMappingCommand(TyperCommand):
     """Runs a command and maps what it raises: memenc's `UsageError` becomes the parser's
     usage error (usage line + one `Error:` line, exit 2); another `MemencError` one line
     on stderr and its exit code; running out of GPU memory one line suggesting a smaller
-    --batch-size (exit 1), out of host memory one suggesting a smaller --image-size; a closed output pipe nothing (exit 141, as SIGPIPE would);
+    --batch-size (exit 1), out of host memory one suggesting a smaller --image-size; a
+    closed output pipe nothing (exit 141, as SIGPIPE would);
     anything else one line marked as an internal error (exit 1).
     MEMENC_DEBUG=1 prints the traceback as well."""
 

@@ -332,9 +332,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
     frame folders), or a manifest (``.csv``, ``.jsonl``, ``.ndjson``) with the column
     ``video`` and optional ``masks``, ``output``, ``objects``, ``frames``. A video listed
     twice with the same settings (e.g. by a folder and a glob) is kept once; manifest rows
-    that give one video other settings or another output are inputs of their own. Store names are the video's stem (a frame folder's name) plus
-    ``.zarr``, with ``-2``, ``-3`` … appended when stems collide; a manifest's ``output``
-    is used as given unless it is absolute or has ``..`` (that input is refused).
+    that give one video other settings or another output are inputs of their own. Store
+    names are the video's stem (a frame folder's name) plus ``.zarr``, with ``-2``,
+    ``-3`` … appended when stems collide; a manifest's ``output`` is used as given unless
+    it is absolute or has ``..`` (that input is refused).
 
     Raises:
         UsageError: an input that does not exist, a glob that matches nothing, a malformed

@@ -392,10 +392,9 @@ def open_run_masks(
     a damaged video whose `selection` (of the frames it promises) holds only frames that
     decode, masks for at least every promised frame are taken too: the run asks for
     nothing past the damage."""
+    # whether the video is damaged at all, open_masks judges from the two counts
     promised = range(info.frame_count_declared)[selection]
-    whole = info.frame_count_declared > info.frame_count and (
-        len(promised) > 0 and max(promised) < info.frame_count
-    )
+    inside = len(promised) > 0 and max(promised) < info.frame_count
     return open_masks(
         mask_path,
         video_frame_count=info.frame_count,
@@ -406,7 +405,7 @@ def open_run_masks(
         video_frame_count_declared=info.frame_count_declared,
         timeout_s=timeout_s,
         sav_step=sav_step,
-        whole_video_masks=whole,
+        whole_video_masks=inside,
     )
 
 

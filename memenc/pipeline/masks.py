@@ -19,8 +19,8 @@ Formats (DESIGN.md §5):
   frames whose channels are equal, and otherwise from the frame converted to grey.
   The codec must be lossless (ffv1, png, utvideo, ...; H.264 only in its High 4:4:4
   Predictive profile): a lossy codec turns edges into stray values, which would read as
-  extra object ids, so it is refused. Decoded in a
-  child process with a deadline, like the video (`memenc.pipeline.video.LabelVideo`).
+  extra object ids, so it is refused. Decoded in a child process with a deadline, like
+  the video (`memenc.pipeline.video.LabelVideo`).
 - ``npy`` / ``npz``: ``[T, H, W]`` integer (or bool) labels; ``[T, O, H, W]`` bool
   masks; ``[T, O, H, W]`` float logits (``is_logits``). Per-object arrays have ids
   ``1..O`` unless an ``.npz`` holds an ``object_ids`` array. An ``.npz`` uses the
@@ -162,12 +162,13 @@ def open_masks(
     aspect ratio does not fit the video, when an array has the wrong dtype or
     shape, when an SA-V file's annotation count is not ``ceil(frames / sav_step)``,
     or when a requested object id does not exist (the message lists the ids that
-    do) or does not fit in 32 bits. When the video is damaged (fewer frames decode than it promises) and the
-    masks do not fit the frames that decode, raises `VideoDecodeError` naming the
-    video as damaged, with both counts and the masks' own; with ``whole_video_masks``
-    (the run selects only frames that decode) masks for at least as many frames as the
-    video promises are taken too. Raises `UsageError` when
-    `objects` is empty or repeats an id, or when `sav_step` is below 1.
+    do) or does not fit in 32 bits. When the video is damaged (fewer frames decode
+    than it promises) and the masks do not fit the frames that decode, raises
+    `VideoDecodeError` naming the video as damaged, with both counts and the masks'
+    own; with ``whole_video_masks`` (the run selects only frames that decode) masks
+    for at least as many frames as the video promises are taken too. Raises
+    `UsageError` when `objects` is empty or repeats an id, or when `sav_step` is below
+    1.
     """
     if min(video_frame_count, video_width, video_height) < 1:
         raise ValueError(

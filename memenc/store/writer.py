@@ -4,9 +4,10 @@ Who writes what (see RELIABILITY.md, Zarr section):
 
 - The coordinator calls `CacheStore.prepare` once: it creates every array and the small
   ones' data, and writes the group attributes (status ``creating``, then ``in_progress``
-  as its last write, so a store cut short while ``creating`` is rebuilt on rerun). It is the only
-  writer of metadata and attributes, and the only caller of `CacheStore.finalize`, which
-  checks every ``chunk_done`` marker and then writes status ``complete``.
+  as its last write, so a store cut short while ``creating`` is rebuilt on rerun). It is
+  the only writer of metadata and attributes, and the only caller of
+  `CacheStore.finalize`, which checks every ``chunk_done`` marker and then writes status
+  ``complete``.
 - Workers (in this process or others) call `CacheStore.open_for_write` and
   `CacheStore.write_chunk`: they write whole frame-chunks only, data first, then that
   chunk's ``chunk_done`` entry. ``chunk_done`` is chunked by 1, so two workers never
