@@ -222,52 +222,42 @@ def test_progress_bar_follows_stderr_not_stdout(monkeypatch):
     assert not cli.progress_wanted(quiet=False, as_json=False)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+_HOST_OOM = RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 26843545600 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+# error -> (an option of the run, the start of the line, the advice it must give)
+OUT_OF_MEMORY = {
+    "cuda": (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+             ["--batch-size", "8"], "out of GPU memory", ["smaller --batch-size", "8"]),
+    "cuda, older torch": (
         RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB (GPU 0; 7.8 GiB total)"),
-    ],
-)
-def test_out_of_gpu_memory_is_one_line_suggesting_a_smaller_batch(clip, monkeypatch, error):
+        ["--batch-size", "8"], "out of GPU memory", ["smaller --batch-size", "8"]),
+    "host, torch": (_HOST_OOM, ["--image-size", "8192"], "out of memory (",
+                    ["smaller --image-size"]),
+    "host, python": (MemoryError(), ["--image-size", "8192"], "out of memory (",
+                     ["smaller --image-size"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", OUT_OF_MEMORY)
+def test_out_of_memory_is_one_line_suggesting_a_smaller_run(clip, monkeypatch, case):
     import memenc.pipeline.engine as engine
+
+    error, option, start, advice = OUT_OF_MEMORY[case]
 
     def raise_oom(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(engine, "encode_video", raise_oom)
     video, _ = clip
-    r = invoke("encode", video, "--weights", "random", "--batch-size", "8")
+    r = invoke("encode", video, "--weights", "random", *option)
     assert r.exit_code == 1, r.stderr
     line = stderr_line(r)
-    assert line.startswith("memenc: error: out of GPU memory"), line
-    assert "smaller --batch-size" in line and "8" in line and "internal error" not in line
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
-            "memory: you tried to allocate 26843545600 bytes. Error code 12 (Cannot allocate "
-            "memory)"
-        ),
-        MemoryError(),
-    ],
-)
-def test_out_of_host_memory_is_one_line_suggesting_a_smaller_size(clip, monkeypatch, error):
-    import memenc.pipeline.engine as engine
-
-    def raise_oom(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(engine, "encode_video", raise_oom)
-    video, _ = clip
-    r = invoke("encode", video, "--weights", "random", "--image-size", "8192")
-    assert r.exit_code == 1, r.stderr
-    line = stderr_line(r)
-    assert line.startswith("memenc: error: out of memory ("), line
-    assert "smaller --image-size" in line and "internal error" not in line, line
+    assert line.startswith(f"memenc: error: {start}"), line
+    assert all(a in line for a in advice) and "internal error" not in line, line
     assert len(line) < 220, line
 
 
