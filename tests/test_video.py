@@ -215,10 +215,6 @@ def test_no_room_for_the_frame_buffer_names_the_video_and_the_batch_size(media, 
         except VideoDecodeError as e:  # not pytest.raises: its traceback would keep the
             line = str(e)  # decoder's objects alive past this test (fds counted later)
     assert line, "no error"
-    # The failed read leaves cyclic garbage that holds file descriptors until a collection
-    # (not found where); collected here so that later tests counting descriptors (e.g.
-    # test_failed_decoder_start_closes_both_pipe_ends) do not see them close mid-test.
-    gc.collect()
     assert line.startswith(str(media["mp4"])) and line.endswith("lower --batch-size"), line
     assert "cannot allocate 24576 bytes" in line and "\n" not in line, line
 
@@ -639,6 +635,8 @@ def test_failed_decoder_start_closes_both_pipe_ends(media, monkeypatch, error, p
             return proc
 
     monkeypatch.setattr(vprocess, "_mp_context", lambda: FailingStart())
+    # garbage from earlier tests may hold descriptors: collected before the count, not in it
+    gc.collect()
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(VideoDecodeError, match=problem) as err:
         VideoSource(media["mp4"], 64)
