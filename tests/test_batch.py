@@ -399,6 +399,37 @@ def test_encode_and_inspect_keep_an_s3_url(tmp_path, dataset, references, s3, mo
     assert info["status"] == "complete" and info["chunks_done"] == info["chunks_total"] == 3
 
 
+@pytest.mark.parametrize(
+    "command, failure",
+    [("encode", "no credentials"), ("inspect", "no credentials"), ("batch", "no credentials"),
+     ("encode", "no endpoint")],
+)  # fmt: skip
+def test_s3_without_credentials_or_endpoint_is_one_line(tmp_path, dataset, s3, command, failure):
+    """What botocore raises past s3fs (it is not an OSError) is one line naming the store."""
+    url = "s3://caches/refused/c0.zarr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MEMENC_TEST"))}
+    if failure == "no credentials":  # nowhere to find any: not the files, not EC2's service
+        env.update(AWS_ENDPOINT_URL=s3["AWS_ENDPOINT_URL"], AWS_DEFAULT_REGION="us-east-1",
+                   AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                   AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+    else:  # nothing listens on port 9 (discard) of loopback
+        env.update(s3, AWS_ENDPOINT_URL="http://127.0.0.1:9",
+                   FSSPEC_S3_ENDPOINT_URL="http://127.0.0.1:9", AWS_MAX_ATTEMPTS="1")  # fmt: skip
+    args = {
+        "encode": ["encode", str(dataset / "c0.mp4"), "-o", url, *CLI_OPTS[:6]],
+        "inspect": ["inspect", url],
+        "batch": ["batch", str(dataset / "c0.mp4"), "-o", url.rsplit("/", 1)[0], *CLI_OPTS],
+    }[command]
+    run = subprocess.run([sys.executable, "-m", "memenc", *args], capture_output=True,
+                         text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in lines[0], run.stderr
+    store = url if command != "batch" else url.rsplit("/", 1)[0]
+    reason = "NoCredentialsError" if failure == "no credentials" else "EndpointConnectionError"
+    assert lines[0].startswith(f"memenc: error: {store}: ") and reason in lines[0], lines[0]
+
+
 def test_batch_to_s3_resumes_after_sigkill(dataset, references, s3):
     out = "s3://caches/batch"
     args = [str(dataset / "c0.mp4"), str(dataset / "c4.mp4"), "-o", out, "--json", *CLI_OPTS]

@@ -43,7 +43,8 @@ class _ErrorMappingCommand(TyperCommand):
     usage error (usage line + one `Error:` line, exit 2); another `MemencError` one line
     on stderr and its exit code; running out of GPU memory one line suggesting a smaller
     --batch-size (exit 1), out of host memory one suggesting a smaller --image-size; a
-    closed output pipe nothing (exit 141, as SIGPIPE would);
+    closed output pipe nothing (exit 141, as SIGPIPE would); a storage backend's failure
+    (no credentials, an endpoint it cannot reach) one line naming the store;
     anything else one line marked as an internal error (exit 1).
     MEMENC_DEBUG=1 prints the traceback as well."""
 
@@ -86,6 +87,17 @@ class _ErrorMappingCommand(TyperCommand):
                 _error_line(
                     f"memenc: error: out of memory ({_first_line(e)[:100]}); "
                     "try a smaller --image-size or --batch-size"
+                )
+                ctx.exit(1)
+            from memenc.store.urls import storage_failure
+
+            failed = storage_failure(e)
+            if failed is not None:
+                where = ctx.params.get("out") or ctx.params.get("store") or "the store"
+                _error_line(
+                    f"memenc: error: {where}: the storage service failed "
+                    f"({type(failed).__name__}: {_first_line(failed)}); "
+                    "check its credentials and endpoint"
                 )
                 ctx.exit(1)
             _error_line(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from memenc.errors import UsageError
 
-__all__ = ["check_url", "is_url"]
+__all__ = ["check_url", "is_url", "storage_failure"]
 
 # protocol -> (the package fsspec needs, the memenc extra that installs it, if any)
 _BACKENDS = {
@@ -47,3 +47,22 @@ def check_url(url: str) -> None:
         ) from None
     except ValueError:
         raise UsageError(f"{url}: unknown URL protocol {protocol!r}") from None
+
+
+# the packages whose exceptions mean "the storage service or its credentials failed":
+# botocore raises NoCredentialsError or EndpointConnectionError unwrapped through s3fs
+_BACKEND_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure")
+
+
+def storage_failure(exc: BaseException) -> BaseException | None:
+    """The exception in `exc`'s chain (itself, its cause or context) that a storage
+    backend raised (missing credentials, an endpoint that cannot be reached), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        package = type(current).__module__.split(".")[0]
+        if package in _BACKEND_PACKAGES:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
