@@ -143,6 +143,29 @@ def test_inputs_globs_frame_folders_manifests_and_names(tmp_path):
         expand_inputs([bad])
 
 
+def test_manifest_encodings_and_bytes(tmp_path):
+    """A spreadsheet's byte-order mark is read past; bytes that are not UTF-8, a CSV the
+    csv module refuses and a NUL byte in a path are usage errors naming the file."""
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfvideo,frames\r\nclip.mp4,0:2\r\n")
+    assert [(Path(r.video).name, r.frames) for r in expand_inputs([bom])] == [("clip.mp4", "0:2")]
+    bom_lines = tmp_path / "bom.jsonl"
+    bom_lines.write_bytes(b"\xef\xbb\xbf" + json.dumps({"video": "clip.mp4"}).encode() + b"\n")
+    assert Path(expand_inputs([bom_lines])[0].video).name == "clip.mp4"
+    cases = {
+        "latin1.csv": (b"video\nclip.mp4\ncaf\xe9.mp4\n", r"latin1.csv:3: manifest is not UTF-8"),
+        "bad.jsonl": (b'{"video": "clip.mp4"}\n{"video": "\xff"}\n', r"bad.jsonl:2: .*not UTF-8"),
+        "nul.csv": (b'video\n"clip\x00.mp4"\n', r"nul.csv: .*'video' holds a NUL byte"),
+        "nul.jsonl": (b'{"video": "a.mp4", "masks": "m\\u0000"}\n', r"'masks' holds a NUL"),
+        "long.csv": (b"video\n" + b"a" * 200_000 + b"\n", r"long.csv: not CSV \(field larger"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UsageError, match=message):
+            expand_inputs([tmp_path / name])
+
+
 def test_manifest_rows_that_give_one_video_other_settings_are_all_kept(tmp_path):
     (tmp_path / "clip.mp4").write_bytes(b"x")
     manifest = tmp_path / "m.csv"

@@ -275,15 +275,23 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
     """Rows of a CSV (header row) or JSON Lines manifest; relative paths are taken from the
     manifest's folder. Raises UsageError naming the file and line."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise UsageError(f"{path}: cannot read manifest ({e.strerror or e})") from None
+    try:  # a byte-order mark (spreadsheets write one) is not part of the first column's name
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: manifest is not UTF-8 text") from None
     rows: list[dict[str, Any]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "video" not in reader.fieldnames:
-            raise UsageError(f"{path}: manifest has no 'video' column")
-        rows = [dict(r) for r in reader]
+        try:
+            if not reader.fieldnames or "video" not in reader.fieldnames:
+                raise UsageError(f"{path}: manifest has no 'video' column")
+            rows = [dict(r) for r in reader]
+        except csv.Error as e:
+            raise UsageError(f"{path}: not CSV ({e})") from None
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -300,6 +308,9 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
         clean = {k: (None if row.get(k) in (None, "") else str(row[k])) for k in MANIFEST_COLUMNS}
         if clean["objects"] is not None and isinstance(row.get("objects"), list):
             clean["objects"] = ",".join(str(i) for i in row["objects"])
+        for key in ("video", "masks", "output"):
+            if "\x00" in (clean[key] or ""):
+                raise UsageError(f"{path}: a manifest row's '{key}' holds a NUL byte")
         for key in ("video", "masks"):
             value = clean[key]
             if value is not None and not os.path.isabs(value):
