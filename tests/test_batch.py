@@ -22,7 +22,7 @@ import torch
 import zarr
 
 from memenc import encode_video, open_cache
-from memenc.errors import MemencError, UsageError
+from memenc.errors import MemencError, StoreError, UsageError
 from memenc.pipeline.batch import BatchSettings, expand_inputs, parse_shard, run_batch
 
 H, W = 48, 64
@@ -533,8 +533,52 @@ def test_masks_template_finds_masks_elsewhere_and_bad_fields_are_usage_errors(
     _assert_equal_stores(out / "c1.zarr", references["c1"])
     plain = run_batch([videos], tmp_path / "out2", settings=SETTINGS)  # not beside it
     assert plain.inputs[0].status == "failed" and "no masks found" in plain.inputs[0].error
-    with pytest.raises(UsageError, match="--masks-template"):
-        run_batch([videos], out, settings=SETTINGS, masks_template="{folder}/{stem}")
+    for template, message in [
+        ("{folder}/{stem}", r"\{folder\} is not one of"),
+        ("{stem.upper}", r"\{stem.upper\} is not one of"),  # no attributes ...
+        ("{stem[0]}", r"\{stem\[0\]\} is not one of"),  # ... and no indexing
+        ("{}", r"\{\} is not one of"),
+        ("{stem", "expected '}'"),
+        ("{stem:d}", "Unknown format code"),
+    ]:
+        with pytest.raises(UsageError, match=f"--masks-template '.*': {message}"):
+            run_batch([videos], out, settings=SETTINGS, masks_template=template)
+
+
+def test_an_output_folder_batch_cannot_write_in_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UsageError, match=r"--out .*a-file/sub: .*a-file is not a folder"):
+        run_batch([tmp_path / "clip.mp4"], tmp_path / "a-file" / "sub", settings=SETTINGS)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root passes permission bits: deny it as the kernel would
+        real_access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode)
+        )
+    for out in (locked, locked / "new" / "deeper"):
+        with pytest.raises(StoreError, match=rf"--out {out}: cannot write in {locked} \(perm"):
+            run_batch([tmp_path / "clip.mp4"], out, settings=SETTINGS)
+    assert list(locked.iterdir()) == []  # nothing made, no summary
+    locked.chmod(0o755)
+
+
+def test_manifest_outputs_named_like_batch_files_are_refused(tmp_path, dataset):
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    names = ["batch-summary.json", "batch-plan.json", "batch-summary-shard-1-of-2.json/x.zarr",
+             "ok/batch-summary.json"]  # fmt: skip
+    manifest.write_text("video,output\n" + "".join(f"clip.mp4,{n}\n" for n in names))
+    rows = expand_inputs([manifest])
+    assert [r.error is None for r in rows] == [False, False, False, True]
+    assert all("a file batch writes itself" in r.error for r in rows[:3])
+    out = tmp_path / "out"  # a summary that cannot be written is one error naming it
+    (out / "batch-summary.json").mkdir(parents=True)
+    with pytest.raises(StoreError, match=r"batch-summary.json: cannot write \(Is a directory"):
+        run_batch([dataset / "c0.mp4"], out, settings=SETTINGS)
+    assert open_cache(out / "c0.zarr").status == "complete"
 
 
 def test_dask_cluster_without_workers_fails_instead_of_waiting(tmp_path, dataset, monkeypatch):

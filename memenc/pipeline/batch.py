@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import glob
 import io
 import json
@@ -33,6 +34,7 @@ import os
 import posixpath
 import queue
 import re
+import string
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -332,6 +334,11 @@ def _safe_name(output: str) -> str | None:
     return "/".join(parts)
 
 
+def _is_batch_file(name: str) -> bool:
+    """A name batch gives its own files in the output folder."""
+    return name in (SUMMARY_FILE, PLAN_FILE) or fnmatch.fnmatch(name, "batch-summary-shard-*.json")
+
+
 # A manifest row's fields besides the video; rows equal in all of them are one input.
 _ROW_SETTINGS = ("masks", "output", "objects", "frames")
 
@@ -385,6 +392,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
             name = _safe_name(output)
             if name is None:
                 error = f"manifest output {output!r} is outside the output folder; refused"
+                name = f"<refused:{len(result)}>"
+            elif _is_batch_file(name.split("/")[0]):
+                error = f"manifest output {output!r} is a file batch writes itself; refused"
                 name = f"<refused:{len(result)}>"
         else:
             p = Path(video)
@@ -1042,11 +1052,39 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
 
 def _check_out(out: str) -> None:
     """A URL's fsspec backend must be installed (a usage error naming the extra); a local
-    --out must be a folder or not exist yet."""
+    --out must be a folder, or not exist yet under one, that this process can write in."""
     if _is_url(out):
         check_url(out)
-    elif os.path.exists(out) and not os.path.isdir(out):
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a folder")
+    there = Path(out).absolute()  # the folder, or the nearest of its parents that exists
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise UsageError(f"--out {out}: {there} is not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):  # a read-only file system too
+        read_only = bool(os.statvfs(there).f_flag & os.ST_RDONLY)
+        why = "a read-only file system" if read_only else "permission denied"
+        raise StoreError(f"--out {out}: cannot write in {there} ({why})")
+
+
+def _check_masks_template(template: str) -> None:
+    """Raise UsageError unless the template's fields are {parent}, {stem}, {name} and
+    {video} alone (no attribute or index) and it formats."""
+    known = ("parent", "stem", "name", "video")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        unknown = [f for f in fields if f not in known]
+        if not unknown:
+            template.format(parent="p", stem="s", name="n", video="v")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--masks-template {template!r}: {_one_line(e)}") from None
+    if unknown:
+        raise UsageError(
+            f"--masks-template {template!r}: {{{unknown[0]}}} is not one of "
+            "{parent}, {stem}, {name}, {video}"
+        )
 
 
 def run_batch(
@@ -1096,13 +1134,7 @@ def run_batch(
     if unit_frames < 1:
         raise UsageError(f"--unit-frames {unit_frames}: must be at least 1")
     if masks_template is not None:
-        try:
-            masks_template.format(parent="p", stem="s", name="n", video="v")
-        except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(
-                f"--masks-template {masks_template!r}: {_one_line(e)} is not one of "
-                "{parent}, {stem}, {name}, {video}"
-            ) from None
+        _check_masks_template(masks_template)
     if retries < 0:
         raise UsageError(f"--retries {retries}: must be 0 or more")
     if workers is not None and workers < 1:
@@ -1373,10 +1405,15 @@ def _files(out: str) -> tuple[Callable[[str], str], Callable[..., Any], Callable
 
 def _write_json(out: str, name: str, data: Any) -> None:
     join, opener, _ = _files(out)
-    if not _is_url(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-    with opener(join(name), "w") as f:
-        json.dump(data, f, indent=1)
+    try:
+        if not _is_url(out):
+            Path(out).mkdir(parents=True, exist_ok=True)
+        with opener(join(name), "w") as f:
+            json.dump(data, f, indent=1)
+    except OSError as e:
+        from memenc.store.location import describe_os_error
+
+        raise StoreError(f"{store_path(out, name)}: cannot write ({describe_os_error(e)})") from e
 
 
 def _read_json(out: str, name: str) -> Any:
