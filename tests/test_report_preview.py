@@ -291,6 +291,38 @@ def test_describe_refuses_what_is_not_a_store(tmp_path: Path) -> None:
     assert snapshot(plain) == before
 
 
+@pytest.mark.parametrize("damage", ["{bad json", "[]", "null"])
+@pytest.mark.parametrize("array", ["maskmem_features", "chunk_done"])
+def test_damaged_array_metadata_is_named_not_a_crash(written_store, damage, array) -> None:
+    """An array's zarr.json that is not JSON, or JSON that is not an object: reading and
+    resuming refuse the store naming the array; inspect lists it as a problem."""
+    from memenc import open_cache
+
+    path = written_store(chunks=[0])  # in progress: no consolidated copy of the metadata
+    (path / array / "zarr.json").write_text(damage)
+    message = rf"malformed store: array '{array}' has unreadable metadata"
+    with pytest.raises(StoreError, match=message):
+        open_cache(path)
+    with pytest.raises(StoreError, match=message):
+        CacheStore.open_for_write(path)
+    info = describe_store(path)
+    assert any(f"'{array}' has unreadable metadata" in p for p in info["problems"])
+    if damage != "{bad json":
+        return
+    shown = subprocess.run([sys.executable, "-m", "memenc", "inspect", str(path)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr == ""  # not asyncio's log of the listing's other tasks
+    assert f"array '{array}' has unreadable metadata" in shown.stdout
+
+
+def test_group_metadata_that_is_not_an_object_is_not_a_store(written_store) -> None:
+    path = written_store()
+    (path / "zarr.json").write_text("null")
+    with pytest.raises(StoreError, match="not a memenc store"):
+        describe_store(path)
+
+
 # ----------------------------------------------------------------- render_preview
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -46,10 +47,16 @@ class _ErrorMappingCommand(TyperCommand):
     closed output pipe nothing (exit 141, as SIGPIPE would); a storage backend's failure
     (no credentials, an endpoint it cannot reach) one line naming the store;
     anything else one line marked as an internal error (exit 1).
-    MEMENC_DEBUG=1 prints the traceback as well."""
+    MEMENC_DEBUG=1 prints the traceback as well (and asyncio's own error log, silenced
+    otherwise)."""
 
     def invoke(self, ctx: typer.Context):
         debug = os.environ.get("MEMENC_DEBUG") == "1"
+        if not debug:
+            # Zarr lists a group's members in concurrent tasks; when one member's metadata
+            # fails, asyncio logs each sibling task's unretrieved exception as a traceback
+            # at exit. The failure itself reaches the command and is reported once.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         try:
             return super().invoke(ctx)
         except _PASS_THROUGH:

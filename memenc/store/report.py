@@ -232,13 +232,18 @@ def _arrays(group: zarr.Group, loc: Location, problems: list[str]) -> list[dict[
             names = list(group.array_keys())
     except OSError as exc:
         raise StoreError(f"{loc}: cannot list arrays: {describe_os_error(exc)}") from exc
+    except (ValueError, TypeError, AttributeError):  # a member's zarr.json is damaged:
+        names = list(SPECS)  # describe the schema's arrays one by one, naming the bad one
     order = {name: i for i, name in enumerate(SPECS)}
     names.sort(key=lambda n: (order.get(n, len(order)), n))
     out = []
     for name in names:
         try:
             array = group[name]
-        except (OSError, KeyError, ValueError) as exc:
+        except KeyError:
+            problems.append(f"array {name} is missing")
+            continue
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             problems.append(f"array {name} cannot be opened: {exc}")
             continue
         info: dict[str, Any] = {
@@ -308,11 +313,11 @@ def _tree_bytes(root: Path, problems: list[str]) -> int:
 def _read_small(group: zarr.Group, name: str, problems: list[str]) -> np.ndarray | None:
     """A small 1-D array's values, or None (with the reason in problems) when missing or
     damaged."""
-    if name not in group:
-        return None
     try:
         return np.asarray(group[name][:])
-    except (OSError, ValueError, RuntimeError) as exc:
+    except KeyError:
+        return None
+    except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
         problems.append(f"{name} cannot be read: {exc}")
         return None
 

@@ -393,14 +393,17 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
     """
     attrs = memenc_attrs(group) or {}
     version = READABLE_SCHEMAS.get(attrs.get("schema"), READABLE_SCHEMAS[SCHEMA])
-    try:
-        arrays = {
-            name: group[name]
-            for name, spec in SPECS.items()
-            if name in group or not (spec.optional or spec.since > version)
-        }
-    except KeyError as exc:
-        raise StoreError(f"{loc}: malformed store: array {exc} is missing") from exc
+    arrays = {}
+    for name, spec in SPECS.items():
+        try:
+            arrays[name] = group[name]
+        except KeyError:
+            if not (spec.optional or spec.since > version):
+                raise StoreError(f"{loc}: malformed store: array '{name}' is missing") from None
+        except (ValueError, TypeError, AttributeError) as exc:  # its zarr.json is damaged
+            raise StoreError(
+                f"{loc}: malformed store: array '{name}' has unreadable metadata ({exc})"
+            ) from exc
     try:
         features = arrays["maskmem_features"]
         frame_index = arrays["frame_index"][:]
