@@ -264,6 +264,15 @@ def _check_batch_of_six(run, out: Path, references) -> dict:
     return printed
 
 
+def test_quiet_batch_still_names_each_failed_input(tmp_path, dataset):
+    run = _cli([str(dataset / "broken.mp4"), "-o", str(tmp_path / "out"), "--quiet", *CLI_OPTS])
+    assert run.returncode == 3 and run.stdout == "", run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 2, run.stderr
+    assert lines[0].startswith(f"memenc: {dataset / 'broken.mp4'}: ") and len(lines[0]) > 40
+    assert lines[1] == "memenc: 1 input(s) failed"
+
+
 def test_six_videos_one_corrupt_with_two_local_workers(tmp_path, dataset, references):
     run = _cli([str(dataset), "-o", str(tmp_path / "out"), "--workers", "2", "--json", *CLI_OPTS])
     data = _check_batch_of_six(run, tmp_path / "out", references)
@@ -349,6 +358,65 @@ def test_sigkilled_batch_reruns_without_recomputing_complete_work(tmp_path, data
         _assert_equal_stores(out / f"{name}.zarr", references[name])
 
 
+def _group_alive(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that still run (zombies excluded)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry))
+    return alive
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM", "SIGKILL"])
+def test_stopping_a_batch_with_workers_ends_them_all(tmp_path, how):
+    """Ctrl-C reaches the whole process group, SIGTERM (scancel) and SIGKILL only the
+    coordinator. Every way, no worker outlives it (one would go on writing a store whose
+    lock died with the coordinator), and the first two say so in one line."""
+    labels = media.moving_labels(160, H, W)
+    media.write_video(tmp_path / "long.mp4", media.scene_frames(labels))
+    np.save(tmp_path / "long.masks.npy", labels)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "memenc", "batch", str(tmp_path / "long.mp4"), "-o", str(out),
+            "--workers", "2", *CLI_OPTS[:4], "--image-size", "128", "--chunk-frames", "2",
+            "--unit-frames", "8"]  # fmt: skip
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    markers = out / "long.zarr" / "chunk_done"
+    deadline = time.monotonic() + 300
+    while not list(markers.glob("c.*")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the workers write
+    assert run.poll() is None, run.communicate()
+    signal_to = {"Ctrl-C": (os.killpg, signal.SIGINT), "SIGTERM": (os.kill, signal.SIGTERM),
+                 "SIGKILL": (os.kill, signal.SIGKILL)}[how]  # fmt: skip
+    signal_to[0](run.pid, signal_to[1])
+    _, err = run.communicate(timeout=60)
+    if how == "SIGKILL":  # it says nothing (multiprocessing's tracker may note what it frees)
+        assert run.returncode == -signal.SIGKILL, err
+    else:
+        want = {"Ctrl-C": (130, "memenc: interrupted"), "SIGTERM": (143, "memenc: terminated")}
+        assert (run.returncode, err.strip()) == want[how], err
+    deadline = time.monotonic() + 10
+    while _group_alive(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _group_alive(run.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "processes outlived the coordinator"
+    written = sorted(p.name for p in markers.glob("c.*"))
+    time.sleep(1)
+    assert sorted(p.name for p in markers.glob("c.*")) == written  # nobody writes any more
+    cache = open_cache(out / "long.zarr")
+    assert cache.status == "in_progress" and 0 < len(written) < 80
+
+
 # ---- object storage: an S3 server (moto) on loopback -----------------------------------------
 
 
@@ -425,7 +493,7 @@ def test_encode_and_inspect_keep_an_s3_url(tmp_path, dataset, references, s3, mo
 @pytest.mark.parametrize(
     "command, failure",
     [("encode", "no credentials"), ("inspect", "no credentials"), ("batch", "no credentials"),
-     ("encode", "no endpoint")],
+     ("preview", "no credentials"), ("encode", "no endpoint")],
 )  # fmt: skip
 def test_s3_without_credentials_or_endpoint_is_one_line(tmp_path, dataset, s3, command, failure):
     """What botocore raises past s3fs (it is not an OSError) is one line naming the store."""
@@ -441,6 +509,7 @@ def test_s3_without_credentials_or_endpoint_is_one_line(tmp_path, dataset, s3, c
     args = {
         "encode": ["encode", str(dataset / "c0.mp4"), "-o", url, *CLI_OPTS[:6]],
         "inspect": ["inspect", url],
+        "preview": ["preview", url, "--frame", "0", "-o", str(tmp_path / "p.png")],
         "batch": ["batch", str(dataset / "c0.mp4"), "-o", url.rsplit("/", 1)[0], *CLI_OPTS],
     }[command]
     run = subprocess.run([sys.executable, "-m", "memenc", *args], capture_output=True,

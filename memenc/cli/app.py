@@ -17,7 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -42,7 +44,8 @@ _PASS_THROUGH = (_ParserException, typer.Exit, typer.Abort)
 class _ErrorMappingCommand(TyperCommand):
     """Runs a command and maps what it raises: memenc's `UsageError` becomes the parser's
     usage error (usage line + one `Error:` line, exit 2); another `MemencError` one line
-    on stderr and its exit code; running out of GPU memory one line suggesting a smaller
+    on stderr and its exit code; Ctrl-C "interrupted" (exit 130), SIGTERM "terminated"
+    (exit 143); running out of GPU memory one line suggesting a smaller
     --batch-size (exit 1), out of host memory one suggesting a smaller --image-size; a
     closed output pipe nothing (exit 141, as SIGPIPE would); a storage backend's failure
     (no credentials, an endpoint it cannot reach) one line naming the store;
@@ -57,6 +60,8 @@ class _ErrorMappingCommand(TyperCommand):
             # fails, asyncio logs each sibling task's unretrieved exception as a traceback
             # at exit. The failure itself reaches the command and is reported once.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().invoke(ctx)
         except _PASS_THROUGH:
@@ -70,7 +75,10 @@ class _ErrorMappingCommand(TyperCommand):
                 traceback.print_exc()
             _error_line(f"memenc: error: {e}")
             ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if isinstance(e, _Terminated):
+                _error_line("memenc: terminated")
+                ctx.exit(143)
             _error_line("memenc: interrupted")
             ctx.exit(130)
         except BrokenPipeError:
@@ -100,7 +108,8 @@ class _ErrorMappingCommand(TyperCommand):
 
             failed = storage_failure(e)
             if failed is not None:
-                where = ctx.params.get("out") or ctx.params.get("store") or "the store"
+                # inspect and preview name their store STORE (preview's --out is its PNG)
+                where = ctx.params.get("store") or ctx.params.get("out") or "the store"
                 _error_line(
                     f"memenc: error: {where}: the storage service failed "
                     f"({type(failed).__name__}: {_first_line(failed)}); "
@@ -112,6 +121,15 @@ class _ErrorMappingCommand(TyperCommand):
                 "(set MEMENC_DEBUG=1 for the traceback)"
             )
             ctx.exit(1)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, Slurm's scancel and time limit), taken the way Ctrl-C is: the run
+    stops where it is, its workers and decoders are ended, its lock released."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _cuda_default_batch() -> str:

@@ -106,6 +106,12 @@ def batch(
         print(json.dumps(data))
     elif not quiet:
         _render(data)
+    else:  # errors stay with --quiet: each failed input and its reason, then the count
+        for r in data["inputs"]:
+            if r["status"] == "failed":
+                print(f"memenc: {r['input']}: {' '.join(str(r['error']).split())}", file=sys.stderr)
+        if not data["ok"]:
+            print(f"memenc: {data['counts'].get('failed', 0)} input(s) failed", file=sys.stderr)
     if not summary.ok:
         raise typer.Exit(EXIT_SOME_FAILED)
 

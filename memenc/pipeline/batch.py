@@ -608,10 +608,67 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _init_local_worker(devices: Any, threads: int) -> None:
-    """Initializer of a local worker process: its device (one GPU each) and thread count."""
+def _process_alive(pid: int, started: str | None) -> bool:
+    """Whether process `pid` runs: not gone, not a zombie, and (on Linux, where `started`
+    is its start time from /proc) not another process that took its number."""
+    if started is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[1] == started
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc/PID/stat, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command's name
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]
+
+
+def _end_worker(signum: int, frame: Any) -> None:
+    """A worker's SIGTERM (the coordinator abandoning the run), or its coordinator gone:
+    run multiprocessing's finalizers, so that what the worker registered with the
+    resource tracker is released instead of reported as leaked, then end at once."""
+    from multiprocessing import util
+
+    with contextlib.suppress(Exception):
+        util._run_finalizers(0)
+        util._run_finalizers()
+    os._exit(1)
+
+
+def _init_local_worker(devices: Any, threads: int, coordinator: int = 0) -> None:
+    """Initializer of a local worker process: its device (one GPU each) and thread count.
+
+    The coordinator alone answers Ctrl-C (the terminal sends it to the whole process
+    group), and ends its workers itself. A worker whose coordinator is gone, killed
+    without that chance, ends within a quarter second: left running, it would go on
+    writing a store whose lock died with the coordinator."""
     global _worker_device
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_worker)
+    if coordinator:  # not the parent: the forkserver's children keep it alive
+        stat = _proc_stat(coordinator)
+        started = stat[1] if stat is not None else None
+
+        def watch() -> None:
+            while _process_alive(coordinator, started):
+                time.sleep(0.25)
+            _end_worker(0, None)  # as if killed: chunk files are renamed in, markers last
+
+        threading.Thread(target=watch, name="memenc-coordinator-watch", daemon=True).start()
 
     with contextlib.suppress(queue.Empty):
         _worker_device = devices.get_nowait()
@@ -636,8 +693,9 @@ class _Executor:
     def submit(self, unit: WorkUnit, done: DoneFn) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        pass
+    def close(self, abort: bool = False) -> None:
+        """Release the workers; with `abort` (the run is being abandoned) without
+        waiting for units in progress where the executor can."""
 
 
 class _InlineExecutor(_Executor):
@@ -683,7 +741,7 @@ class _ProcessExecutor(_Executor):
             self.workers,
             mp_context=ctx,
             initializer=_init_local_worker,
-            initargs=(devices, threads),
+            initargs=(devices, threads, os.getpid()),
         )
 
     def submit(self, unit: WorkUnit, done: DoneFn) -> None:
@@ -700,9 +758,25 @@ class _ProcessExecutor(_Executor):
                 future = self._pool.submit(run_unit, unit, self.settings)
         future.add_done_callback(lambda f: done(unit, f))
 
-    def close(self) -> None:
-        if self._pool is not None:
+    def close(self, abort: bool = False) -> None:
+        if self._pool is None:
+            return
+        if not abort:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            return
+        # Ctrl-C or an error: end the units in progress instead of awaiting them, and let
+        # a second Ctrl-C not break off this cleanup
+        import signal
+
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                process.terminate()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, before)
 
 
 class _DaskExecutor(_Executor):
@@ -763,7 +837,7 @@ class _DaskExecutor(_Executor):
         )
         future.add_done_callback(lambda f: done(unit, f))
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
@@ -1186,8 +1260,10 @@ def run_batch(
         executor = _InlineExecutor(settings, coord.add_frames)
     try:
         results = _drive(coord, executor, chosen, shares)
-    finally:
-        executor.close()
+    except BaseException:
+        executor.close(abort=True)
+        raise
+    executor.close()
     summary = BatchSummary(
         out=out,
         executor=executor.name,
