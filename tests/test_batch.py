@@ -23,7 +23,13 @@ import zarr
 
 from memenc import encode_video, open_cache
 from memenc.errors import MemencError, StoreError, UsageError
-from memenc.pipeline.batch import BatchSettings, expand_inputs, parse_shard, run_batch
+from memenc.pipeline.batch import (
+    BatchSettings,
+    _check_plan,
+    expand_inputs,
+    parse_shard,
+    run_batch,
+)
 
 H, W = 48, 64
 LENGTHS = {"c0": 6, "c1": 7, "c2": 8, "c3": 6, "c4": 12}  # c4: 6 chunks, 3 units
@@ -166,6 +172,35 @@ def test_manifest_encodings_and_bytes(tmp_path):
             expand_inputs([tmp_path / name])
 
 
+def test_manifest_fields_that_do_not_fit_are_refused(tmp_path):
+    """An unquoted comma, a JSON value of the wrong type, and one store inside another
+    (an --overwrite of the outer one would delete the inner) are not guessed at."""
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    cases = {
+        "extra.csv": ("video,objects\nclip.mp4,3\nclip.mp4,3,7\n", r"extra.csv:3: 1 more field"),
+        "dict.jsonl": ('{"video": "clip.mp4", "output": {"a": 1}}\n', r":1: 'output' must be a"),
+        "list.jsonl": ('{"video": ["clip.mp4"]}\n', r"'video' must be a string, not \["),
+        "frames.jsonl": ('{"video": "clip.mp4", "frames": 4}\n', r"'frames' must be a string"),
+        "bool.jsonl": ('{"video": "clip.mp4", "objects": true}\n', r"'objects' must be a str"),
+        "ids.jsonl": ('{"video": "clip.mp4", "objects": [1, "2"]}\n', "must list whole numbers"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match=message):
+            expand_inputs([tmp_path / name])
+    fine = tmp_path / "fine.jsonl"
+    fine.write_text(
+        '{"video": "clip.mp4", "objects": 3}\n{"video": "clip.mp4", "objects": [3, 7]}\n'
+    )
+    assert [r.objects for r in expand_inputs([fine])] == ["3", "3,7"]
+    nested = tmp_path / "nested.csv"
+    nested.write_text("video,output\nclip.mp4,outer.zarr\nclip.mp4,outer.zarr/inner.zarr\n"
+                      "clip.mp4,a/b.zarr\nclip.mp4,a\n")  # fmt: skip
+    rows = expand_inputs([nested])
+    assert [r.error is None for r in rows] == [True, False, True, False]
+    assert "nests with another input's store" in rows[1].error
+
+
 def test_manifest_rows_that_give_one_video_other_settings_are_all_kept(tmp_path):
     (tmp_path / "clip.mp4").write_bytes(b"x")
     manifest = tmp_path / "m.csv"
@@ -271,6 +306,21 @@ def test_quiet_batch_still_names_each_failed_input(tmp_path, dataset):
     assert len(lines) == 2, run.stderr
     assert lines[0].startswith(f"memenc: {dataset / 'broken.mp4'}: ") and len(lines[0]) > 40
     assert lines[1] == "memenc: 1 input(s) failed"
+
+
+def test_a_plan_memenc_did_not_write_is_refused(tmp_path, dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    for plan in ([], {"inputs": [{"index": 0}]}, {"inputs": [None]}, {"inputs": "x"}):
+        (out / "batch-plan.json").write_text(json.dumps(plan))
+        with pytest.raises(UsageError, match=r"batch-plan.json: not a batch plan memenc wrote"):
+            run_batch([dataset / "c0.mp4"], out, settings=SETTINGS, shard="0/2")
+    prepared = run_batch([dataset / "c0.mp4"], out, settings=SETTINGS, prepare_only=True)
+    plan = json.loads((out / "batch-plan.json").read_text())
+    assert prepared.ok and _check_plan(plan, "plan") is None  # what memenc writes passes
+    plan["inputs"][0]["per_unit"] = 0
+    with pytest.raises(UsageError, match="missing or wrong 'per_unit'"):
+        _check_plan(plan, "plan")
 
 
 def test_six_videos_one_corrupt_with_two_local_workers(tmp_path, dataset, references):

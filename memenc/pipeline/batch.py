@@ -273,6 +273,12 @@ def _expand_folder(folder: Path) -> list[Path]:
     return found
 
 
+# JSON Lines manifests: the types each field may have (a string everywhere; objects may
+# also be a list of ids or one id)
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"objects": (str, int, list)}
+_JSON_TYPE_NAMES = {"objects": "a string, an id or a list of ids"}
+
+
 def _read_manifest(path: Path) -> list[dict[str, str | None]]:
     """Rows of a CSV (header row) or JSON Lines manifest; relative paths are taken from the
     manifest's folder. Raises UsageError naming the file and line."""
@@ -291,7 +297,13 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
         try:
             if not reader.fieldnames or "video" not in reader.fieldnames:
                 raise UsageError(f"{path}: manifest has no 'video' column")
-            rows = [dict(r) for r in reader]
+            for r in reader:
+                if r.get(None):  # more fields than the header names: a comma not quoted?
+                    raise UsageError(
+                        f"{path}:{reader.line_num}: {len(r[None])} more field(s) than the "
+                        'header has (quote a field that holds commas, e.g. "3,7")'
+                    )
+                rows.append(dict(r))
         except csv.Error as e:
             raise UsageError(f"{path}: not CSV ({e})") from None
     else:
@@ -304,6 +316,19 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
                 raise UsageError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or "video" not in row:
                 raise UsageError(f"{path}:{n}: a manifest line needs a 'video' field")
+            for key in MANIFEST_COLUMNS:
+                value = row.get(key)
+                allowed = _JSON_TYPES.get(key, (str,))
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, allowed)
+                ):
+                    raise UsageError(
+                        f"{path}:{n}: '{key}' must be {_JSON_TYPE_NAMES.get(key, 'a string')}, "
+                        f"not {json.dumps(value)[:40]}"
+                    )
+                ids = value if isinstance(value, list) else []
+                if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                    raise UsageError(f"{path}:{n}: 'objects' must list whole numbers")
             rows.append(row)
     out = []
     for row in rows:
@@ -406,6 +431,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
                 name = f"{base}-{k}.zarr"
         if error is None and name in taken:
             error = f"manifest output {output!r} is used by another input; refused"
+        elif error is None and any(
+            n.startswith(f"{name}/") or name.startswith(f"{n}/") for n in taken
+        ):
+            # one store inside another: --overwrite of the outer one would delete the inner
+            error = f"manifest output {output!r} nests with another input's store; refused"
         taken.add(name)
         result.append(
             BatchInput(
@@ -1401,6 +1431,33 @@ def _prepare_all(coord: _Coordinator, chosen: list[BatchInput], t0: float) -> Ba
     return summary
 
 
+# a plan entry's fields, as `_prepare_all` writes them, and their JSON types
+_PLAN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "index": int, "video": str, "store": str, "masks": (str, type(None)), "objects": list,
+    "frames": int, "chunks": int, "chunk_frames": int, "per_unit": int,
+}  # fmt: skip
+
+
+def _check_plan(plan: Any, where: str) -> None:
+    """Raise UsageError unless `plan` has the shape `_prepare_all` writes."""
+    entries = plan.get("inputs") if isinstance(plan, dict) else None
+    problem = None if isinstance(entries, list) else "no list of 'inputs'"
+    for n, entry in enumerate(entries or []):
+        if not isinstance(entry, dict):
+            problem = f"input {n} is not an object"
+        else:
+            bad = [k for k, t in _PLAN_FIELDS.items() if not isinstance(entry.get(k, ...), t)]
+            bad += [k for k in ("per_unit", "chunk_frames") if entry.get(k, 1) in (0, False)]
+            if bad or entry["chunks"] < 0 or entry["per_unit"] < 0:
+                problem = f"input {n} has a missing or wrong {(bad or ['chunks'])[0]!r}"
+        if problem:
+            break
+    if problem:
+        raise UsageError(
+            f"{where}: not a batch plan memenc wrote ({problem}); run --prepare-only again"
+        )
+
+
 def _plan_shares(
     out: str, inputs: list[BatchInput], shard: tuple[int, int]
 ) -> dict[int, tuple[dict[str, Any], list[int]]]:
@@ -1409,6 +1466,7 @@ def _plan_shares(
     plan = _read_json(out, PLAN_FILE)
     if plan is None:
         return {}
+    _check_plan(plan, store_path(out, PLAN_FILE))
     by_index = {i.index: i for i in inputs}
     shares: dict[int, tuple[dict[str, Any], list[int]]] = {}
     g = 0
