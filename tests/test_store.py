@@ -767,6 +767,30 @@ def test_chunk_files_step_aside_when_their_bytes_would_differ(
     assert ChunkFiles.for_array(tmp_path / "zstd.zarr", other) is None
 
 
+@pytest.mark.parametrize("array, coords", [("maskmem_features", (1, 1, 0, 0, 0)),
+                                            ("obj_ptr", (1, 0, 0)), ("timestamp", (1,))])  # fmt: skip
+def test_a_marked_chunk_whose_file_is_gone_is_pending_again(tmp_path, array, coords) -> None:
+    """A chunk file deleted after its marker was set (by hand, a sync tool, a bad disk):
+    the store does not count it as written, so a resume redoes it and finalize refuses
+    to call the store complete before."""
+    path = tmp_path / "v.zarr"
+    store = CacheStore.prepare(path, make_layout())
+    write(store, [0, 1, 2])
+    chunk_file(path, array, *coords).unlink()
+    store = CacheStore.open_for_write(path)
+    assert store.pending_chunks() == [1, 3]
+    with pytest.raises(StoreError, match=r"2 of 4 chunks not written \(chunks 1, 3\)"):
+        store.finalize()
+    write(store)  # the resume
+    assert store.pending_chunks() == []
+    store.finalize()
+    torch.testing.assert_close(
+        open_cache(path).features(4, 7).float(),
+        torch.from_numpy(expected_features("float16")[4, 1]),
+        rtol=0, atol=0,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------- paths that are not stores
 
 

@@ -47,7 +47,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 
-__all__ = ["ChunkFiles", "write_file"]
+__all__ = ["ChunkFiles", "missing_chunk_files", "write_file"]
 
 _writers_made: ThreadPoolExecutor | None = None
 _writers_lock = threading.Lock()
@@ -349,3 +349,24 @@ def write_file(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def missing_chunk_files(root: Path, arrays: list[zarr.Array], chunks: list[int]) -> set[int]:
+    """The frame-chunks among `chunks` (marked written) that lack a chunk file of one of
+    `arrays` (frame-chunked, under the local store `root`): deleted since, or the store was
+    damaged. Each array's folder is listed once."""
+    missing: set[int] = set()
+    for array in arrays:
+        folder = Path(root, *array.path.split("/"))
+        try:
+            present = set(os.listdir(folder))
+        except OSError:
+            present = set()
+        grid = [range(-(-s // c)) for s, c in zip(array.shape[1:], array.chunks[1:], strict=True)]
+        others = list(itertools.product(*grid))
+        for c in chunks:
+            names = [array.metadata.encode_chunk_key((c, *o)) for o in others]
+            # flat keys (c.0.1) from the listing, nested ones (c/0/1, older stores) one by one
+            if not all(n in present if "/" not in n else (folder / n).is_file() for n in names):
+                missing.add(c)
+    return missing

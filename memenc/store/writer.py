@@ -41,7 +41,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from memenc.errors import StoreError
 from memenc.pipeline.faults import kill_point
-from memenc.store.chunkfiles import ChunkFiles
+from memenc.store.chunkfiles import ChunkFiles, missing_chunk_files
 from memenc.store.location import (
     Location,
     check_memenc_location,
@@ -286,12 +286,14 @@ class CacheStore:
             raise StoreError(f"{self._loc}: chunk_done is damaged: {exc}") from exc
 
     def pending_chunks(self) -> list[int]:
-        """Frame-chunks whose ``chunk_done`` marker is not set, ascending.
-
-        Raises:
-            StoreError: the markers cannot be read.
-        """
-        return [int(i) for i in np.flatnonzero(self._done_markers() != 1)]
+        """Frame-chunks whose ``chunk_done`` marker is not set, or (local stores) is set but
+        a chunk file is missing, ascending. Raises StoreError: markers unreadable."""
+        done = self._done_markers() == 1
+        pending = {int(i) for i in np.flatnonzero(~done)}
+        if self._loc.local is not None:  # a resume redoes what was deleted since
+            data = [self._arrays[n] for n in self._direct() if n != "chunk_done"]
+            pending |= missing_chunk_files(self._loc.local, data, np.flatnonzero(done).tolist())
+        return sorted(pending)
 
     def chunk_rows(self, chunk: int) -> range:
         """Store rows covered by frame-chunk ``chunk`` (the last one may be short).
