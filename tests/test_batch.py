@@ -229,6 +229,10 @@ def test_parse_shard_and_slurm_environment():
             parse_shard(spec)
     with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID is not set"):
         parse_shard("auto", {})
+    with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID='x' is not a number"):
+        parse_shard("auto", {**env, "SLURM_ARRAY_TASK_ID": "x"})
+    with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_MIN='' is not a number"):
+        parse_shard("auto", {**env, "SLURM_ARRAY_TASK_MIN": ""})
 
 
 def test_manifest_output_outside_the_folder_fails_only_that_input(tmp_path, dataset, references):
@@ -659,6 +663,7 @@ def test_masks_template_finds_masks_elsewhere_and_bad_fields_are_usage_errors(
         ("{}", r"\{\} is not one of"),
         ("{stem", "expected '}'"),
         ("{stem:d}", "Unknown format code"),
+        (" ", "empty"),
     ]:
         with pytest.raises(UsageError, match=f"--masks-template '.*': {message}"):
             run_batch([videos], out, settings=SETTINGS, masks_template=template)

@@ -261,6 +261,21 @@ def test_out_of_memory_is_one_line_suggesting_a_smaller_run(clip, monkeypatch, c
     assert len(line) < 220, line
 
 
+def test_out_of_memory_in_inspect_gives_no_encoding_advice(tmp_path, monkeypatch):
+    """inspect has no --image-size or --batch-size to lower (a store whose metadata claims
+    absurd sizes can exhaust memory there)."""
+    import memenc.store.report as report
+
+    def raise_oom(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(report, "describe_store", raise_oom)
+    r = invoke("inspect", tmp_path / "s.zarr")
+    assert r.exit_code == 1, r.stderr
+    line = stderr_line(r)
+    assert line == "memenc: error: out of memory (MemoryError)", line
+
+
 def test_debug_env_shows_the_traceback(tmp_path):
     r = invoke("encode", tmp_path / "nope.mp4", "--weights", "random", env={"MEMENC_DEBUG": "1"})
     assert r.exit_code == 1 and "Traceback" in r.stderr and "nope.mp4" in r.stderr

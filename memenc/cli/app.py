@@ -99,10 +99,9 @@ class _ErrorMappingCommand(TyperCommand):
                 )
                 ctx.exit(1)
             if _is_out_of_host_memory(e):
-                _error_line(
-                    f"memenc: error: out of memory ({_first_line(e)[:100]}); "
-                    "try a smaller --image-size or --batch-size"
-                )
+                running = "batch_size" in ctx.params  # encode and batch; not inspect, preview
+                hint = "; try a smaller --image-size or --batch-size" if running else ""
+                _error_line(f"memenc: error: out of memory ({_first_line(e)[:100]}){hint}")
                 ctx.exit(1)
             from memenc.store.urls import storage_failure
 

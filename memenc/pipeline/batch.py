@@ -482,15 +482,17 @@ def parse_shard(spec: str | None, environ: dict[str, str] | None = None) -> tupl
         return None
     env = os.environ if environ is None else environ
     if spec == "auto":
-        try:
-            task = int(env["SLURM_ARRAY_TASK_ID"])
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        except KeyError as e:
-            raise UsageError(f"--shard auto: {e.args[0]} is not set (not a Slurm array?)") from None
-        except ValueError as e:
-            raise UsageError(f"--shard auto: {e}") from None
-        index = task - first
+        got = {}
+        for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+            text = env.get(name, "0" if name == "SLURM_ARRAY_TASK_MIN" else None)
+            if text is None:
+                raise UsageError(f"--shard auto: {name} is not set (not a Slurm array?)")
+            try:
+                got[name] = int(text)
+            except ValueError:
+                raise UsageError(f"--shard auto: {name}={text!r} is not a number") from None
+        count = got["SLURM_ARRAY_TASK_COUNT"]
+        index = got["SLURM_ARRAY_TASK_ID"] - got["SLURM_ARRAY_TASK_MIN"]
     else:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
         if not m:
@@ -1177,6 +1179,8 @@ def _check_masks_template(template: str) -> None:
     """Raise UsageError unless the template's fields are {parent}, {stem}, {name} and
     {video} alone (no attribute or index) and it formats."""
     known = ("parent", "stem", "name", "video")
+    if not template.strip():
+        raise UsageError(f"--masks-template {template!r}: empty; e.g. '{{parent}}/{{stem}}_masks'")
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         unknown = [f for f in fields if f not in known]
