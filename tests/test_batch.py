@@ -322,9 +322,10 @@ def test_a_plan_memenc_did_not_write_is_refused(tmp_path, dataset):
     prepared = run_batch([dataset / "c0.mp4"], out, settings=SETTINGS, prepare_only=True)
     plan = json.loads((out / "batch-plan.json").read_text())
     assert prepared.ok and _check_plan(plan, "plan") is None  # what memenc writes passes
-    plan["inputs"][0]["per_unit"] = 0
-    with pytest.raises(UsageError, match="missing or wrong 'per_unit'"):
-        _check_plan(plan, "plan")
+    for key, value in (("per_unit", 0), ("chunks", -1), ("chunk_frames", "2")):
+        wrong = {"inputs": [{**plan["inputs"][0], key: value}]}
+        with pytest.raises(UsageError, match=f"missing or wrong '{key}'"):
+            _check_plan(wrong, "plan")
 
 
 def test_six_videos_one_corrupt_with_two_local_workers(tmp_path, dataset, references):

@@ -1451,9 +1451,10 @@ def _check_plan(plan: Any, where: str) -> None:
             problem = f"input {n} is not an object"
         else:
             bad = [k for k, t in _PLAN_FIELDS.items() if not isinstance(entry.get(k, ...), t)]
-            bad += [k for k in ("per_unit", "chunk_frames") if entry.get(k, 1) in (0, False)]
-            if bad or entry["chunks"] < 0 or entry["per_unit"] < 0:
-                problem = f"input {n} has a missing or wrong {(bad or ['chunks'])[0]!r}"
+            least = {"chunks": 0, "per_unit": 1, "chunk_frames": 1}
+            bad += [k for k, m in least.items() if k not in bad and entry[k] < m]
+            if bad:
+                problem = f"input {n} has a missing or wrong {bad[0]!r}"
         if problem:
             break
     if problem:
