@@ -690,6 +690,20 @@ def test_an_output_folder_batch_cannot_write_in_is_refused_before_any_work(tmp_p
     locked.chmod(0o755)
 
 
+def test_a_manifest_output_cannot_leave_the_folder_through_a_link(tmp_path, dataset):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (out / "link").symlink_to(elsewhere)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"video,output\n{dataset / 'c0.mp4'},link/x.zarr\n"
+                        f"{dataset / 'c1.mp4'},sub/y.zarr\n")  # fmt: skip
+    summary = run_batch([manifest], out, settings=SETTINGS)
+    assert [r.status for r in summary.inputs] == ["failed", "complete"]
+    assert "leaves the output folder through a symbolic link" in summary.inputs[0].error
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_manifest_outputs_named_like_batch_files_are_refused(tmp_path, dataset):
     (tmp_path / "clip.mp4").write_bytes(b"x")
     manifest = tmp_path / "m.csv"

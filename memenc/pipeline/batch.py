@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fnmatch
 import glob
 import io
@@ -357,6 +358,15 @@ def _safe_name(output: str) -> str | None:
     if not parts or any(p == ".." for p in parts):
         return None
     return "/".join(parts)
+
+
+def _stays_inside(out: str, path: str) -> bool:
+    """Whether a local store path, its symbolic links resolved, lies in the output folder
+    (a manifest output in a subfolder could lead elsewhere through a link); URLs do."""
+    if _is_url(out):
+        return True
+    root, real = os.path.realpath(out), os.path.realpath(path)
+    return real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _is_batch_file(name: str) -> bool:
@@ -952,6 +962,9 @@ class _Coordinator:
         t = time.monotonic()
         path = store_path(self.out, inp.name)
         v = _Video(InputResult(inp.index, inp.video, path))
+        if inp.error is None and "/" in inp.name and not _stays_inside(self.out, path):
+            inp = dataclasses.replace(inp, error=f"manifest output {inp.name!r} leaves the "
+                                      "output folder through a symbolic link; refused")  # fmt: skip
         if inp.error is not None:
             v.result.status, v.result.error = "failed", inp.error
             v.result.store = ""
