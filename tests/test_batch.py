@@ -690,6 +690,16 @@ def test_an_output_folder_batch_cannot_write_in_is_refused_before_any_work(tmp_p
     locked.chmod(0o755)
 
 
+def test_a_manifest_rows_bad_selection_names_the_row_not_an_option(tmp_path, dataset):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"video,frames,objects,output\n{dataset / 'c0.mp4'},0:x,,a.zarr\n"
+                        f"{dataset / 'c0.mp4'},,3;7,b.zarr\n")  # fmt: skip
+    summary = run_batch([manifest], tmp_path / "out", settings=SETTINGS)
+    errors = [r.error for r in summary.inputs]
+    assert errors[0].startswith("manifest row's 'frames' '0:x': 'x' is not an integer"), errors
+    assert errors[1].startswith("manifest row's 'objects' '3;7'"), errors
+
+
 def test_a_manifest_output_cannot_leave_the_folder_through_a_link(tmp_path, dataset):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     (out / "sub").mkdir(parents=True)

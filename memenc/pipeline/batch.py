@@ -1048,8 +1048,12 @@ class _Coordinator:
         from memenc.pipeline.video import probe_video
 
         s = self.settings
-        selection = parse_frames(inp.frames if inp.frames is not None else self.frames)
-        object_ids = parse_objects(inp.objects if inp.objects is not None else self.objects)
+        try:  # the command line's values were checked before: a failure here is the row's
+            selection = parse_frames(inp.frames if inp.frames is not None else self.frames)
+            object_ids = parse_objects(inp.objects if inp.objects is not None else self.objects)
+        except UsageError as e:
+            text = str(e).replace("--frames ", "manifest row's 'frames' ", 1)
+            raise UsageError(text.replace("--objects ", "manifest row's 'objects' ", 1)) from None
         video_path = Path(inp.video)
         info = probe_video(video_path, timeout_s=s.decode_timeout_s)
         masks = masks_for(inp, self.masks_template)
