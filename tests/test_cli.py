@@ -356,6 +356,17 @@ def test_bad_inputs_give_one_line_and_exit_1(tmp_path, clip):
         assert not _complete(out), name
 
 
+def test_a_selection_of_no_frames_says_so_not_that_masks_are_missing(tmp_path, clip):
+    video, labels = clip
+    out = tmp_path / "s.zarr"
+    for spec in ("5:2", f"{len(labels)}:{len(labels) + 9}"):
+        r = invoke("encode", video, "--weights", "random", "--image-size", "64", "-o", out,
+                   "--frames", spec)  # fmt: skip
+        line = usage_error_line(r)
+        assert f"selects no frames of the video's {len(labels)}" in line, line
+        assert not out.exists()
+
+
 def test_chunk_frames_past_what_blosc_takes_is_a_usage_error_without_a_store(tmp_path, clip):
     """The chunk size is known once the model and masks are: a chunk of more than 2 GiB
     (Blosc's limit) is refused there, naming the largest --chunk-frames that fits."""

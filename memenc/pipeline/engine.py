@@ -267,6 +267,10 @@ def plan_frames(
     sources that annotate only some (SA-V). Every planned frame must have a mask, unless
     `skip_unmasked`, which drops frames without one. Raises MaskError / UsageError."""
     frames = list(range(total))[selection]
+    if not frames:  # 5:2, or a start past the video's end
+        raise UsageError(
+            f"frame selection {_slice_text(selection)} selects no frames of the video's {total}"
+        )
     if masks.annotated_frames is not None:
         annotated = set(masks.annotated_frames)
         frames = [f for f in frames if f in annotated]
