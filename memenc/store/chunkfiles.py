@@ -170,6 +170,13 @@ _PIECES, _PIECE = 8, 8192  # the sample: 8 pieces of 8 KiB spread over the chunk
 _PAYS = 8 / 7  # compressed when that saves at least 1/8 of the sample's bytes
 
 
+def _other_chunks(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The chunk coordinates across every dimension but the first (the frame): the same
+    for each frame-chunk."""
+    grid = [range(-(-s // c)) for s, c in zip(shape[1:], chunks[1:], strict=True)]
+    return list(itertools.product(*grid))
+
+
 def _zarr_copy(array: zarr.Array, shape: tuple[int, ...]) -> tuple[zarr.Array, dict[str, Any]]:
     """An in-memory copy of ``array``'s settings with shape ``shape``, and its files."""
     files: dict[str, Any] = {}
@@ -209,9 +216,7 @@ class ChunkFiles:
         self._chunks = tuple(array.chunks)
         self._fill = array.fill_value
         self._key = array.metadata.encode_chunk_key
-        # the grid of chunks across the other dimensions, the same for every frame-chunk
-        grid = [range(-(-s // c)) for s, c in zip(self._shape[1:], self._chunks[1:], strict=True)]
-        self._others = list(itertools.product(*grid))
+        self._others = _other_chunks(self._shape, self._chunks)
 
     @classmethod
     def for_array(cls, root: Path, array: zarr.Array) -> ChunkFiles | None:
@@ -362,8 +367,7 @@ def missing_chunk_files(root: Path, arrays: list[zarr.Array], chunks: list[int])
             present = set(os.listdir(folder))
         except OSError:
             present = set()
-        grid = [range(-(-s // c)) for s, c in zip(array.shape[1:], array.chunks[1:], strict=True)]
-        others = list(itertools.product(*grid))
+        others = _other_chunks(tuple(array.shape), tuple(array.chunks))
         for c in chunks:
             names = [array.metadata.encode_chunk_key((c, *o)) for o in others]
             # flat keys (c.0.1) from the listing, nested ones (c/0/1, older stores) one by one

@@ -70,6 +70,8 @@ from memenc.store.schema import (
 )
 
 __all__ = ["CacheStore"]
+# what a frame-chunk's write fills besides its marker
+_FRAME_CHUNKED = [n for n, s in SPECS.items() if s.written_by == "worker" and n != "chunk_done"]
 
 
 def _writing(array: zarr.Array) -> zarr.Array:
@@ -291,7 +293,7 @@ class CacheStore:
         done = self._done_markers() == 1
         pending = {int(i) for i in np.flatnonzero(~done)}
         if self._loc.local is not None:  # a resume redoes what was deleted since
-            data = [self._arrays[n] for n in self._direct() if n != "chunk_done"]
+            data = [a for n, a in self._arrays.items() if n in _FRAME_CHUNKED]
             pending |= missing_chunk_files(self._loc.local, data, np.flatnonzero(done).tolist())
         return sorted(pending)
 
