@@ -274,12 +274,6 @@ def _expand_folder(folder: Path) -> list[Path]:
     return found
 
 
-# JSON Lines manifests: the types each field may have (a string everywhere; objects may
-# also be a list of ids or one id)
-_JSON_TYPES: dict[str, tuple[type, ...]] = {"objects": (str, int, list)}
-_JSON_TYPE_NAMES = {"objects": "a string, an id or a list of ids"}
-
-
 def _read_manifest(path: Path) -> list[dict[str, str | None]]:
     """Rows of a CSV (header row) or JSON Lines manifest; relative paths are taken from the
     manifest's folder. Raises UsageError naming the file and line."""
@@ -317,18 +311,19 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
                 raise UsageError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or "video" not in row:
                 raise UsageError(f"{path}:{n}: a manifest line needs a 'video' field")
-            for key in MANIFEST_COLUMNS:
+            for key in MANIFEST_COLUMNS:  # strings; objects also an id or a list of ids
                 value = row.get(key)
-                allowed = _JSON_TYPES.get(key, (str,))
+                ids = key == "objects"
+                allowed = (str, int, list) if ids else (str,)
                 if value is not None and (
                     isinstance(value, bool) or not isinstance(value, allowed)
                 ):
+                    kind = "a string, an id or a list of ids" if ids else "a string"
                     raise UsageError(
-                        f"{path}:{n}: '{key}' must be {_JSON_TYPE_NAMES.get(key, 'a string')}, "
-                        f"not {json.dumps(value)[:40]}"
+                        f"{path}:{n}: '{key}' must be {kind}, not {json.dumps(value)[:40]}"
                     )
-                ids = value if isinstance(value, list) else []
-                if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                listed = value if isinstance(value, list) else []
+                if not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
                     raise UsageError(f"{path}:{n}: 'objects' must list whole numbers")
             rows.append(row)
     out = []
