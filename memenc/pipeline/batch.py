@@ -686,9 +686,9 @@ def _init_local_worker(devices: Any, threads: int, coordinator: int = 0) -> None
     """Initializer of a local worker process: its device (one GPU each) and thread count.
 
     The coordinator alone answers Ctrl-C (the terminal sends it to the whole process
-    group), and ends its workers itself. A worker whose coordinator is gone, killed
-    without that chance, ends within a quarter second: left running, it would go on
-    writing a store whose lock died with the coordinator."""
+    group), and ends its workers itself. A worker checks every quarter second whether its
+    coordinator is gone (killed without that chance) and then ends: left running, it
+    would go on writing a store whose lock died with the coordinator."""
     global _worker_device
     import signal
 
