@@ -22,7 +22,7 @@ from PIL import Image
 
 from memenc.errors import StoreError, UsageError
 from memenc.pipeline.preview import CAPTION_HEIGHT, PANEL_GAP, render_preview
-from memenc.store import SCHEMA, CacheStore, StoreLayout, describe_store, fingerprint
+from memenc.store import SCHEMA, CacheStore, StoreLayout, describe_store, fingerprint, open_cache
 
 T, H, W, F = 6, 4, 4, 4
 OBJECT_IDS = [1, 2]
@@ -316,11 +316,13 @@ def test_damaged_array_metadata_is_named_not_a_crash(written_store, damage, arra
     assert f"array '{array}' has unreadable metadata" in shown.stdout
 
 
-def test_group_metadata_that_is_not_an_object_is_not_a_store(written_store) -> None:
+@pytest.mark.parametrize("text", ["null", "[1]", '"x"', "3"])
+def test_group_metadata_that_is_not_an_object_is_named_damaged(written_store, text) -> None:
     path = written_store()
-    (path / "zarr.json").write_text("null")
-    with pytest.raises(StoreError, match="not a memenc store"):
-        describe_store(path)
+    (path / "zarr.json").write_text(text)
+    for read in (describe_store, open_cache):
+        with pytest.raises(StoreError, match=r"zarr.json is damaged \(not a JSON object\)$"):
+            read(path)
 
 
 # ----------------------------------------------------------------- render_preview

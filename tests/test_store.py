@@ -36,6 +36,7 @@ from memenc.store import (
 )
 from memenc.store import writer as writer_module
 from memenc.store.chunkfiles import ChunkFiles
+from memenc.store.report import describe_store
 from memenc.store.schema import LOCK_FILE
 
 T, OBJ, H, W, F = 10, 2, 4, 4, 3
@@ -486,6 +487,19 @@ def test_other_fingerprint_is_refused_unless_overwrite(written_store, finish: bo
     assert not (path / "maskmem_features" / "c").exists()  # old data gone
 
 
+def test_unknown_status_is_named_as_damage_not_as_other_settings(written_store) -> None:
+    path, _ = written_store(chunks=[0], finalize=False)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["memenc"] = {**group.attrs["memenc"], "status": "bogus"}
+    before = snapshot(path)
+    with pytest.raises(
+        StoreError, match=r"unknown store status 'bogus' \(damaged metadata\); use --overwrite$"
+    ):
+        CacheStore.prepare(path, make_layout())
+    assert snapshot(path) == before
+    assert CacheStore.prepare(path, make_layout(), overwrite=True).pending_chunks() == [0, 1, 2, 3]
+
+
 def test_other_chunking_is_refused(written_store) -> None:
     path, _ = written_store(chunks=[0], finalize=False)
     with pytest.raises(StoreError, match="chunk_frames"):
@@ -767,16 +781,21 @@ def test_chunk_files_step_aside_when_their_bytes_would_differ(
     assert ChunkFiles.for_array(tmp_path / "zstd.zarr", other) is None
 
 
+@pytest.mark.parametrize("gone", ["deleted", "emptied"])
 @pytest.mark.parametrize("array, coords", [("maskmem_features", (1, 1, 0, 0, 0)),
                                             ("obj_ptr", (1, 0, 0)), ("timestamp", (1,))])  # fmt: skip
-def test_a_marked_chunk_whose_file_is_gone_is_pending_again(tmp_path, array, coords) -> None:
-    """A chunk file deleted after its marker was set (by hand, a sync tool, a bad disk):
-    the store does not count it as written, so a resume redoes it and finalize refuses
-    to call the store complete before."""
+def test_a_marked_chunk_whose_file_is_gone_is_pending_again(tmp_path, array, coords, gone) -> None:
+    """A chunk file deleted after its marker was set (by hand, a sync tool, a bad disk), or
+    left with no bytes (a crash before the data reached the disk): the store does not count
+    it as written, so a resume redoes it and finalize refuses to call the store complete
+    before."""
     path = tmp_path / "v.zarr"
     store = CacheStore.prepare(path, make_layout())
     write(store, [0, 1, 2])
-    chunk_file(path, array, *coords).unlink()
+    if gone == "deleted":
+        chunk_file(path, array, *coords).unlink()
+    else:
+        chunk_file(path, array, *coords).write_bytes(b"")
     store = CacheStore.open_for_write(path)
     assert store.pending_chunks() == [1, 3]
     with pytest.raises(StoreError, match=r"2 of 4 chunks not written \(chunks 1, 3\)"):
@@ -922,6 +941,43 @@ def test_a_chunk_file_deleted_under_its_marker_is_an_error_on_read(written_store
         cache.features(4, 7).numpy(), expected_features("float16")[4, 1]
     )
     assert cache.pointer(0, 3).shape == (256,)
+
+
+def test_a_damaged_chunk_marker_is_named(written_store) -> None:
+    """A ``chunk_done`` marker that is neither 0 nor 1 is damage, not a chunk "not written
+    yet"; inspect lists it, as it lists a complete store with an unmarked chunk."""
+    path, _ = written_store()
+    zarr.open_group(str(path), mode="r+")["chunk_done"][1] = 255
+    with pytest.raises(StoreError, match=r"chunk_done is damaged \(chunk 1's marker is 255"):
+        open_cache(path).features(4, 3)
+    assert describe_store(path)["problems"] == [
+        "chunk_done is damaged: markers other than 0 or 1 (chunks 1)"
+    ]
+    zarr.open_group(str(path), mode="r+")["chunk_done"][1] = 0
+    assert describe_store(path)["problems"] == ["status is complete but chunks 1 are not written"]
+
+
+def test_store_readers_take_integers_only(written_store) -> None:
+    """A float row, frame or object id is refused, not truncated to another one."""
+    path, _ = written_store()
+    cache = open_cache(path)
+    frame = int(cache.frame_index[4])
+    for call, args, name in [
+        (cache.row_of, (frame + 0.5,), "frame_number"),
+        (cache.features, (4.5, 3), "row"),
+        (cache.features, (4, 3.0), "object_id"),
+        (cache.score, (np.float64(4), 3), "row"),
+        (cache.pointer, (4, "3"), "object_id"),
+        (cache.for_sam2, (4.2, 3), "row"),
+        (cache.sam2_output_dict, (3, [frame + 0.5]), "frame"),
+    ]:
+        with pytest.raises(TypeError, match=f"^{name} must be an integer"):
+            call(*args)
+    np.testing.assert_array_equal(  # numpy and torch integers are integers
+        cache.features(np.int64(4), torch.tensor(3)).numpy(),
+        cache.features(4, 3).numpy(),
+    )
+    assert cache.row_of(np.int32(frame)) == 4
 
 
 def test_damaged_small_array_fails_at_open(written_store) -> None:

@@ -358,19 +358,33 @@ def write_file(path: Path, data: bytes) -> None:
 
 def missing_chunk_files(root: Path, arrays: list[zarr.Array], chunks: list[int]) -> set[int]:
     """The frame-chunks among `chunks` (marked written) that lack a chunk file of one of
-    `arrays` (frame-chunked, under the local store `root`): deleted since, or the store was
-    damaged. Each array's folder is listed once."""
+    `arrays` (frame-chunked, under the local store `root`), or whose file is empty: deleted
+    since, or the store was damaged (a crash can leave a renamed file with no bytes; no
+    chunk encodes to none). Each array's folder is listed once."""
     missing: set[int] = set()
     for array in arrays:
         folder = Path(root, *array.path.split("/"))
-        try:
-            present = set(os.listdir(folder))
-        except OSError:
-            present = set()
         others = _other_chunks(tuple(array.shape), tuple(array.chunks))
+        present = _nonempty_files(folder)
         for c in chunks:
             names = [array.metadata.encode_chunk_key((c, *o)) for o in others]
             # flat keys (c.0.1) from the listing, nested ones (c/0/1, older stores) one by one
-            if not all(n in present if "/" not in n else (folder / n).is_file() for n in names):
+            if not all(n in present if "/" not in n else _nonempty(folder / n) for n in names):
                 missing.add(c)
     return missing
+
+
+def _nonempty_files(folder: Path) -> set[str]:
+    """Names of the non-empty regular files in `folder` (none when it cannot be listed)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name for e in entries if e.is_file() and e.stat().st_size > 0}
+    except OSError:
+        return set()
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False

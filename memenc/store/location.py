@@ -192,9 +192,10 @@ def open_group(loc: Location, mode: str) -> zarr.Group:
         group = zarr.open_group(store=loc.zarr_store(read_only=mode == "r"), mode=mode)
     except OSError as exc:
         raise StoreError(f"{loc}: cannot open store: {describe_os_error(exc)}") from exc
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        # zarr's errors are ValueErrors; JSON that is not an object (``null``) fails inside
-        # zarr as an AttributeError or a TypeError
+    except (TypeError, AttributeError) as exc:
+        # JSON that is not an object (``null``, a list) fails inside zarr this way
+        raise StoreError(f"{loc}: zarr.json is damaged (not a JSON object)") from exc
+    except (ValueError, KeyError) as exc:  # zarr's refusals of other metadata
         raise StoreError(f"{loc}: not a memenc store ({exc})") from exc
     return group
 

@@ -27,6 +27,7 @@ has no ``chunk_done`` marker yet raise `StoreError` instead of returning the fil
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -49,6 +50,15 @@ from memenc.store.schema import (
 __all__ = ["MemoryCache", "open_cache"]
 
 _CACHE_BYTES = 64 * 1024 * 1024  # decoded feature chunks kept for sequential reads
+
+
+def _whole(value: Any, what: str) -> int:
+    """``value`` as an int when it is one (Python, numpy or torch integer); TypeError for a
+    float or anything else, which `int()` would silently truncate to another row."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {value!r}") from None
 
 
 def open_cache(path: str | os.PathLike[str]) -> MemoryCache:
@@ -166,9 +176,11 @@ class MemoryCache:
 
         Raises:
             StoreError: the frame is not in the store.
+            TypeError: ``frame_number`` is not an integer.
         """
+        frame_number = _whole(frame_number, "frame_number")
         try:
-            return self._row_of[int(frame_number)]
+            return self._row_of[frame_number]
         except KeyError:
             first, last = int(self.frame_index[0]), int(self.frame_index[-1])
             raise StoreError(
@@ -177,8 +189,9 @@ class MemoryCache:
             ) from None
 
     def _object(self, object_id: int) -> int:
+        object_id = _whole(object_id, "object_id")
         try:
-            return self._object_index[int(object_id)]
+            return self._object_index[object_id]
         except KeyError:
             raise StoreError(
                 f"{self.path}: object {object_id} is not in the store (objects {self.object_ids})"
@@ -189,6 +202,11 @@ class MemoryCache:
         if not 0 <= row < self.num_frames:
             raise IndexError(f"row {row} out of range [0, {self.num_frames})")
         chunk = row // self.chunk_frames
+        if self._done[chunk] not in (0, 1):
+            raise StoreError(
+                f"{self.path}: chunk_done is damaged (chunk {chunk}'s marker is "
+                f"{int(self._done[chunk])}, not 0 or 1); recompute the store"
+            )
         if self._done[chunk] != 1:
             # The writer may have finished it since we opened; markers only go 0 -> 1.
             self._done[chunk] = self._read("chunk_done", lambda: self._chunk_done_array[chunk])
@@ -256,7 +274,9 @@ class MemoryCache:
         Raises:
             IndexError: ``row`` out of range.
             StoreError: unknown object, the row's chunk not written yet, or damaged data.
+            TypeError: ``row`` or ``object_id`` is not an integer.
         """
+        row = _whole(row, "row")
         obj = self._object(object_id)
         chunk = self._chunk_of(row)
         block = self._feature_chunk(chunk, obj)
@@ -266,8 +286,9 @@ class MemoryCache:
         """Object score logit of one row and object (+10 present, −10 absent for mask input).
 
         Raises:
-            IndexError, StoreError: as `features`.
+            IndexError, StoreError, TypeError: as `features`.
         """
+        row = _whole(row, "row")
         obj = self._object(object_id)
         self._chunk_of(row)
         what = f"object_score_logits row {row} object {object_id}"
@@ -284,7 +305,7 @@ class MemoryCache:
             "object_score_logits": float32 [1, 1]}`` on ``device``.
 
         Raises:
-            IndexError, StoreError: as `features`.
+            IndexError, StoreError, TypeError: as `features`.
         """
         feats = self.features(row, object_id)
         score = self.score(row, object_id)
@@ -323,7 +344,9 @@ class MemoryCache:
             StoreError: unknown object, the row's chunk not written yet, damaged data, or
                 a store without pointers (schema memenc.memory-cache/1; the message says how
                 to recompute it).
+            TypeError: ``row`` or ``object_id`` is not an integer.
         """
+        row = _whole(row, "row")
         obj = self._object(object_id)
         if self._pointers is None:
             self._pointer_chunk(0)  # raises: no pointers
@@ -364,11 +387,14 @@ class MemoryCache:
             StoreError: unknown object or frame, a chunk not written yet, damaged data, or a
                 store without pointers (schema memenc.memory-cache/1: recompute it with
                 ``memenc encode … --overwrite``; the message names the command).
+            TypeError: ``object_id`` or a frame is not an integer.
         """
         obj = self._object(object_id)
         if self._pointers is None:
             self._pointer_chunk(0)  # raises: no pointers
-        wanted = self.frame_index.tolist() if frames is None else [int(f) for f in frames]
+        wanted = (
+            self.frame_index.tolist() if frames is None else [_whole(f, "frame") for f in frames]
+        )
         pos = [self.pos_enc.to(device=device, dtype=dtype).unsqueeze(0)]
         cond: dict[int, dict[str, Any]] = {}
         for frame in wanted:

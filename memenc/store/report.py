@@ -89,7 +89,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
             problems.append(str(exc).removeprefix(f"{loc}: "))
 
     arrays = _arrays(group, loc, problems)
-    done, total, pending = _chunk_progress(group, problems)
+    done, total, pending = _chunk_progress(group, problems, status)
     frame_index = _read_small(group, "frame_index", problems)
     object_ids = _read_small(group, "object_id", problems)
     features = next((a for a in arrays if a["name"] == "maskmem_features"), None)
@@ -323,11 +323,20 @@ def _read_small(group: zarr.Group, name: str, problems: list[str]) -> np.ndarray
 
 
 def _chunk_progress(
-    group: zarr.Group, problems: list[str]
+    group: zarr.Group, problems: list[str], status: Any
 ) -> tuple[int | None, int | None, str | None]:
-    """(done, total, pending ranges) from ``chunk_done``."""
+    """(done, total, pending ranges) from ``chunk_done``; markers other than 0 and 1, and
+    unset ones in a store whose status is complete, are listed in ``problems``."""
     markers = _read_small(group, "chunk_done", problems)
     if markers is None:
         return None, None, None
     pending = [int(i) for i in np.flatnonzero(markers != 1)]
+    odd = [int(i) for i in np.flatnonzero((markers != 0) & (markers != 1))]
+    unset = [int(i) for i in np.flatnonzero(markers == 0)]
+    if odd:
+        problems.append(
+            f"chunk_done is damaged: markers other than 0 or 1 (chunks {chunk_ranges(odd)})"
+        )
+    if unset and status == STATUS_COMPLETE:
+        problems.append(f"status is complete but chunks {chunk_ranges(unset)} are not written")
     return int(markers.size - len(pending)), int(markers.size), chunk_ranges(pending)

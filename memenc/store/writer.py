@@ -114,14 +114,13 @@ class CacheStore:
           `pending_chunks` lists what is left.
         - ``complete`` store with the same fingerprint and layout: returned as is, nothing
           pending (`finalize` is then a no-op).
-        - Anything else memenc made (other fingerprint, layout or schema version) is
-          refused; a creation that was cut short (status ``creating``) is recreated.
+        - Anything else memenc made (other fingerprint, layout, schema version, an unknown
+          status) is refused; a creation that was cut short (``creating``) is recreated.
         - With ``overwrite``, any memenc store at the path (whatever its settings and
           status) is replaced. A local store's old contents are kept beside it, in
           ``.<name>.memenc-replaced``, until the new store is complete (`finalize` deletes
           them) or `bring_back_replaced` restores them; object stores are deleted.
-
-        Leftover ``*.partial`` temp files (from killed writers) are removed.
+        - Leftover ``*.partial`` temp files (from killed writers) are removed.
 
         Args:
             path: a directory path, ``file://`` or fsspec URL.
@@ -165,6 +164,9 @@ class CacheStore:
     def _resume(
         cls, loc: Location, group: zarr.Group, attrs: dict[str, Any], layout: StoreLayout
     ) -> CacheStore:
+        if (status := attrs.get("status")) not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
+            damaged = f"unknown store status {status!r} (damaged metadata)"
+            raise StoreError(f"{loc}: {damaged}; use --overwrite")
         differs: list[str] = []
         if attrs.get("schema") != SCHEMA:
             differs.append(f"schema {attrs.get('schema')!r}")
@@ -181,8 +183,6 @@ class CacheStore:
             differs.append("frame_index")
         if attrs.get("fingerprint") != layout.fingerprint:
             differs.extend(settings_that_differ(layout, old, attrs) or ["fingerprint"])
-        if attrs.get("status") not in (STATUS_IN_PROGRESS, STATUS_COMPLETE):
-            differs.append(f"status {attrs.get('status')!r}")
         differs = list(dict.fromkeys(differs))  # a layout key can also be a fingerprint key
         if differs:
             shown = ", ".join(differs[:8]) + (", …" if len(differs) > 8 else "")
