@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -133,8 +134,9 @@ def test_inputs_globs_frame_folders_manifests_and_names(tmp_path):
     assert rows[0].name == "sub/one.zarr" and rows[0].error is None
     assert rows[0].masks == str(tmp_path / "a" / "clip.masks.npy")
     assert (rows[0].objects, rows[0].frames) == ("3", "0:4")
-    for refused in rows[1:]:
-        assert refused.error and "outside the output folder" in refused.error
+    for line, refused in enumerate(rows[1:], 3):  # each refusal names its line
+        assert refused.error and refused.error.startswith(f"{manifest}:{line}: manifest output")
+        assert "outside the output folder" in refused.error
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text(json.dumps({"video": "a/clip.mp4", "objects": [3, 7]}) + "\n")
     assert expand_inputs([jsonl])[0].objects == "3,7"
@@ -147,6 +149,46 @@ def test_inputs_globs_frame_folders_manifests_and_names(tmp_path):
     bad.write_text("path\nx.mp4\n")
     with pytest.raises(UsageError, match="no 'video' column"):
         expand_inputs([bad])
+
+
+def test_inputs_with_no_videos_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "header.csv").write_text("video,objects\n")
+    (tmp_path / "blank.jsonl").write_text("\n")
+    inputs = [tmp_path / "empty", tmp_path / "header.csv", tmp_path / "blank.jsonl"]
+    with pytest.raises(UsageError) as e:
+        expand_inputs([*inputs, str(tmp_path / "emp*")])
+    assert str(e.value) == (
+        f"no videos among the inputs ({inputs[0]}: no video files or frame folders; "
+        f"{inputs[1]}: a manifest with no rows; {inputs[2]}: a manifest with no rows; "
+        f"{tmp_path / 'emp*'}: the pattern matches no videos)"
+    )
+
+
+def test_a_glob_reads_the_manifests_it_matches(tmp_path):
+    """A pattern's matches are taken as if each had been given: a manifest is read, not
+    run as a video."""
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "a.csv").write_text("video,objects,output\n../clip.mp4,3,a.zarr\n")
+    (tmp_path / "lists" / "b.jsonl").write_text('{"video": "../clip.mp4", "output": "b.zarr"}\n')
+    got = expand_inputs([str(tmp_path / "lists" / "*")])
+    assert [(i.name, i.objects, i.error) for i in got] == [
+        ("a.zarr", "3", None),
+        ("b.zarr", None, None),
+    ]
+    assert {Path(i.video).resolve() for i in got} == {(tmp_path / "clip.mp4").resolve()}
+
+
+def test_a_manifest_output_of_the_folder_itself_is_named_so(tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video,output\nclip.mp4,.\nclip.mp4,./\nclip.mp4,x.zarr\n")
+    got = expand_inputs([manifest])
+    for line, refused in ((2, got[0]), (3, got[1])):
+        assert refused.error and refused.error.startswith(f"{manifest}:{line}: manifest output")
+        assert "is the output folder itself, not a store in it" in refused.error
+    assert got[2].error is None and got[2].name == "x.zarr"
 
 
 def test_manifest_encodings_and_bytes(tmp_path):
@@ -162,9 +204,15 @@ def test_manifest_encodings_and_bytes(tmp_path):
     cases = {
         "latin1.csv": (b"video\nclip.mp4\ncaf\xe9.mp4\n", r"latin1.csv:3: manifest is not UTF-8"),
         "bad.jsonl": (b'{"video": "clip.mp4"}\n{"video": "\xff"}\n', r"bad.jsonl:2: .*not UTF-8"),
-        "nul.csv": (b'video\n"clip\x00.mp4"\n', r"nul.csv: .*'video' holds a NUL byte"),
+        "nul.csv": (b'video\n"clip\x00.mp4"\n', r"nul.csv:2: the row's 'video' holds a NUL byte"),
         "nul.jsonl": (b'{"video": "a.mp4", "masks": "m\\u0000"}\n', r"'masks' holds a NUL"),
-        "long.csv": (b"video\n" + b"a" * 200_000 + b"\n", r"long.csv: not CSV \(field larger"),
+        "long.csv": (b"video\n" + b"a" * 200_000 + b"\n", r"long.csv:2: not CSV \(field larger"),
+        "quote.csv": (b'video,objects\nclip.mp4,1\n"clip.mp4,2\n', r"quote.csv:3: not CSV \(unexp"),
+        "after.csv": (b'video,objects\n"clip.mp4"x,1\n', r"after.csv:2: not CSV \(',' expected"),
+        "empty.csv": (
+            b"video,objects\nclip.mp4,1\n,2\n",
+            r"empty.csv:3: the row's 'video' is empty",
+        ),
     }
     for name, (data, message) in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -696,8 +744,8 @@ def test_a_manifest_rows_bad_selection_names_the_row_not_an_option(tmp_path, dat
                         f"{dataset / 'c0.mp4'},,3;7,b.zarr\n")  # fmt: skip
     summary = run_batch([manifest], tmp_path / "out", settings=SETTINGS)
     errors = [r.error for r in summary.inputs]
-    assert errors[0].startswith("manifest row's 'frames' '0:x': 'x' is not an integer"), errors
-    assert errors[1].startswith("manifest row's 'objects' '3;7'"), errors
+    assert errors[0].startswith(f"{manifest}:2: the row's 'frames' '0:x': 'x' is not an in"), errors
+    assert errors[1].startswith(f"{manifest}:3: the row's 'objects' '3;7'"), errors
 
 
 def test_a_manifest_output_cannot_leave_the_folder_through_a_link(tmp_path, dataset):
@@ -728,6 +776,23 @@ def test_manifest_outputs_named_like_batch_files_are_refused(tmp_path, dataset):
     with pytest.raises(StoreError, match=r"batch-summary.json: cannot write \(Is a directory"):
         run_batch([dataset / "c0.mp4"], out, settings=SETTINGS)
     assert open_cache(out / "c0.zarr").status == "complete"
+
+
+def test_an_unreachable_dask_scheduler_is_an_error_not_a_usage_error(
+    tmp_path, dataset, monkeypatch
+):
+    """Exit 1 (nobody answers at the address), not 2: the option itself was well formed."""
+    import memenc.pipeline.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "DASK_CONNECT_S", 2.0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(MemencError, match=rf"^--dask {address}: cannot connect \(") as err:
+        run_batch([dataset / "c0.mp4"], tmp_path / "out", settings=SETTINGS, dask=address)
+    assert not isinstance(err.value, UsageError)
+    with pytest.raises(UsageError, match=r"^--dask nowhere:x:y: "):
+        run_batch([dataset / "c0.mp4"], tmp_path / "out", settings=SETTINGS, dask="nowhere:x:y")
 
 
 def test_dask_cluster_without_workers_fails_instead_of_waiting(tmp_path, dataset, monkeypatch):

@@ -66,6 +66,7 @@ SUMMARY_FILE = "batch-summary.json"
 PLAN_FILE = "batch-plan.json"
 DEFAULT_UNIT_FRAMES = 256
 DASK_WORKER_WAIT_S = 120.0  # how long `--dask` waits for a cluster's first worker
+DASK_CONNECT_S = 30.0  # how long `--dask ADDRESS` tries to reach the scheduler
 VIDEO_SUFFIXES = frozenset(
     (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg")
     + (".flv", ".wmv", ".h264", ".264", ".hevc", ".265")
@@ -114,7 +115,8 @@ class BatchSettings:
 class BatchInput:
     """One video of the batch: where it is, its masks, and its store name (relative to the
     output folder). `error` is set for an input refused before it runs (a manifest row
-    whose output leaves the folder, say)."""
+    whose output leaves the folder, say). `row`: where a manifest gave it (``file:line``),
+    named in the errors of its fields."""
 
     index: int
     video: str
@@ -123,6 +125,7 @@ class BatchInput:
     objects: str | None = None
     frames: str | None = None
     error: str | None = None
+    row: str | None = None
 
 
 @dataclass(frozen=True)
@@ -287,8 +290,9 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
         line = raw[: e.start].count(b"\n") + 1
         raise UsageError(f"{path}:{line}: manifest is not UTF-8 text") from None
     rows: list[dict[str, Any]] = []
+    lines: list[int] = []  # each row's line number
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
+        reader = csv.DictReader(io.StringIO(text), strict=True)  # e.g. an unclosed quote
         try:
             if not reader.fieldnames or "video" not in reader.fieldnames:
                 raise UsageError(f"{path}: manifest has no 'video' column")
@@ -299,8 +303,9 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
                         'header has (quote a field that holds commas, e.g. "3,7")'
                     )
                 rows.append(dict(r))
-        except csv.Error as e:
-            raise UsageError(f"{path}: not CSV ({e})") from None
+                lines.append(reader.line_num)
+        except csv.Error as e:  # line_num counts the lines before the failing row's
+            raise UsageError(f"{path}:{reader.line_num + 1}: not CSV ({e})") from None
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -326,21 +331,23 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
                 if not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
                     raise UsageError(f"{path}:{n}: 'objects' must list whole numbers")
             rows.append(row)
+            lines.append(n)
     out = []
-    for row in rows:
+    for row, at in zip(rows, lines):
+        where = f"{path}:{at}"
         clean = {k: (None if row.get(k) in (None, "") else str(row[k])) for k in MANIFEST_COLUMNS}
         if clean["objects"] is not None and isinstance(row.get("objects"), list):
             clean["objects"] = ",".join(str(i) for i in row["objects"])
         for key in ("video", "masks", "output"):
             if "\x00" in (clean[key] or ""):
-                raise UsageError(f"{path}: a manifest row's '{key}' holds a NUL byte")
+                raise UsageError(f"{where}: the row's '{key}' holds a NUL byte")
         for key in ("video", "masks"):
             value = clean[key]
             if value is not None and not os.path.isabs(value):
                 clean[key] = str(path.parent / value)
         if clean["video"] is None:
-            raise UsageError(f"{path}: a manifest row has an empty 'video'")
-        out.append(clean)
+            raise UsageError(f"{where}: the row's 'video' is empty")
+        out.append({**clean, "row": where})
     return out
 
 
@@ -376,26 +383,25 @@ _ROW_SETTINGS = ("masks", "output", "objects", "frames")
 def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
     """Turn the command line's INPUTS into videos, in a deterministic order.
 
-    Each input is a video file, a glob, a folder (a frame folder, or a folder of videos and
-    frame folders), or a manifest (``.csv``, ``.jsonl``, ``.ndjson``) with the column
+    Each input is a video file, a glob (each match taken as if given), a folder (a frame
+    folder, or a folder of videos and frame folders), or a manifest (``.csv``, ``.jsonl``, ``.ndjson``) with the column
     ``video`` and optional ``masks``, ``output``, ``objects``, ``frames``. A video listed
     twice with the same settings (e.g. by a folder and a glob) is kept once; manifest rows
     that give one video other settings or another output are inputs of their own. Store
     names are the video's stem (a frame folder's name) plus ``.zarr``, with ``-2``,
     ``-3`` … appended when stems collide; a manifest's ``output`` is used as given unless
-    it is absolute or has ``..`` (that input is refused).
+    it is absolute, has ``..`` or names the output folder itself (that input is refused,
+    its error naming the manifest's ``file:line``).
 
     Raises:
         UsageError: an input that does not exist, a glob that matches nothing, a malformed
-            manifest, or no videos at all.
+            manifest, or no videos at all (the message names what each input held).
     """
     rows: list[dict[str, str | None]] = []
+    empty: list[str] = []  # inputs that gave no video, for the message when none did
     for item in inputs:
         text = os.fspath(item)
         path = Path(text)
-        if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-            rows.extend(_read_manifest(path))
-            continue
         if path.exists():
             matches = [path]
         elif glob.has_magic(text):
@@ -404,9 +410,19 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
                 raise UsageError(f"{text}: the pattern matches nothing")
         else:
             raise UsageError(f"{text}: no such file or folder")
-        for m in matches:
+        before = len(rows)
+        for m in matches:  # a glob's matches are taken as if each had been given
+            if m.is_file() and m.suffix.lower() in MANIFEST_SUFFIXES:
+                rows.extend(_read_manifest(m))
+                continue
             for video in _expand_folder(m) if m.is_dir() else [m]:
                 rows.append({"video": str(video)})
+        if len(rows) == before:
+            empty.append(
+                f"{text}: a manifest with no rows" if path.is_file()
+                else f"{text}: no video files or frame folders" if path.is_dir()
+                else f"{text}: the pattern matches no videos"
+            )  # fmt: skip
     seen: set[tuple[str | None, ...]] = set()
     taken: set[str] = set()
     result: list[BatchInput] = []
@@ -420,7 +436,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
         output = row.get("output")
         if output is not None:
             name = _safe_name(output)
-            if name is None:
+            if name is None and re.fullmatch(r"[\\/.]+", output) and ".." not in output:
+                error = f"manifest output {output!r} is the output folder itself, not a store in it"
+                name = f"<refused:{len(result)}>"
+            elif name is None:
                 error = f"manifest output {output!r} is outside the output folder; refused"
                 name = f"<refused:{len(result)}>"
             elif _is_batch_file(name.split("/")[0]):
@@ -450,11 +469,12 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[BatchInput]:
                 masks=row.get("masks"),
                 objects=row.get("objects"),
                 frames=row.get("frames"),
-                error=error,
+                error=error if error is None or not row.get("row") else f"{row['row']}: {error}",
+                row=row.get("row"),
             )
         )
     if not result:
-        raise UsageError("no videos among the inputs")
+        raise UsageError("no videos among the inputs (" + "; ".join(empty) + ")")
     return result
 
 
@@ -847,9 +867,11 @@ class _DaskExecutor(_Executor):
             self.client = distributed.Client(self._cluster)
         else:
             try:
-                self.client = distributed.Client(address, timeout="30s")
-            except (OSError, TimeoutError, ValueError) as e:
-                raise UsageError(f"--dask {address}: cannot connect ({_one_line(e)})") from None
+                self.client = distributed.Client(address, timeout=f"{DASK_CONNECT_S:g}s")
+            except ValueError as e:  # not an address
+                raise UsageError(f"--dask {address}: {_one_line(e)}") from None
+            except (OSError, TimeoutError) as e:  # nobody there: not a mistyped option
+                raise MemencError(f"--dask {address}: cannot connect ({_one_line(e)})") from None
         try:  # a cluster without workers would take units and never run them
             self.client.wait_for_workers(1, timeout=DASK_WORKER_WAIT_S)
         except (TimeoutError, OSError) as e:
@@ -958,8 +980,8 @@ class _Coordinator:
         path = store_path(self.out, inp.name)
         v = _Video(InputResult(inp.index, inp.video, path))
         if inp.error is None and "/" in inp.name and not _stays_inside(self.out, path):
-            inp = dataclasses.replace(inp, error=f"manifest output {inp.name!r} leaves the "
-                                      "output folder through a symbolic link; refused")  # fmt: skip
+            link = "leaves the output folder through a symbolic link; refused"
+            inp = dataclasses.replace(inp, error=f"{inp.row}: manifest output {inp.name!r} {link}")
         if inp.error is not None:
             v.result.status, v.result.error = "failed", inp.error
             v.result.store = ""
@@ -1047,8 +1069,10 @@ class _Coordinator:
             selection = parse_frames(inp.frames if inp.frames is not None else self.frames)
             object_ids = parse_objects(inp.objects if inp.objects is not None else self.objects)
         except UsageError as e:
-            text = str(e).replace("--frames ", "manifest row's 'frames' ", 1)
-            raise UsageError(text.replace("--objects ", "manifest row's 'objects' ", 1)) from None
+            text = (
+                str(e).replace("--frames ", "'frames' ", 1).replace("--objects ", "'objects' ", 1)
+            )
+            raise UsageError(f"{inp.row or 'manifest'}: the row's {text}") from None
         video_path = Path(inp.video)
         info = probe_video(video_path, timeout_s=s.decode_timeout_s)
         masks = masks_for(inp, self.masks_template)
