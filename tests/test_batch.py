@@ -625,6 +625,35 @@ def test_s3_without_credentials_or_endpoint_is_one_line(tmp_path, dataset, s3, c
     assert lines[0].startswith(f"memenc: error: {store}: ") and reason in lines[0], lines[0]
 
 
+READ_WITHOUT_CREDENTIALS = """
+import sys
+from memenc.errors import StoreError
+from memenc.store import describe_store, open_cache
+for read in (open_cache, describe_store):
+    try:
+        read(sys.argv[1])
+    except StoreError as e:
+        print(str(e))
+"""
+
+
+def test_s3_without_credentials_from_python_is_a_store_error(tmp_path, s3):
+    """open_cache and describe_store, called from Python, raise StoreError naming the store
+    when the storage service fails, not botocore's own exception."""
+    url = "s3://caches/refused/c0.zarr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MEMENC_TEST"))}
+    env.update(AWS_ENDPOINT_URL=s3["AWS_ENDPOINT_URL"], AWS_DEFAULT_REGION="us-east-1",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", READ_WITHOUT_CREDENTIALS, url],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2, run.stdout
+    for line in lines:
+        assert line.startswith(f"{url}: the storage service failed (NoCredentialsError: "), line
+
+
 def test_batch_to_s3_resumes_after_sigkill(dataset, references, s3):
     out = "s3://caches/batch"
     args = [str(dataset / "c0.mp4"), str(dataset / "c4.mp4"), "-o", out, "--json", *CLI_OPTS]

@@ -103,17 +103,13 @@ class _ErrorMappingCommand(TyperCommand):
                 hint = "; try a smaller --image-size or --batch-size" if running else ""
                 _error_line(f"memenc: error: out of memory ({_first_line(e)[:100]}){hint}")
                 ctx.exit(1)
-            from memenc.store.urls import storage_failure
+            from memenc.store.urls import storage_error
 
-            failed = storage_failure(e)
+            # inspect and preview name their store STORE (preview's --out is its PNG)
+            where = ctx.params.get("store") or ctx.params.get("out") or "the store"
+            failed = storage_error(str(where), e)
             if failed is not None:
-                # inspect and preview name their store STORE (preview's --out is its PNG)
-                where = ctx.params.get("store") or ctx.params.get("out") or "the store"
-                _error_line(
-                    f"memenc: error: {where}: the storage service failed "
-                    f"({type(failed).__name__}: {_first_line(failed)}); "
-                    "check its credentials and endpoint"
-                )
+                _error_line(f"memenc: error: {failed}")
                 ctx.exit(1)
             _error_line(
                 f"memenc: internal error: {type(e).__name__}: {e} "

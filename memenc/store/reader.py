@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memenc.errors import StoreError
+from memenc.errors import MemencError, StoreError
 from memenc.store.location import Location, describe_os_error, open_existing
 from memenc.store.schema import (
     ATTRS_KEY,
@@ -46,6 +46,7 @@ from memenc.store.schema import (
     STATUS_IN_PROGRESS,
     layout_from_group,
 )
+from memenc.store.urls import storage_error
 
 __all__ = ["MemoryCache", "open_cache"]
 
@@ -73,9 +74,18 @@ def open_cache(path: str | os.PathLike[str]) -> MemoryCache:
 
     Raises:
         StoreError: the path does not exist, is not a memenc store, has another schema
-            version, was never fully created, or is damaged.
+            version, was never fully created, or is damaged; or the storage service of a
+            URL failed (no credentials, an endpoint that does not answer).
     """
-    return MemoryCache(path)
+    try:
+        return MemoryCache(path)
+    except MemencError:
+        raise
+    except Exception as exc:
+        failed = storage_error(os.fspath(path), exc)
+        if failed is None:
+            raise
+        raise failed from exc
 
 
 class MemoryCache:
@@ -227,6 +237,11 @@ class MemoryCache:
             raise StoreError(
                 f"{self.path}: {what} is damaged (checksum or decode error: {exc})"
             ) from exc
+        except Exception as exc:  # a URL's storage service (botocore is not an OSError)
+            failed = storage_error(self.path, exc)
+            if failed is None:
+                raise
+            raise failed from exc
 
     def _feature_chunk(self, chunk: int, obj: int) -> np.ndarray:
         """Decoded maskmem_features of one frame-chunk and object: [n, 64, h, w] store dtype."""

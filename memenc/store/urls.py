@@ -6,9 +6,9 @@ A path with ``://`` (other than ``file://``) stays a string until
 
 from __future__ import annotations
 
-from memenc.errors import UsageError
+from memenc.errors import StoreError, UsageError
 
-__all__ = ["check_url", "is_url", "storage_failure"]
+__all__ = ["check_url", "is_url", "storage_error", "storage_failure"]
 
 # protocol -> (the package fsspec needs, the memenc extra that installs it, if any)
 _BACKENDS = {
@@ -66,3 +66,16 @@ def storage_failure(exc: BaseException) -> BaseException | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def storage_error(where: str, exc: BaseException) -> StoreError | None:
+    """A one-line StoreError naming `where` (the store) for a storage backend's failure in
+    `exc`'s chain (see `storage_failure`), or None when the backend did not raise it."""
+    failed = storage_failure(exc)
+    if failed is None:
+        return None
+    text = (str(failed).strip().splitlines() or [""])[0][:160]
+    return StoreError(
+        f"{where}: the storage service failed ({type(failed).__name__}: {text}); "
+        "check its credentials and endpoint"
+    )
