@@ -226,7 +226,7 @@ def test_schema_dims_chunks_dtypes_and_checksums(written_store) -> None:
         "object_score_logits": (("frame", "object"), (T, OBJ), (F, OBJ), "float32"),
         "obj_ptr": (("frame", "object", "pointer_channel"), (T, OBJ, 256), (F, OBJ, 256),
                     "float32"),
-        "frame_index": (("frame",), (T,), (F,), "int64"),
+        "frame_index": (("frame",), (T,), (T,), "int64"),
         "timestamp": (("frame",), (T,), (F,), "float64"),
         "object_id": (("object",), (OBJ,), (OBJ,), "int32"),
         "maskmem_tpos_enc": (("slot", "channel"), (7, 64), (7, 64), "float32"),
@@ -978,6 +978,95 @@ def test_store_readers_take_integers_only(written_store) -> None:
         cache.features(4, 3).numpy(),
     )
     assert cache.row_of(np.int32(frame)) == 4
+
+
+def test_a_store_with_frame_index_chunked_by_f_opens_and_resumes(tmp_path, monkeypatch) -> None:
+    """Stores made before frame_index became one chunk chunked it by F: they still open,
+    resume and read."""
+    import dataclasses
+
+    from memenc.store import schema
+
+    old_spec = dataclasses.replace(
+        schema.SPECS["frame_index"], chunking={"frame": schema._CHUNK_FRAMES}
+    )
+    old_arrays = tuple(old_spec if a.name == "frame_index" else a for a in schema.ARRAYS)
+    path = tmp_path / "v.zarr"
+    with monkeypatch.context() as m:
+        m.setattr(writer_module, "ARRAYS", old_arrays)
+        write(CacheStore.prepare(path, make_layout()), [0, 1])
+    assert zarr.open_group(str(path), mode="r")["frame_index"].chunks == (F,)
+    store = CacheStore.prepare(path, make_layout())  # the same settings: resumed
+    assert store.pending_chunks() == [2, 3]
+    write(store, [2, 3])
+    store.finalize()
+    cache = open_cache(path)
+    assert cache.row_of(5 + 2 * 7) == 7
+    np.testing.assert_array_equal(cache.features(7, 7).numpy(), expected_features("float16")[7, 1])
+    assert describe_store(path)["problems"] == []
+
+
+def test_a_long_store_opens_without_reading_every_chunk(tmp_path: Path) -> None:
+    """open_cache reads frame_index (one chunk) and the small arrays, not each frame-chunk's
+    marker and timestamps: 5,000 frame-chunks made it read 15,000 files (9 s here)."""
+    import dataclasses
+
+    n = 5_000
+    long = dataclasses.replace(
+        make_layout(), num_frames=n, chunk_frames=1, frame_index=np.arange(n, dtype=np.int64)
+    )
+    store = CacheStore.prepare(tmp_path / "long.zarr", long)
+    assert sorted(p.name for p in (tmp_path / "long.zarr" / "frame_index").iterdir()) == [
+        "c.0", "zarr.json"]  # fmt: skip
+    reads: list[str] = []
+    real = zarr.storage.LocalStore.get
+
+    async def counted(self, key, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(key)
+        return await real(self, key, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(zarr.storage.LocalStore, "get", counted)
+        cache = open_cache(tmp_path / "long.zarr")
+        assert len(reads) < 50, reads[:60]
+        with pytest.raises(StoreError, match="not written yet"):
+            cache.features(1_234, 3)  # reads that chunk's marker alone
+        assert [k for k in reads if k.startswith("chunk_done/c")] == ["chunk_done/c.1234"], reads
+    assert np.isnan(cache.timestamps).all() and store.pending_chunks()[-1] == n - 1
+
+
+def test_frame_lookup_of_a_long_store_is_bounded_and_exact(tmp_path: Path) -> None:
+    """row_of on a store of a million frames: exact for every kind of frame, without a
+    Python dict of every frame (~100 MB here); stores whose frame_index does not increase
+    (not written by memenc) still look up the first row of each frame."""
+    import dataclasses
+    import tracemalloc
+
+    n = 1_000_000
+    long = dataclasses.replace(
+        make_layout(), num_frames=n, frame_index=np.arange(n, dtype=np.int64) * 3 + 1
+    )
+    CacheStore.prepare(tmp_path / "long.zarr", long)
+    tracemalloc.start()
+    cache = open_cache(tmp_path / "long.zarr")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # frame_index and timestamp (8 MB each) and what zarr reads them through
+    assert peak < 40e6, peak
+    assert [cache.row_of(f) for f in (1, 4, 3 * 777_777 + 1, 3 * (n - 1) + 1)] == [
+        0, 1, 777_777, n - 1]  # fmt: skip
+    for absent in (0, 2, 3 * n + 1, -5, 2**70):
+        with pytest.raises(StoreError, match=f"frame {absent} is not in the store"):
+            cache.row_of(absent)
+
+    shuffled = dataclasses.replace(
+        make_layout(), frame_index=np.array([9, 3, 9, 5, 1, 3, 7, 8, 0, 4])
+    )
+    CacheStore.prepare(tmp_path / "other.zarr", shuffled)
+    cache = open_cache(tmp_path / "other.zarr")
+    assert [cache.row_of(f) for f in (9, 3, 5, 1, 7, 8, 0, 4)] == [0, 1, 3, 4, 6, 7, 8, 9]
+    with pytest.raises(StoreError, match="frame 2 is not in the store"):
+        cache.row_of(2)
 
 
 def test_damaged_small_array_fails_at_open(written_store) -> None:

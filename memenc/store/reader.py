@@ -69,8 +69,9 @@ def open_cache(path: str | os.PathLike[str]) -> MemoryCache:
         path: the store (a directory, ``file://`` or fsspec URL).
 
     Returns:
-        A `MemoryCache`. Small arrays (frame index, timestamps, object ids, position
-        encodings, markers) are read now; features are read per call.
+        A `MemoryCache`. The frame index, object ids and position encodings are read now;
+        timestamps when first asked for, each frame-chunk's marker and data when its rows
+        are.
 
     Raises:
         StoreError: the path does not exist, is not a memenc store, has another schema
@@ -129,13 +130,21 @@ class MemoryCache:
         self.tpos_enc: torch.Tensor | None = (
             None if layout.tpos_enc is None else torch.from_numpy(layout.tpos_enc.copy())
         )
+        # timestamps and markers are read when first asked for (a marker per frame-chunk, as
+        # its rows are read): a long video's store has thousands of each, a file apiece
         self._timestamp_array = group["timestamp"]
-        self._timestamps: np.ndarray = self._read("timestamp", lambda: self._timestamp_array[:])
-        self._done = self._read("chunk_done", lambda: np.asarray(self._chunk_done_array[:]))
+        self._timestamps: np.ndarray = np.full(layout.num_frames, np.nan)
+        self._done = np.zeros(layout.num_chunks, np.uint8)  # 1 once read as set
         self._object_index = {oid: i for i, oid in enumerate(self.object_ids)}
+        # frame -> row: a binary search of frame_index when it increases (every store memenc
+        # writes), else a dict (first row of each frame); a dict of every frame of a long
+        # video would take ~100 bytes a frame
+        fi = self.frame_index
+        self._increasing = bool(fi.size < 2 or (fi[1:] > fi[:-1]).all())
         self._row_of: dict[int, int] = {}
-        for row, frame in enumerate(self.frame_index.tolist()):
-            self._row_of.setdefault(frame, row)
+        if not self._increasing:
+            for row, frame in enumerate(fi.tolist()):
+                self._row_of.setdefault(frame, row)
 
         h, w = layout.feat_hw
         chunk_bytes = layout.chunk_frames * 64 * h * w * np.dtype(layout.store_dtype).itemsize
@@ -189,6 +198,10 @@ class MemoryCache:
             TypeError: ``frame_number`` is not an integer.
         """
         frame_number = _whole(frame_number, "frame_number")
+        if self._increasing:
+            row = int(np.searchsorted(self.frame_index, frame_number))
+            if row < self.num_frames and int(self.frame_index[row]) == frame_number:
+                return row
         try:
             return self._row_of[frame_number]
         except KeyError:
@@ -212,14 +225,15 @@ class MemoryCache:
         if not 0 <= row < self.num_frames:
             raise IndexError(f"row {row} out of range [0, {self.num_frames})")
         chunk = row // self.chunk_frames
-        if self._done[chunk] not in (0, 1):
-            raise StoreError(
-                f"{self.path}: chunk_done is damaged (chunk {chunk}'s marker is "
-                f"{int(self._done[chunk])}, not 0 or 1); recompute the store"
-            )
         if self._done[chunk] != 1:
-            # The writer may have finished it since we opened; markers only go 0 -> 1.
+            # Read when first needed, and again while unset: the writer may have finished it
+            # since (markers only go 0 -> 1).
             self._done[chunk] = self._read("chunk_done", lambda: self._chunk_done_array[chunk])
+            if self._done[chunk] not in (0, 1):
+                raise StoreError(
+                    f"{self.path}: chunk_done is damaged (chunk {chunk}'s marker is "
+                    f"{int(self._done[chunk])}, not 0 or 1); recompute the store"
+                )
             if self._done[chunk] != 1:
                 raise StoreError(
                     f"{self.path}: row {row} (frame {int(self.frame_index[row])}) is in chunk "

@@ -162,7 +162,9 @@ ARRAYS: tuple[ArraySpec, ...] = (
         written_by="worker",
         since=2,
     ),
-    ArraySpec("frame_index", ("frame",), "int64", {"frame": _CHUNK_FRAMES}),
+    # one chunk: the coordinator writes it once, and every open reads it whole (stores made
+    # before this chunked it by F, thousands of files for a long video; they still open)
+    ArraySpec("frame_index", ("frame",), "int64"),
     ArraySpec("timestamp", ("frame",), "float64", {"frame": _CHUNK_FRAMES}, written_by="worker"),
     ArraySpec("object_id", ("object",), "int32"),
     ArraySpec("maskmem_tpos_enc", ("slot", "channel"), "float32", optional=True),
@@ -432,9 +434,12 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
             spec.resolved_dtype(layout.store_dtype),
             spec.dims,
         )
+        chunks = array.chunks
+        if name == "frame_index" and chunks == (layout.chunk_frames,):
+            chunks = spec.chunks(layout)  # chunked by F, as stores made before were
         have = (
             array.shape,
-            array.chunks,
+            chunks,
             np.dtype(str(array.dtype)),
             array.metadata.dimension_names,
         )
