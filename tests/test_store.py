@@ -943,6 +943,23 @@ def test_a_chunk_file_deleted_under_its_marker_is_an_error_on_read(written_store
     assert cache.pointer(0, 3).shape == (256,)
 
 
+def test_markers_read_from_their_files_equal_zarrs_reading(written_store) -> None:
+    """pending_chunks reads a local store's markers from the files (`read_markers`): the same
+    values as Zarr's reading, a marker it does not recognise read through Zarr, a damaged
+    one an error."""
+    from memenc.store.chunkfiles import read_markers
+
+    path, store = written_store(chunks=[0, 2], finalize=False)
+    markers = zarr.open_group(str(path), mode="r+")["chunk_done"]
+    markers[3] = 255  # Zarr's own encoding, not the bytes ChunkFiles writes for a 1
+    fast = read_markers(path, markers)
+    assert fast is not None and fast.tolist() == markers[:].tolist() == [1, 0, 1, 255]
+    assert store.pending_chunks() == [1, 3]
+    chunk_file(path, "chunk_done", 2).write_bytes(b"\x00" * 21)  # as long as a marker
+    with pytest.raises(StoreError, match="chunk_done is damaged"):
+        store.pending_chunks()
+
+
 def test_a_damaged_chunk_marker_is_named(written_store) -> None:
     """A ``chunk_done`` marker that is neither 0 nor 1 is damage, not a chunk "not written
     yet"; inspect lists it, as it lists a complete store with an unmarked chunk."""

@@ -47,7 +47,7 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 
-__all__ = ["ChunkFiles", "missing_chunk_files", "write_file"]
+__all__ = ["ChunkFiles", "missing_chunk_files", "read_markers", "write_file"]
 
 _writers_made: ThreadPoolExecutor | None = None
 _writers_lock = threading.Lock()
@@ -388,3 +388,35 @@ def _nonempty(path: Path) -> bool:
         return path.is_file() and path.stat().st_size > 0
     except OSError:
         return False
+
+
+def read_markers(root: Path, array: zarr.Array) -> np.ndarray | None:
+    """The values of ``chunk_done`` (`array`, of the local store `root`) read from its files
+    directly: a file holding exactly the bytes `ChunkFiles` writes for a set marker is 1, a
+    missing one is 0 (the fill value), and any other file is read through Zarr (which
+    decodes it, or raises on damage). Through Zarr alone a marker took ~0.45 ms, 10 s for
+    a one-hour video's 21,600 frame-chunks at 1024. None (read it through Zarr) when
+    `ChunkFiles` does not write this array or its keys are nested (older stores)."""
+    encode = _encoder(array)
+    if encode is None or array.ndim != 1 or array.chunks != (1,) or array.fill_value != 0:
+        return None
+    if "/" in array.metadata.encode_chunk_key((0,)):
+        return None
+    folder = Path(root, *array.path.split("/"))
+    try:
+        present = set(os.listdir(folder))
+    except OSError:
+        return None
+    one = encode(np.ones(1, array.dtype))
+    values = np.zeros(array.shape[0], array.dtype)
+    for i in range(array.shape[0]):
+        key = array.metadata.encode_chunk_key((i,))
+        if key not in present:
+            continue
+        try:
+            with open(folder / key, "rb") as f:
+                same = f.read(len(one) + 1) == one
+        except OSError:
+            same = False
+        values[i] = 1 if same else array[i]
+    return values

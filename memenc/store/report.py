@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from memenc.errors import MemencError, StoreError
+from memenc.store.chunkfiles import read_markers
 from memenc.store.location import Location, describe_os_error, open_existing
 from memenc.store.schema import (
     LOCK_FILE,
@@ -103,7 +104,7 @@ def _describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             problems.append(str(exc).removeprefix(f"{loc}: "))
 
     arrays = _arrays(group, loc, problems)
-    done, total, pending = _chunk_progress(group, problems, status)
+    done, total, pending = _chunk_progress(group, problems, status, loc.local)
     frame_index = _read_small(group, "frame_index", problems)
     object_ids = _read_small(group, "object_id", problems)
     features = next((a for a in arrays if a["name"] == "maskmem_features"), None)
@@ -337,11 +338,19 @@ def _read_small(group: zarr.Group, name: str, problems: list[str]) -> np.ndarray
 
 
 def _chunk_progress(
-    group: zarr.Group, problems: list[str], status: Any
+    group: zarr.Group, problems: list[str], status: Any, root: Path | None
 ) -> tuple[int | None, int | None, str | None]:
-    """(done, total, pending ranges) from ``chunk_done``; markers other than 0 and 1, and
-    unset ones in a store whose status is complete, are listed in ``problems``."""
-    markers = _read_small(group, "chunk_done", problems)
+    """(done, total, pending ranges) from ``chunk_done`` (a local store's files read
+    directly, see `read_markers`); markers other than 0 and 1, and unset ones in a store
+    whose status is complete, are listed in ``problems``."""
+    markers = None
+    if root is not None:
+        try:
+            markers = read_markers(root, group["chunk_done"])
+        except Exception:  # missing or damaged: _read_small names the problem
+            markers = None
+    if markers is None:
+        markers = _read_small(group, "chunk_done", problems)
     if markers is None:
         return None, None, None
     pending = [int(i) for i in np.flatnonzero(markers != 1)]

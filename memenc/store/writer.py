@@ -10,8 +10,7 @@ Who writes what (see RELIABILITY.md, Zarr section):
   ``complete``.
 - Workers (in this process or others) call `CacheStore.open_for_write` and
   `CacheStore.write_chunk`: they write whole frame-chunks only, data first, then that
-  chunk's ``chunk_done`` entry. ``chunk_done`` is chunked by 1, so two workers never
-  share a Zarr chunk.
+  chunk's ``chunk_done`` entry (chunked by 1, so two workers never share a Zarr chunk).
 - Resume trusts only the markers: a chunk never written reads as the fill value without
   error, so data without its marker is redone.
 - In a local store a worker's chunks go straight to their files (`ChunkFiles`: Zarr's
@@ -41,7 +40,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from memenc.errors import StoreError
 from memenc.pipeline.faults import kill_point
-from memenc.store.chunkfiles import ChunkFiles, missing_chunk_files
+from memenc.store.chunkfiles import ChunkFiles, missing_chunk_files, read_markers
 from memenc.store.location import (
     Location,
     check_memenc_location,
@@ -278,12 +277,13 @@ class CacheStore:
             yield self
 
     def _done_markers(self) -> np.ndarray:
-        try:
-            return np.asarray(self._arrays["chunk_done"][:])
+        markers, root = self._arrays["chunk_done"], self._loc.local
+        try:  # local stores: the files read directly, ~20x faster
+            fast = read_markers(root, markers) if root is not None else None
+            return fast if fast is not None else np.asarray(markers[:])
         except OSError as exc:
-            raise StoreError(
-                f"{self._loc}: cannot read chunk_done: {describe_os_error(exc)}"
-            ) from exc
+            why = describe_os_error(exc)
+            raise StoreError(f"{self._loc}: cannot read chunk_done: {why}") from exc
         except (ValueError, RuntimeError) as exc:
             raise StoreError(f"{self._loc}: chunk_done is damaged: {exc}") from exc
 
