@@ -131,6 +131,7 @@ BAD_OPTIONS = {
     "decoders not a number": (["--decoders", "two"], "--decoders"),
     "decoders not whole": (["--decoders", "1.5"], "--decoders"),
     "checkpoint with random weights": (["--checkpoint", "x.pt"], "--checkpoint"),
+    "empty output path": (["-o", ""], "-o/--out: an empty path"),  # it meant the cwd
 }
 
 
@@ -192,6 +193,12 @@ def test_bad_options_in_the_library_raise_before_the_decoder(tmp_path, clip, mon
         with pytest.raises(UsageError):
             engine.encode_video(video, out=tmp_path / "o.zarr", **args)
         assert not (tmp_path / "o.zarr").exists()
+
+
+def test_an_empty_store_path_is_a_usage_error(tmp_path):
+    for argv in (["inspect", ""], ["preview", " ", "--frame", "0", "-o", tmp_path / "p.png"]):
+        assert usage_error_line(invoke(*argv)) == "Error: STORE: an empty path; name the store"
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_weights_random_with_checkpoint_is_a_usage_error(clip):

@@ -284,13 +284,27 @@ def test_float_logits_npy(tmp_path):
     assert source.to_attrs()["layout"] == "logits"
 
 
-def test_logits_with_nan_name_the_frame(tmp_path):
+@pytest.mark.parametrize("bad, named", [(np.nan, "NaN"), (np.inf, "an infinity"),
+                                        (-np.inf, "an infinity")])  # fmt: skip
+def test_logits_with_nan_or_inf_name_the_frame(tmp_path, bad, named):
+    """Non-finite logits are refused naming the mask file (±inf came out of the mask's
+    resize as NaN features, blamed on the model)."""
     logits = np.zeros((T, 1, H, W), np.float32)
-    logits[6, 0, 3, 3] = np.nan
+    logits[6, 0, 3, 3] = bad
     source = open_masks(_save_npy(tmp_path / "logits.npy", logits), **VIDEO)
     assert source.read([5]).shape == (1, 1, H, W)
-    with pytest.raises(MaskError, match=r"logits\.npy: frame 6: the logits contain NaN"):
+    with pytest.raises(MaskError, match=rf"logits\.npy: frame 6: the logits contain {named}; "):
         source.read([5, 6])
+
+
+def test_npz_object_ids_beside_label_images_are_refused(tmp_path, labels):
+    """[T, H, W] labels carry their ids as values: object_ids beside them would be dropped."""
+    path = tmp_path / "m.npz"
+    np.savez(path, labels=labels, object_ids=np.array([5, 9]))
+    with pytest.raises(
+        MaskError, match=r"m\.npz\[labels\]: an object_ids array beside \[T, H, W\] labels"
+    ):
+        open_masks(path, **VIDEO)
 
 
 def test_npz_picks_the_named_array_and_numbers_objects_from_1(tmp_path, labels):
@@ -351,6 +365,10 @@ def test_rle_round_trips_random_masks():
         {"size": [3, 2], "counts": "1X"},  # ends inside a run length
         {"size": [3], "counts": "11110"},
         {"size": [3, 2], "counts": 5},
+        {"size": [3, 2], "counts": [True, 5]},  # a boolean is no run length
+        {"size": [3, 2], "counts": [2**70]},  # too long for int64: no OverflowError
+        {"size": [3, 2], "counts": [2**70, 6 - 2**70]},
+        {"size": [3, 2], "counts": "o" * 40 + "0"},  # the same, compressed
     ],
 )
 def test_rle_decode_rejects_malformed(rle):
@@ -505,6 +523,13 @@ def test_unknown_unreadable_and_empty_inputs(tmp_path, labels):
         message = str(info.value)
         assert message.startswith(str(path)) and problem in message, message
         assert "\n" not in message
+
+
+def test_sav_json_nested_too_deeply_is_named(tmp_path):
+    path = tmp_path / "deep_manual.json"
+    path.write_text('{"masklet": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(MaskError, match=r"deep_manual\.json: .*nested too deeply"):
+        open_masks(path, **VIDEO)
 
 
 def test_sav_json_structure_errors(tmp_path, labels):

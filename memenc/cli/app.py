@@ -215,6 +215,8 @@ def encode(
     """Encode a video's SAM 2 memories into a Zarr store (resumable)."""
     from memenc.pipeline.engine import encode_video
 
+    _not_empty(out, "-o/--out")
+
     show = progress_wanted(quiet, as_json)
     with _ProgressView(show) as view, _warnings_as_lines():
         result = encode_video(
@@ -237,6 +239,12 @@ def encode(
             f"({result.status}; {what}; {result.variant}, {result.weights} weights, "
             f"{result.device}, {result.precision})"
         )
+
+
+def _not_empty(path: str | None, name: str) -> None:
+    """A usage error for an empty path argument (it would mean the current folder)."""
+    if path is not None and not path.strip():
+        raise UsageError(f"{name}: an empty path; name the store")
 
 
 class _ProgressView:
@@ -273,6 +281,8 @@ def inspect(
 ) -> None:
     """Summarise a store: video, model, masks, objects, frames, status, chunks, size, arrays."""
     from memenc.store.report import describe_store, human_bytes, summary_lines
+
+    _not_empty(store, "STORE")
 
     info = describe_store(store)
     if as_json:
@@ -311,6 +321,8 @@ def preview(
 ) -> None:
     """Write a picture: the frame, the object's mask, and a PCA of its memory features."""
     from memenc.pipeline.preview import render_preview
+
+    _not_empty(store, "STORE")
 
     path = render_preview(store, frame, out, object_id=object_id)
     out_console.print(f"wrote {path}")

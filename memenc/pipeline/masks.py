@@ -988,6 +988,11 @@ class ArrayMasks(MaskSource):
         _check_aspect(where, self.width, self.height, video)
         self.is_logits = self._layout == "logits"
         if self._layout == "labels":
+            if npz_ids is not None:  # a label's id is its value: ids given apart would be lost
+                raise MaskError(
+                    f"{where}: an object_ids array beside [T, H, W] labels; a label image's "
+                    "ids are its values (object_ids names the channels of [T, O, H, W] masks)"
+                )
             self.object_ids, self._label_values = _label_objects(
                 where, self._scan_labels(where), objects
             )
@@ -1040,9 +1045,14 @@ class ArrayMasks(MaskSource):
         if self._layout == "masks":
             return rows
         rows = rows.astype(np.float32, copy=False)
-        if np.isnan(rows).any():
-            bad = frames[int(np.flatnonzero(np.isnan(rows).reshape(len(frames), -1).any(1))[0])]
-            raise MaskError(f"{self.path}: frame {bad}: the logits contain NaN")
+        finite = np.isfinite(rows)
+        if not finite.all():  # ±inf would come out of the mask's resize as NaN features
+            bad = frames[int(np.flatnonzero(~finite.reshape(len(frames), -1).all(1))[0])]
+            what = "NaN" if np.isnan(rows).any() else "an infinity"
+            raise MaskError(
+                f"{self.path}: frame {bad}: the logits contain {what}; logits must be finite "
+                "(e.g. clipped to ±20)"
+            )
         return rows
 
     def close(self) -> None:
@@ -1108,17 +1118,19 @@ def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
     height, width = size
     if isinstance(counts, (str, bytes)):
         runs = rle_string_to_counts(counts)
-    elif isinstance(counts, list) and all(isinstance(v, int) for v in counts):
+    elif isinstance(counts, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in counts
+    ):
         runs = counts
     else:
         raise ValueError("RLE 'counts' must be a string or a list of integers")
-    runs_array = np.asarray(runs, dtype=np.int64)
-    if runs_array.size and runs_array.min() < 0:
+    if any(v < 0 for v in runs):
         raise ValueError("RLE has a negative run length")
-    if int(runs_array.sum()) != height * width:
+    if sum(runs) != height * width:  # Python ints: a run too long for int64 is no error here
         raise ValueError(
-            f"RLE runs cover {int(runs_array.sum())} pixels, size {height}x{width} has {height * width}"
+            f"RLE runs cover {sum(runs)} pixels, size {height}x{width} has {height * width}"
         )
+    runs_array = np.asarray(runs, dtype=np.int64)
     flat = np.repeat(np.arange(runs_array.size) % 2 == 1, runs_array)
     return np.ascontiguousarray(flat.reshape(width, height).T)  # column-major runs
 
@@ -1160,6 +1172,10 @@ class SavJsonMasks(MaskSource):
             raise MaskError(
                 f"{file}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})"
             ) from e
+        except RecursionError:
+            raise MaskError(
+                f"{file}: not an SA-V annotation file (JSON nested too deeply)"
+            ) from None
         if not isinstance(doc, dict) or "masklet" not in doc:
             raise MaskError(f"{file}: not an SA-V annotation file (no 'masklet' key)")
         masklet = doc["masklet"]
