@@ -18,6 +18,7 @@ import oracle
 import pytest
 import torch
 import zarr
+from PIL import Image
 
 from memenc import encode_video, open_cache
 from memenc.errors import StoreError
@@ -323,6 +324,40 @@ def test_frame_without_mask_is_an_error_unless_skipped(tmp_path, clip):
     assert not (tmp_path / "a.zarr").exists()
     encode_video(video, out=tmp_path / "b.zarr", skip_unmasked=True, **kw)
     assert open_cache(tmp_path / "b.zarr").frame_index.tolist() == [f for f in range(T) if f != 5]
+
+
+def test_masks_pair_with_a_frame_folders_files_by_number(tmp_path, clip):
+    """A frame folder numbered 00000, 00005, 00010 … (YouTube-VOS) with masks 00000.png and
+    00010.png: each mask goes with the frame file of its number (positions 0 and 2), as
+    the same frames and masks numbered 0, 1, 2 … give; it was paired by position."""
+    _, _, labels = clip
+    frames = media.scene_frames(labels)
+    for folder, step in (("yt", 5), ("plain", 1)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / f"{folder}_masks").mkdir()
+        for k in range(6):
+            Image.fromarray(frames[k]).save(tmp_path / folder / f"{k * step:05d}.png")
+        media.write_png_labels(tmp_path / "all", labels[:6])
+        for k in (0, 2):
+            name = f"{k:05d}.png"
+            (tmp_path / f"{folder}_masks" / f"{k * step:05d}.png").write_bytes(
+                (tmp_path / "all" / name).read_bytes()
+            )
+    kw = dict(weights="random", image_size=64, store_dtype="float32", skip_unmasked=True)
+    yt, plain = (
+        encode_video(tmp_path / f, masks=tmp_path / f"{f}_masks", out=tmp_path / f"{f}.zarr", **kw)
+        for f in ("yt", "plain")
+    )
+    yt, plain = open_cache(yt.store), open_cache(plain.store)
+    assert yt.frame_index.tolist() == plain.frame_index.tolist() == [0, 2]
+    for row in (0, 1):
+        for o in media.IDS:
+            assert torch.equal(yt.features(row, o), plain.features(row, o)), (row, o)
+    (tmp_path / "yt_masks" / "00007.png").write_bytes((tmp_path / "all" / "00001.png").read_bytes())
+    from memenc.errors import MaskError
+
+    with pytest.raises(MaskError, match=r"00007\.png: no frame numbered 7 in .*yt"):
+        encode_video(tmp_path / "yt", masks=tmp_path / "yt_masks", out=tmp_path / "x.zarr", **kw)
 
 
 def test_decoder_process_ends_once_every_frame_is_read(tmp_path, clip, monkeypatch):

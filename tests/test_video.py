@@ -537,6 +537,20 @@ def test_image_folder_without_numbers_sorts_by_name(tmp_path):
         assert [ident(f) for f in src.read([0, 1, 2]).frames] == [1, 10, 2]
 
 
+@pytest.mark.parametrize("other", [(48, 64), (128, 96)])  # another aspect, another size
+def test_image_folder_of_mixed_sizes_is_refused_naming_the_frame(tmp_path, other):
+    """One size of masks cannot fit frames of two sizes (SAM 2 resizes each to S×S and
+    takes the masks as they come)."""
+    for k in range(5):
+        h, w = (48, 64) if k != 3 else other[::-1]
+        Image.fromarray(pattern(k, h, w)).save(tmp_path / f"{k:05d}.jpg")
+    with pytest.raises(
+        VideoDecodeError,
+        match=rf"frame 3 \(00003\.jpg\) is {other[0]}x{other[1]}, frame 0 \(00000\.jpg\) 64x48",
+    ):
+        probe_video(tmp_path)
+
+
 def test_bad_image_names_its_frame_and_the_source_goes_on(tmp_path):
     for k in range(4):
         Image.fromarray(pattern(k, 64, 64)).save(tmp_path / f"{k:05d}.jpg")

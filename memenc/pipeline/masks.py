@@ -10,7 +10,9 @@ rather than O planes where the format is one.
 Formats (DESIGN.md §5):
 
 - ``png``: a folder of per-frame PNGs (DAVIS style ``00000.png``; the frame
-  number is the last integer in the file stem). Palette ("P") or grey ("L", 16-bit
+  number is the last integer in the file stem, or, when the video is a frame folder
+  numbered other than 0, 1, 2 … such as YouTube-VOS's ``00000.jpg``, ``00005.jpg``,
+  the position of the frame file of that number). Palette ("P") or grey ("L", 16-bit
   "I;16", ...) label images: every non-zero value is an object id. RGB(A) PNGs are
   accepted only when their three channels are equal. Object ids are the union over
   the folder, found by reading every PNG once at open.
@@ -23,7 +25,8 @@ Formats (DESIGN.md §5):
   the video (`memenc.pipeline.video.LabelVideo`).
 - ``npy`` / ``npz``: ``[T, H, W]`` integer (or bool) labels; ``[T, O, H, W]`` bool
   masks; ``[T, O, H, W]`` float logits (``is_logits``). Per-object arrays have ids
-  ``1..O`` unless an ``.npz`` holds an ``object_ids`` array. An ``.npz`` uses the
+  ``1..O`` unless an ``.npz`` holds an ``object_ids`` array (refused beside labels,
+  whose ids are their values). An ``.npz`` uses the
   array named ``masks``, ``labels`` or ``logits`` (in that order), else its first
   array. Arrays are read with bounded memory: ``.npy`` files and uncompressed
   ``.npz`` members with plain reads of the rows needed (no memory map, whose pages
@@ -57,6 +60,7 @@ import numpy as np
 import torch
 
 from memenc.errors import MaskError, MemencError, UsageError, VideoDecodeError
+from memenc.pipeline.video.probe import frame_numbers
 
 __all__ = [
     "ASPECT_TOLERANCE",
@@ -264,6 +268,12 @@ class _VideoInfo:
         self.whole_video_masks = whole_video_masks and self.declared > frame_count
         # how messages name the video
         self.name = "the video" if path is None else f"the video {path}"
+        # a frame folder whose files are numbered other than 0, 1, 2 … (YouTube-VOS: 00000,
+        # 00005 …): a PNG mask pairs with the frame of its number, at that frame's position
+        self.position_of: dict[int, int] | None = None
+        numbers = frame_numbers(path) if path is not None and os.path.isdir(path) else None
+        if numbers and len(numbers) == frame_count and numbers != list(range(frame_count)):
+            self.position_of = {number: k for k, number in enumerate(numbers)}
 
     def fits(self, count: int) -> bool:
         """Whether masks for `count` frames fit this video."""
@@ -616,6 +626,13 @@ class PngFolderMasks(MaskSource):
                     f"{entry}: no frame number in the file name (expected e.g. 00000.png)"
                 )
             frame = int(digits[-1])
+            if video.position_of is not None:
+                if frame not in video.position_of:
+                    raise MaskError(
+                        f"{entry}: no frame numbered {frame} in {video.path} (a mask pairs "
+                        "with the frame file of its number)"
+                    )
+                frame = video.position_of[frame]
             if frame in self._files:
                 raise MaskError(
                     f"{entry}: frame {frame} is also given by {self._files[frame].name}"

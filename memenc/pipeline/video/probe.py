@@ -72,6 +72,16 @@ def list_images(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def frame_numbers(folder: str) -> list[int] | None:
+    """The numbers in a frame folder's file names, in frame order (`list_images`), when every
+    name is a number (``00000.jpg``, ``00005.jpg`` …); None otherwise or when unreadable."""
+    try:
+        numbers = [_frame_number(os.path.basename(f)) for f in list_images(folder)]
+    except OSError:
+        return None
+    return None if None in numbers else numbers  # type: ignore[return-value]
+
+
 def probe_images(folder: str) -> ProbeResult:
     from PIL import Image
 
@@ -87,6 +97,17 @@ def probe_images(folder: str) -> ProbeResult:
             codec = (img.format or "").lower()
     except (OSError, ValueError, SyntaxError) as e:
         raise DecodeFailure(f"frame 0 ({os.path.basename(files[0])}): {short_error(e)}") from None
+    for k, f in enumerate(files[1:], 1):  # masks are one size: so must the frames be
+        try:
+            with Image.open(f) as img:  # reads the header only
+                size = img.size
+        except (OSError, ValueError, SyntaxError):
+            continue  # named when (and if) the frame is read, as a damaged frame
+        if size != (width, height):
+            raise DecodeFailure(
+                f"frame {k} ({os.path.basename(f)}) is {size[0]}x{size[1]}, frame 0 "
+                f"({os.path.basename(files[0])}) {width}x{height}: a video's frames share a size"
+            )
     stats = [os.stat(f) for f in files]
     n = len(files)
     info = dict(
