@@ -193,6 +193,8 @@ def test_bad_options_in_the_library_raise_before_the_decoder(tmp_path, clip, mon
         with pytest.raises(UsageError):
             engine.encode_video(video, out=tmp_path / "o.zarr", **args)
         assert not (tmp_path / "o.zarr").exists()
+    with pytest.raises(UsageError, match="an empty path"):  # not the current folder
+        engine.encode_video(video, out="", weights="random")
 
 
 def test_an_empty_store_path_is_a_usage_error(tmp_path):

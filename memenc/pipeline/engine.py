@@ -1020,6 +1020,8 @@ def encode_video(
     if store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype {store_dtype!r}: choose float16 or float32")
     selection = parse_frames(frames)
+    if out is not None and not os.fspath(out).strip():  # '' would mean the current folder
+        raise UsageError("-o/--out: an empty path; name the store")
     if out is not None and is_url(os.fspath(out)):
         check_url(os.fspath(out))  # a URL whose fsspec backend is missing: the extra to install
     object_ids = (
