@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memenc.errors import MemencError, StoreError
+from memenc.errors import StoreError
 from memenc.store.location import Location, describe_os_error, open_existing
 from memenc.store.schema import (
     ATTRS_KEY,
@@ -46,7 +46,7 @@ from memenc.store.schema import (
     STATUS_IN_PROGRESS,
     layout_from_group,
 )
-from memenc.store.urls import storage_error
+from memenc.store.urls import storage_errors
 
 __all__ = ["MemoryCache", "open_cache"]
 
@@ -78,15 +78,8 @@ def open_cache(path: str | os.PathLike[str]) -> MemoryCache:
             version, was never fully created, or is damaged; or the storage service of a
             URL failed (no credentials, an endpoint that does not answer).
     """
-    try:
+    with storage_errors(os.fspath(path)):
         return MemoryCache(path)
-    except MemencError:
-        raise
-    except Exception as exc:
-        failed = storage_error(os.fspath(path), exc)
-        if failed is None:
-            raise
-        raise failed from exc
 
 
 class MemoryCache:
@@ -242,20 +235,17 @@ class MemoryCache:
         return chunk
 
     def _read(self, what: str, read: Any) -> Any:
-        try:
-            return read()
-        except OSError as exc:
-            raise StoreError(f"{self.path}: cannot read {what}: {describe_os_error(exc)}") from exc
-        except (ValueError, RuntimeError) as exc:
-            # Crc32c mismatch ("checksum do not match") or a codec failing on damaged bytes.
-            raise StoreError(
-                f"{self.path}: {what} is damaged (checksum or decode error: {exc})"
-            ) from exc
-        except Exception as exc:  # a URL's storage service (botocore is not an OSError)
-            failed = storage_error(self.path, exc)
-            if failed is None:
-                raise
-            raise failed from exc
+        with storage_errors(self.path):  # a URL's service (botocore is not an OSError)
+            try:
+                return read()
+            except OSError as exc:
+                why = describe_os_error(exc)
+                raise StoreError(f"{self.path}: cannot read {what}: {why}") from exc
+            except (ValueError, RuntimeError) as exc:
+                # Crc32c mismatch ("checksum do not match") or a codec failing on damaged bytes.
+                raise StoreError(
+                    f"{self.path}: {what} is damaged (checksum or decode error: {exc})"
+                ) from exc
 
     def _feature_chunk(self, chunk: int, obj: int) -> np.ndarray:
         """Decoded maskmem_features of one frame-chunk and object: [n, 64, h, w] store dtype."""

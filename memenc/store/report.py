@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from memenc.errors import MemencError, StoreError
+from memenc.errors import StoreError
 from memenc.store.chunkfiles import read_markers
 from memenc.store.location import Location, describe_os_error, open_existing
 from memenc.store.schema import (
@@ -34,7 +34,7 @@ from memenc.store.schema import (
     layout_from_group,
 )
 from memenc.store.settings import json_safe
-from memenc.store.urls import storage_error
+from memenc.store.urls import storage_errors
 
 __all__ = ["describe_store", "human_bytes", "summary_lines"]
 
@@ -75,15 +75,8 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
             Zarr group that is not a memenc store, or cannot be read (a URL's storage
             service failing too: no credentials, an endpoint that does not answer).
     """
-    try:
+    with storage_errors(os.fspath(path)):
         return _describe(path)
-    except MemencError:
-        raise
-    except Exception as exc:
-        failed = storage_error(os.fspath(path), exc)
-        if failed is None:
-            raise
-        raise failed from exc
 
 
 def _describe(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -6,9 +6,12 @@ A path with ``://`` (other than ``file://``) stays a string until
 
 from __future__ import annotations
 
-from memenc.errors import StoreError, UsageError
+import contextlib
+from collections.abc import Iterator
 
-__all__ = ["check_url", "is_url", "storage_error", "storage_failure"]
+from memenc.errors import MemencError, StoreError, UsageError
+
+__all__ = ["check_url", "is_url", "storage_error", "storage_errors", "storage_failure"]
 
 # protocol -> (the package fsspec needs, the memenc extra that installs it, if any)
 _BACKENDS = {
@@ -79,3 +82,19 @@ def storage_error(where: str, exc: BaseException) -> StoreError | None:
         f"{where}: the storage service failed ({type(failed).__name__}: {text}); "
         "check its credentials and endpoint"
     )
+
+
+@contextlib.contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """Within the block, a storage backend's failure (see `storage_failure`) becomes
+    `storage_error`'s StoreError naming `where`; memenc's own errors and anything else
+    pass unchanged."""
+    try:
+        yield
+    except MemencError:
+        raise
+    except Exception as exc:
+        failed = storage_error(where, exc)
+        if failed is None:
+            raise
+        raise failed from exc
