@@ -394,8 +394,9 @@ def read_markers(root: Path, array: zarr.Array) -> np.ndarray | None:
     """The values of ``chunk_done`` (`array`, of the local store `root`) read from its files
     directly: a file holding exactly the bytes `ChunkFiles` writes for a set marker is 1, a
     missing one is 0 (the fill value), and any other file is read through Zarr (which
-    decodes it, or raises on damage). Through Zarr alone a marker took ~0.45 ms, 10 s for
-    a one-hour video's 21,600 frame-chunks at 1024. None (read it through Zarr) when
+    decodes it, or raises on damage). 5,000 markers, 4,285 of them set: 0.165 s here,
+    2.23 s through Zarr (~0.45 ms a marker; a one-hour video at 1024 in frame-chunks of 4
+    has 21,600). None (read it through Zarr) when
     `ChunkFiles` does not write this array or its keys are nested (older stores)."""
     encode = _encoder(array)
     if encode is None or array.ndim != 1 or array.chunks != (1,) or array.fill_value != 0:

@@ -340,8 +340,8 @@ def _chunk_progress(
     if root is not None:
         try:
             markers = read_markers(root, group["chunk_done"])
-        except Exception:  # missing or damaged: _read_small names the problem
-            markers = None
+        except (KeyError, OSError, ValueError, RuntimeError, TypeError, AttributeError):
+            markers = None  # missing or damaged: _read_small names the problem
     if markers is None:
         markers = _read_small(group, "chunk_done", problems)
     if markers is None:

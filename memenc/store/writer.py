@@ -278,7 +278,7 @@ class CacheStore:
 
     def _done_markers(self) -> np.ndarray:
         markers, root = self._arrays["chunk_done"], self._loc.local
-        try:  # local stores: the files read directly, ~20x faster
+        try:  # local stores: the files read directly (`read_markers`: 13x as fast)
             fast = read_markers(root, markers) if root is not None else None
             return fast if fast is not None else np.asarray(markers[:])
         except OSError as exc:
