@@ -45,6 +45,7 @@ Every problem with the input raises `MaskError` with a one-line message
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
@@ -268,12 +269,17 @@ class _VideoInfo:
         self.whole_video_masks = whole_video_masks and self.declared > frame_count
         # how messages name the video
         self.name = "the video" if path is None else f"the video {path}"
-        # a frame folder whose files are numbered other than 0, 1, 2 … (YouTube-VOS: 00000,
-        # 00005 …): a PNG mask pairs with the frame of its number, at that frame's position
-        self.position_of: dict[int, int] | None = None
+
+    @functools.cached_property
+    def position_of(self) -> dict[int, int] | None:
+        """For a frame folder whose files are numbered other than 0, 1, 2 … (YouTube-VOS:
+        00000, 00005 …), each number's position: a PNG mask pairs with the frame of its
+        number. None for any other video (listed only when a PNG folder asks)."""
+        path, count = self.path, self.frame_count
         numbers = frame_numbers(path) if path is not None and os.path.isdir(path) else None
-        if numbers and len(numbers) == frame_count and numbers != list(range(frame_count)):
-            self.position_of = {number: k for k, number in enumerate(numbers)}
+        if not numbers or len(numbers) != count or numbers == list(range(count)):
+            return None
+        return {number: k for k, number in enumerate(numbers)}
 
     def fits(self, count: int) -> bool:
         """Whether masks for `count` frames fit this video."""
