@@ -215,8 +215,6 @@ def encode(
     """Encode a video's SAM 2 memories into a Zarr store (resumable)."""
     from memenc.pipeline.engine import encode_video
 
-    _not_empty(out, "-o/--out")
-
     show = progress_wanted(quiet, as_json)
     with _ProgressView(show) as view, _warnings_as_lines():
         result = encode_video(
@@ -242,7 +240,8 @@ def encode(
 
 
 def _not_empty(path: str | None, name: str) -> None:
-    """A usage error for an empty path argument (it would mean the current folder)."""
+    """A usage error for an empty STORE (it would mean the current folder); `encode_video`
+    makes the same check of its ``out``."""
     if path is not None and not path.strip():
         raise UsageError(f"{name}: an empty path; name the store")
 

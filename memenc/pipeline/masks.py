@@ -1149,9 +1149,10 @@ def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
         raise ValueError("RLE 'counts' must be a string or a list of integers")
     if any(v < 0 for v in runs):
         raise ValueError("RLE has a negative run length")
-    if sum(runs) != height * width:  # Python ints: a run too long for int64 is no error here
+    covered = sum(runs)  # in Python ints: a run too long for int64 is no error here
+    if covered != height * width:
         raise ValueError(
-            f"RLE runs cover {sum(runs)} pixels, size {height}x{width} has {height * width}"
+            f"RLE runs cover {covered} pixels, size {height}x{width} has {height * width}"
         )
     runs_array = np.asarray(runs, dtype=np.int64)
     flat = np.repeat(np.arange(runs_array.size) % 2 == 1, runs_array)
