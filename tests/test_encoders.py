@@ -186,6 +186,67 @@ def test_cpu_pieces_hold_no_whole_projection_and_one_frames_masks(monkeypatch):
     assert sizes == [1, 1] and out.features.shape[:2] == (2, 3)
 
 
+def test_cpu_blocks_write_into_the_running_map_and_keep_only_the_maps_read(monkeypatch):
+    """On the CPU a windowed block that keeps the map's size writes its output into its
+    input (Hiera's own running map), except the block after a stage's end, whose input
+    is that stage's output; the image encoder keeps only the two maps its neck reads, and
+    they are the full trunk's last two, bit for bit. The memory encoder's CXBlocks apply
+    GELU in place (pwconv2 reads pwconv1's output tensor)."""
+    model = load_model(weights="random", seed=3, image_size=512)
+    trunk = model.image_encoder.trunk
+    frames, masks, _ = make_inputs(512, seed=1)
+    x = model._normalize(frames[:1])
+
+    same: dict[int, bool] = {}
+    pieces: set[int] = set()  # blocks whose map is run in pieces (PIECE_TOKENS)
+
+    def watch(i):
+        def hook(m, args, out):
+            same[i] = out.data_ptr() == args[0].data_ptr()
+            if args[0].shape[1:3].numel() > hiera.PIECE_TOKENS:
+                pieces.add(i)
+
+        return hook
+
+    hooks = [b.register_forward_hook(watch(i)) for i, b in enumerate(trunk.blocks)]
+    with torch.inference_mode():
+        kept = trunk(x.clone(), coarsest=2)
+        for h in hooks:
+            h.remove()
+        every = trunk(x.clone())
+    writes = {
+        i
+        for i, b in enumerate(trunk.blocks)
+        if i in pieces
+        and b.window_size > 0
+        and b.dim == b.dim_out
+        and i - 1 not in trunk.stage_ends
+    }
+    assert 0 in writes and {i for i, w in same.items() if w} == writes
+    assert len(kept) == 2 and len(every) == 4
+    assert all(torch.equal(a, b) for a, b in zip(kept, every[2:]))
+
+    made, read = [], []
+    block = model.memory_encoder.fuser.layers[0]
+    block.pwconv1.register_forward_hook(lambda m, a, out: made.append(out.data_ptr()))
+    block.pwconv2.register_forward_pre_hook(lambda m, a: read.append(a[0].data_ptr()))
+    model.encode_memory(model.image_features(frames[:1]), masks[:1])
+    assert made and read == made
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_normalising_in_place_leaves_the_callers_frames_alone(dtype):
+    """`_normalize` divides and subtracts in place once it holds its own copy: the numbers
+    are the out-of-place formula's bit for bit, and float32 frames, which `.to` would not
+    copy, are not changed."""
+    model = load_model(weights="random", seed=3, image_size=256)
+    frames = make_inputs(256)[0].to(dtype)
+    before = frames.clone()
+    got = model._normalize(frames)
+    want = (before.to(torch.float32) / 255.0 - model.pixel_mean) / model.pixel_std
+    assert torch.equal(got, want) and torch.equal(frames, before)
+
+
 def test_frame_workers_change_no_bits():
     """On the CPU the frames of a batch run side by side on single-threaded workers
     (MemencModel.frame_workers), convolutions on the caller's thread count; features, scores

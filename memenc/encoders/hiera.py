@@ -154,15 +154,18 @@ class MultiScaleBlock(nn.Module):
         if dim != dim_out:
             self.proj = nn.Linear(dim, dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x  # [B, H, W, C]
+    def forward(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """The block's output for `x` `[B, H, W, C]`. overwrite: `x` is the caller's to lose
+        (Hiera's own running map), so a block that keeps the map's size may write its
+        output into it on the CPU (`_banded`)."""
+        if self.window_size > 0 and self._pieces(x):
+            return self._banded(x, overwrite)
+        shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
             shortcut = self._project_shortcut(x)
 
         window = self.window_size
-        if window > 0 and self._pieces(x):
-            return self._add_mlp(self._attend_in_bands(x, shortcut))
         hw = (x.shape[1], x.shape[2])
         if window > 0:
             x, padded = _to_windows(x, window)
@@ -212,34 +215,73 @@ class MultiScaleBlock(nn.Module):
         assert out is not None
         return out
 
-    def _attend_in_bands(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """Windowed attention of the normalised map `x` `[B, H, W, C]` plus `shortcut`
-        (`[B, H', W', C']`, the block's output size), a band of window rows at a time.
+    def _banded(self, x: torch.Tensor, overwrite: bool) -> torch.Tensor:
+        """The whole block for a windowed block on the CPU, a band of window rows at a time:
+        norm1, the band's windows attended and put back, its shortcut (projected and
+        pooled at a stage transition) added, and its MLP, before the next band is read.
 
-        Each band is cut into its windows (`_to_windows`, which pads it as it pads the
-        whole map), attended, put back (`_from_windows`) and added to its rows of the
-        shortcut in the output. Each window's attention depends on that window alone, so
-        the numbers are those of the whole map cut into windows; no copy of the whole map
-        is made (at 1024 the first stage's is 25 MB: cut, concatenated and put back)."""
+        Every step depends on a window or a token alone, so the numbers are those of the
+        whole map (see PIECE_TOKENS), and no map-sized temporary is made: not the
+        normalised map, nor the projected shortcut (at 1024 the first stage's are 25 and
+        50 MB). A block that keeps the map's size writes into `x` when `overwrite` allows
+        (band i's rows are read only by band i), so the first stage's block at 1024 holds
+        one 25 MB map instead of three."""
         s = self.window_size
+        q = self.q_stride[0] if self.q_stride else 1
+        so = s // q  # output window side
+        project = self.dim != self.dim_out
         b, h, w, _ = x.shape
-        ho, wo = shortcut.shape[1:3]
-        so = s // self.q_stride[0] if self.q_stride else s  # output window side
+        ho, wo = h // q, w // q  # max-pool drops a last odd row or column
         rows = max(1, PIECE_TOKENS // (s * s * -(-w // s)))  # rows of windows per band
+        may_overwrite = (
+            overwrite
+            and not project
+            and q == 1
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
         out: torch.Tensor | None = None
         for i in range(b):
             for r0 in range(0, -(-h // s), rows):
-                windows, (hp, wp) = _to_windows(x[i : i + 1, r0 * s : (r0 + rows) * s], s)
+                band = x[i : i + 1, r0 * s : (r0 + rows) * s]
+                normed = self.norm1(band)
+                windows, (hp, wp) = _to_windows(normed, s)
                 att = self.attn(windows)
                 y0 = r0 * so
                 y1 = min(y0 + hp // s * so, ho)
                 att = _from_windows(att, so, (hp // s * so, wp // s * so), (y1 - y0, wo))
+                if project:  # the band's rows of pool(proj(norm1(x)))
+                    shortcut = _pool(self.proj(normed[:, : (y1 - y0) * q]), self.pool)
+                else:
+                    shortcut = band[:, : y1 - y0]
+                del normed, windows
                 if out is None:
                     dtype = torch.promote_types(att.dtype, shortcut.dtype)
-                    out = att.new_empty((b, ho, wo, att.shape[-1]), dtype=dtype)
-                torch.add(att, shortcut[i : i + 1, y0:y1], out=out[i : i + 1, y0:y1])
+                    if may_overwrite and dtype == x.dtype:
+                        out = x
+                    else:
+                        out = att.new_empty((b, ho, wo, att.shape[-1]), dtype=dtype)
+                part = out[i : i + 1, y0:y1]
+                if out is x:
+                    part.add_(att)  # att + shortcut, the shortcut being these rows of x
+                else:
+                    torch.add(att, shortcut, out=part)
+                del att, shortcut
+                if out.dtype == torch.float32:  # any sum fits in `out`
+                    self._mlp_rows(part)
         assert out is not None
+        if out.dtype != torch.float32:
+            out = _add(out, self.mlp(self.norm2(out)))
         return out
+
+    def _mlp_rows(self, x: torch.Tensor) -> None:
+        """x += mlp(norm2(x)) for a float32 map `[B, H, W, C]` (any layout), a piece of rows
+        at a time (each token's result depends on that token alone; the MLP's input, norm2's
+        output, is contiguous whatever x's layout)."""
+        step = max(1, PIECE_TOKENS // x.shape[2])
+        for n in range(x.shape[0]):
+            for i in range(0, x.shape[1], step):
+                piece = x[n : n + 1, i : i + step]
+                piece.add_(self.mlp(self.norm2(piece)))
 
     def _attend_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """`self.attn` over windows `[N, s, s, C]`, in pieces of windows on the CPU."""
@@ -254,12 +296,7 @@ class MultiScaleBlock(nn.Module):
         if not self._pieces(x) or x.dtype != torch.float32:  # float32: any sum fits in x
             return _add(x, self.mlp(self.norm2(x)))
         x = x.contiguous()  # a copy only where the windows were padded
-        b, h, w, c = x.shape
-        rows = x.view(b * h, w, c)
-        step = max(1, PIECE_TOKENS // w)
-        for i in range(0, b * h, step):
-            piece = rows[i : i + step]
-            piece.add_(self.mlp(self.norm2(piece)))
+        self._mlp_rows(x)
         return x
 
 
@@ -352,12 +389,17 @@ class Hiera(nn.Module):
         pos = pos + win.tile([a // b for a, b in zip(pos.shape, win.shape)])
         return pos.permute(0, 2, 3, 1)  # [1, C, h, w] -> [1, h, w, C]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.patch_embed(x)
+    def forward(self, x: torch.Tensor, coarsest: int | None = None) -> list[torch.Tensor]:
+        """Images `[B, 3, S, S]` -> the stages' maps, finest first; coarsest: only that many
+        of the last stages' maps (the earlier ones are not kept while the rest run: at 1024
+        the first two stages' are 25 and 13 MB a frame)."""
+        keep = set(self.stage_ends[-coarsest:] if coarsest else self.stage_ends)
+        x = self.patch_embed(x)  # [B, H, W, C], a view of the convolution's [B, C, H, W]
         x = _add(x, self._pos_embed(x.shape[1], x.shape[2]))  # into the conv's output
         outputs = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.stage_ends:
+            # a stage's output is kept, so the block after it must not write into it
+            x = block(x, overwrite=i - 1 not in self.stage_ends)
+            if i in keep:
                 outputs.append(x.permute(0, 3, 1, 2))  # [B, H, W, C] -> [B, C, H, W]
         return outputs

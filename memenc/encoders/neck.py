@@ -29,14 +29,17 @@ class _Lateral(nn.Module):
 class FpnNeck(nn.Module):
     """Lateral 1×1 convs over the trunk's levels; `forward` returns the stride-16 map."""
 
+    levels_used = 2  # the trunk's coarsest maps that `forward` reads (strides 16 and 32)
+
     def __init__(self, backbone_channel_list: list[int], d_model: int = 256) -> None:
         super().__init__()
         self.backbone_channel_list = list(backbone_channel_list)  # coarsest first
         self.convs = nn.ModuleList(_Lateral(c, d_model) for c in backbone_channel_list)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        """`levels`: trunk outputs finest first, `[B, C_i, H_i, W_i]` at strides 4, 8, 16, 32.
-        Returns pix_feat `[B, d_model, H/16, W/16]`."""
+        """`levels`: trunk outputs finest first, `[B, C_i, H_i, W_i]`, ending with the
+        stride-16 and stride-32 maps (the only ones read). Returns pix_feat
+        `[B, d_model, H/16, W/16]`."""
         top = self.convs[0](levels[-1])  # stride 32
         lateral = self.convs[1](levels[-2])  # stride 16
         # the reference upsamples in float32 whatever the compute dtype
