@@ -194,6 +194,27 @@ def test_mask_formats_give_the_same_features(tmp_path, clip):
             assert torch.equal(sav.features(r, o), png.features(f, o))
 
 
+def test_a_cpu_run_starts_its_decoders_plainly_and_leaves_no_server_behind(tmp_path, clip):
+    """On the CPU the decoder processes are plain subprocesses: a run starts neither
+    multiprocessing's forkserver nor its resource tracker, which would live (43 MB) until
+    the process exits, through the run's peak of memory. A fresh process establishes it."""
+    video, _, _ = clip
+    script = (
+        "import multiprocessing.forkserver as fs, multiprocessing.resource_tracker as rt\n"
+        "from memenc import encode_video\n"
+        "if __name__ == '__main__':\n"
+        f"    r = encode_video({str(video)!r}, weights='random', image_size=64,\n"
+        f"                     out={str(tmp_path / 's.zarr')!r}, device='cpu')\n"
+        "    print(r.chunks_written, fs._forkserver._forkserver_pid, rt._resource_tracker._pid)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    written, server, tracker = done.stdout.split()
+    assert int(written) > 0 and (server, tracker) == ("None", "None")
+
+
 # ---- SIGKILL and resume -----------------------------------------------------------------
 
 

@@ -630,6 +630,7 @@ def test_a_batch_that_fails_only_together_is_read_frame_by_frame(media):
     ],
 )
 def test_failed_decoder_start_closes_both_pipe_ends(media, monkeypatch, error, problem):
+    monkeypatch.setattr(vprocess, "_plain", False)  # a CPU run in this process may have set it
     real = vprocess._mp_context()
     made = []
 

@@ -581,6 +581,7 @@ def run_unit(
     from memenc.pipeline.faults import kill_point
     from memenc.pipeline.masks import open_masks
     from memenc.pipeline.video import VideoSource
+    from memenc.pipeline.video.process import start_plainly
     from memenc.store import CacheStore
 
     t0 = time.monotonic()
@@ -591,6 +592,7 @@ def run_unit(
         kill_point("unit-start", unit.unit)
         device = pick_device(_worker_device or settings.device)
         keep_freed_memory(device)
+        start_plainly(device.type == "cpu")
         try:
             store = CacheStore.open_for_write(unit.store)
         except StoreError:

@@ -78,6 +78,7 @@ from memenc.pipeline.masks import (
 )
 from memenc.pipeline.selection import parse_frames, parse_objects
 from memenc.pipeline.video import VideoInfo, VideoSource, list_images
+from memenc.pipeline.video.process import start_plainly
 from memenc.store import (
     NUMBERS_VERSION,
     CacheStore,
@@ -1029,6 +1030,7 @@ def encode_video(
     )
     limit_malloc_arenas()
     keep_freed_memory(dev)
+    start_plainly(dev.type == "cpu")  # no forkserver kept through a CPU run's peak
     video_path = Path(video)
 
     def on_download(done: int, total: int | None) -> None:

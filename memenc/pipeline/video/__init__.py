@@ -40,8 +40,10 @@ that stalls is killed; one that dies is reported. Either way the parent raises
 `VideoDecodeError` naming the file and carries on. As with any multiprocessing code, a
 script that uses this package must guard its entry point (``if __name__ == "__main__":``),
 because the child process imports the main module. In a daemonic process (a Dask
-worker), which multiprocessing may not give children, the decoder is a plain subprocess
-instead (`memenc.pipeline.video.plain_process`), with the same deadlines and kills.
+worker), which multiprocessing may not give children, and in runs on the CPU
+(`process.start_plainly`: no forkserver kept through the run), the decoder is a plain
+subprocess instead (`memenc.pipeline.video.plain_process`), with the same deadlines and
+kills.
 
 Modules, by side of the process boundary:
 

@@ -49,6 +49,24 @@ def _mp_context() -> multiprocessing.context.BaseContext:
         return _context
 
 
+_plain = False  # `start_plainly`
+
+
+def start_plainly(plain: bool) -> None:
+    """Start decoder processes as plain subprocesses (`plain_process`) instead of from
+    multiprocessing's forkserver, for the rest of the process (False: the forkserver).
+
+    A plain child starts a fresh interpreter, so each costs more time: probing the
+    benchmark's 720p clip took 0.53 s against 0.23 s forked from a running forkserver
+    (0.51 s for the first, which starts the server; medians of 7, this project's 2-core
+    machine). But it leaves nothing behind when it exits, where the forkserver (30 MB)
+    and multiprocessing's resource tracker (13 MB) live until the parent exits. The CPU
+    path uses it (`memenc.pipeline.engine.encode_video`): there a run's memory peaks after
+    its decoders are done, and the start is small beside the encoders' seconds a frame."""
+    global _plain
+    _plain = plain
+
+
 class _DecoderGone(VideoDecodeError):
     """The decoder process crashed, exited or stalled (and was killed)."""
 
@@ -75,9 +93,9 @@ class Decoder:
         self.path = path
         self.timeout_s = timeout_s
         self.what = what
-        if multiprocessing.current_process().daemon:
-            # multiprocessing refuses children of a daemonic process (a Dask worker);
-            # a plain subprocess is not refused, and is driven the same way
+        if _plain or multiprocessing.current_process().daemon:
+            # asked for (`start_plainly`), or a daemonic parent (a Dask worker), whose
+            # children multiprocessing refuses: a plain subprocess, driven the same way
             from memenc.pipeline.video import plain_process
 
             try:
