@@ -971,7 +971,30 @@ def test_a_damaged_chunk_marker_is_named(written_store) -> None:
         "chunk_done is damaged: markers other than 0 or 1 (chunks 1)"
     ]
     zarr.open_group(str(path), mode="r+")["chunk_done"][1] = 0
-    assert describe_store(path)["problems"] == ["status is complete but chunks 1 are not written"]
+    assert describe_store(path)["problems"] == [
+        "status is complete but chunks 1 are not written; rerunning the same command redoes them"
+    ]
+
+
+@pytest.mark.parametrize("damage", ["marker", "file"])
+def test_a_complete_store_damaged_since_is_reopened_and_its_chunks_redone(
+    written_store, damage
+) -> None:
+    """A complete store whose chunk 2 lost its marker, or its features' file, goes back to
+    in_progress on `prepare` with that chunk pending (before, its rewrite was refused as
+    the store was complete); rewriting it makes the store complete and equal to before."""
+    path, _ = written_store()
+    before = snapshot(path)
+    if damage == "marker":
+        zarr.open_group(str(path), mode="r+")["chunk_done"][2] = 0
+    else:
+        chunk_file(path, "maskmem_features", 2, 0, 0, 0, 0).unlink()
+    store = CacheStore.prepare(path, make_layout())
+    assert store.status == "in_progress" and store.pending_chunks() == [2]
+    assert zarr.open_group(str(path), mode="r").attrs["memenc"]["status"] == "in_progress"
+    write(store)
+    store.finalize()
+    assert store.status == "complete" and snapshot(path) == before
 
 
 def test_store_readers_take_integers_only(written_store) -> None:

@@ -354,5 +354,8 @@ def _chunk_progress(
             f"chunk_done is damaged: markers other than 0 or 1 (chunks {chunk_ranges(odd)})"
         )
     if unset and status == STATUS_COMPLETE:
-        problems.append(f"status is complete but chunks {chunk_ranges(unset)} are not written")
+        problems.append(
+            f"status is complete but chunks {chunk_ranges(unset)} are not written; "
+            "rerunning the same command redoes them"
+        )
     return int(markers.size - len(pending)), int(markers.size), chunk_ranges(pending)

@@ -11,8 +11,8 @@ Who writes what (see RELIABILITY.md, Zarr section):
 - Workers (in this process or others) call `CacheStore.open_for_write` and
   `CacheStore.write_chunk`: they write whole frame-chunks only, data first, then that
   chunk's ``chunk_done`` entry (chunked by 1, so two workers never share a Zarr chunk).
-- Resume trusts only the markers: a chunk never written reads as the fill value without
-  error, so data without its marker is redone.
+- Resume redoes each chunk whose marker is unset or (local) whose file is gone, in a
+  store marked complete too: a chunk never written reads as the fill value, no error.
 - In a local store a worker's chunks go straight to their files (`ChunkFiles`: Zarr's
   format, each through a ``*.partial`` file renamed into place), each chunk encoded and
   written in one of a shared pool of threads (one per core, 2 to 8); elsewhere, and for
@@ -87,11 +87,9 @@ class CacheStore:
         self._group = group
         self._layout = layout
         self._attrs: dict[str, Any] = dict(memenc_attrs(group) or {})
-        # write_empty_chunks: Zarr would otherwise compare every chunk with the fill value
-        # before writing it (NaN for floats: ~5 ms of `array_equal` per 2 MB float16
-        # chunk, about half of a chunk's write), to skip chunks equal to it. memenc never
-        # writes one (features, pointers, scores and timestamps are finite, markers 1), so
-        # the bytes stored are the same.
+        # write_empty_chunks: else Zarr compares each chunk with the fill value (NaN: ~5 ms
+        # per 2 MB float16 chunk, half its write) to skip it; memenc never writes one (its
+        # data are finite, markers 1), so the bytes stored are the same.
         self._arrays = {name: _writing(group[name]) for name in SPECS if name in group}
         # Local stores: the chunks workers write go straight to their files (`ChunkFiles`),
         # per array, once its probes agreed with Zarr; set up on the first write.
@@ -103,7 +101,8 @@ class CacheStore:
     def prepare(
         cls, path: str | os.PathLike[str], layout: StoreLayout, *, overwrite: bool = False
     ) -> CacheStore:
-        """Create the store, or resume it (coordinator side; takes the lock while it works).
+        """Create the store, or resume it, and return it open for writing (coordinator side;
+        takes the lock while it works).
 
         - New path (or an empty directory): creates every array, writes ``frame_index``,
           ``maskmem_pos_enc``, ``object_id``, ``maskmem_tpos_enc`` (when given), and the
@@ -112,7 +111,8 @@ class CacheStore:
         - ``in_progress`` store with the same fingerprint and layout: resumed, data kept;
           `pending_chunks` lists what is left.
         - ``complete`` store with the same fingerprint and layout: returned as is, nothing
-          pending (`finalize` is then a no-op).
+          pending (`finalize` is then a no-op); unless a chunk's marker is unset or a
+          chunk file is gone (damage since): back to ``in_progress``, those pending.
         - Anything else memenc made (other fingerprint, layout, schema version, an unknown
           status) is refused; a creation that was cut short (``creating``) is recreated.
         - With ``overwrite``, any memenc store at the path (whatever its settings and
@@ -125,9 +125,6 @@ class CacheStore:
             path: a directory path, ``file://`` or fsspec URL.
             layout: the store's layout, attributes and fingerprint.
             overwrite: replace any memenc store at the path (no resume).
-
-        Returns:
-            The store, open for writing.
 
         Raises:
             StoreError: the store was made with other settings (without ``overwrite``); the
@@ -188,7 +185,13 @@ class CacheStore:
             raise StoreError(
                 f"{loc}: store was made with other settings ({shown} differ); use --overwrite"
             )
-        return cls(loc, group, old)
+        store = cls(loc, group, old)
+        if status == STATUS_COMPLETE and store.pending_chunks():  # damaged since: redone
+            try:
+                group.attrs[ATTRS_KEY] = store._attrs = {**attrs, "status": STATUS_IN_PROGRESS}
+            except OSError as exc:
+                raise StoreError(f"{loc}: cannot reopen: {describe_os_error(exc)}") from exc
+        return store
 
     @classmethod
     def _create(cls, loc: Location, layout: StoreLayout) -> CacheStore:
@@ -268,11 +271,8 @@ class CacheStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[CacheStore]:
-        """`store_lock` on this store: ``with store.lock(): …``. Yields the store.
-
-        Raises:
-            StoreLockedError: another process holds the lock.
-        """
+        """`store_lock` on this store: ``with store.lock(): …`` yields the store, or raises
+        StoreLockedError when another process holds the lock."""
         with store_lock(self._loc):
             yield self
 
