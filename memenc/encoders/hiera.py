@@ -269,9 +269,8 @@ class MultiScaleBlock(nn.Module):
                 if out.dtype == torch.float32:  # any sum fits in `out`
                     self._mlp_rows(part)
         assert out is not None
-        if out.dtype != torch.float32:
-            out = _add(out, self.mlp(self.norm2(out)))
-        return out
+        # a float32 band's MLP ran above; any other dtype gets it on the whole map
+        return out if out.dtype == torch.float32 else self._add_mlp(out)
 
     def _mlp_rows(self, x: torch.Tensor) -> None:
         """x += mlp(norm2(x)) for a float32 map `[B, H, W, C]` (any layout), a piece of rows
@@ -295,8 +294,7 @@ class MultiScaleBlock(nn.Module):
         result depends on that token alone)."""
         if not self._pieces(x) or x.dtype != torch.float32:  # float32: any sum fits in x
             return _add(x, self.mlp(self.norm2(x)))
-        x = x.contiguous()  # a copy only where the windows were padded
-        self._mlp_rows(x)
+        self._mlp_rows(x)  # on the CPU only global-attention blocks get here (see _banded)
         return x
 
 
