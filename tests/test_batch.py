@@ -5,6 +5,7 @@ single-video `encode_video` of the same input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -826,16 +827,34 @@ def test_an_unreachable_dask_scheduler_is_an_error_not_a_usage_error(
 
 def test_dask_cluster_without_workers_fails_instead_of_waiting(tmp_path, dataset, monkeypatch):
     """A scheduler with no worker would take the units and never run them: the batch
-    stops with one error naming the cluster, within the wait it allows."""
-    import distributed
+    stops with one error naming the cluster, within the wait it allows.
 
+    The scheduler runs in a process of its own (`dask scheduler`), not as an in-process
+    `LocalCluster`: once, late in a full run, LocalCluster's event-loop thread did not start
+    within distributed's fixed 10 s in this test process, before memenc code ran."""
     import memenc.pipeline.batch as batch_module
 
     monkeypatch.setattr(batch_module, "DASK_WORKER_WAIT_S", 3.0)
-    with distributed.LocalCluster(n_workers=0, dashboard_address=None) as cluster:
-        address = cluster.scheduler_address
+    info = tmp_path / "scheduler.json"
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", "0", "--no-dashboard", "--scheduler-file", str(info)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        address = None
+        while address is None:
+            assert scheduler.poll() is None, scheduler.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the scheduler wrote no address in 120 s"
+            with contextlib.suppress(OSError, ValueError):  # absent, or still being written
+                address = json.loads(info.read_text())["address"]
+            time.sleep(0.1)
         t0 = time.monotonic()
         with pytest.raises(MemencError, match=rf"--dask {address}: no worker joined") as err:
             run_batch([dataset / "c0.mp4"], tmp_path / "out", settings=SETTINGS, dask=address)
         assert time.monotonic() - t0 < 60
         assert "\n" not in str(err.value)
+    finally:
+        scheduler.kill()
+        scheduler.wait(10)
