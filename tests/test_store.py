@@ -6,6 +6,7 @@ so 4 chunks with a short last one.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -864,6 +865,17 @@ def test_unwritable_location_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=f"{path}: cannot create store: .*not a directory"):
         CacheStore.prepare(path, make_layout())
     assert blocker.read_text() == "x"
+
+
+def test_os_errors_are_named_in_plain_words() -> None:
+    """A read-only mount is named as such, not as a permission a user could be given."""
+    from memenc.store.location import describe_os_error
+
+    assert describe_os_error(OSError(errno.EROFS, "Read-only file system")) == (
+        "read-only file system"
+    )
+    assert describe_os_error(PermissionError(errno.EACCES, "x")) == "permission denied"
+    assert describe_os_error(OSError(errno.ENOSPC, "x")) == "no space left on device"
 
 
 def test_read_only_parent_is_refused(tmp_path: Path) -> None:

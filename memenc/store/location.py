@@ -34,7 +34,9 @@ __all__ = [
 
 def describe_os_error(exc: OSError) -> str:
     """The reason an OSError gives, in the words a one-line message shows."""
-    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:  # not PermissionError: no permission would let it write
+        return "read-only file system"
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     if exc.errno == errno.ENOSPC:
         return "no space left on device"
