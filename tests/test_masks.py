@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import time
 from pathlib import Path
 
@@ -717,6 +718,31 @@ def test_lossy_mask_video_is_refused_naming_the_codec(tmp_path, labels):
     path = write_frames(tmp_path / "lossy.mp4", grey)  # libx264, yuv420p
     with pytest.raises(MaskError, match=r"lossy\.mp4: the mask video is h264, a lossy codec"):
         open_masks(path, **VIDEO)
+
+
+def test_truncated_mask_video_is_named_as_truncated(tmp_path, labels):
+    """A mask video cut short decodes fewer frames than its file promises (Matroska: its
+    length in seconds): the error names the mask file as truncated, with both counts,
+    instead of a bare count mismatch. A whole mask video of the wrong length is still a
+    count mismatch."""
+    longer = np.concatenate([labels] * 4)  # 48 frames: the cut leaves more than a GOP
+    whole = write_label_video(tmp_path / "whole.mkv", longer)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    video = {**VIDEO, "video_frame_count": len(longer), "video_path": "clip.mp4"}
+    assert open_masks(whole, **video).object_ids == [3, 7]
+    with pytest.raises(MaskError) as info:
+        open_masks(cut, **video)
+    got = re.fullmatch(
+        rf"{re.escape(str(cut))}: only (\d+) of the mask video's 48 frames decode; the file "
+        r"is truncated or damaged \(the video clip\.mp4 has 48 frames\)",
+        str(info.value),
+    )
+    assert got is not None, str(info.value)
+    assert 0 < int(got.group(1)) < 48
+    with pytest.raises(MaskError, match=r"whole\.mkv: the mask video has 48 frames, the video"):
+        open_masks(whole, **{**video, "video_frame_count": 40})
 
 
 def test_colour_mask_video_is_refused(tmp_path, labels):

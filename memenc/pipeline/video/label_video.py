@@ -22,7 +22,9 @@ class LabelVideo:
 
     Lossless: grey values and palette indices are returned as they are (see
     `memenc.pipeline.video.labels`). Opening decodes the whole video once
-    (``frame_count``, ``height``, ``width``, ``values``: the sorted non-zero labels);
+    (``frame_count``, ``height``, ``width``, ``values``: the sorted non-zero labels;
+    ``frame_count_declared``: what the file promises, more than ``frame_count`` when it is
+    truncated or damaged);
     `read` decodes forward from where the previous read stopped and restarts for an
     earlier frame. Every wait has
     ``timeout_s`` as the limit on a stall. Not thread-safe.
@@ -37,7 +39,7 @@ class LabelVideo:
     ) -> None:
         self.path = os.fspath(path)
         self.timeout_s = float(timeout_s)
-        self.frame_count = self.height = self.width = 0
+        self.frame_count = self.frame_count_declared = self.height = self.width = 0
         self.values: list[int] = []
         self._decoder: Decoder | None = None
         with self._as_mask_error():
@@ -64,6 +66,7 @@ class LabelVideo:
                 info["width"],
             )
             self.values = list(info["values"])
+            self.frame_count_declared = info["declared"]
 
     @contextlib.contextmanager
     def _as_mask_error(self) -> Iterator[None]:

@@ -54,8 +54,21 @@ def _check_lossless(codec: Any) -> None:
     )
 
 
-def iter_labels(path: str) -> Iterator[np.ndarray]:
-    """Every frame of a mask video as labels [H, W], in order; `DecodeFailure` on a problem."""
+def _promised(container: Any, stream: Any) -> tuple[int, bool]:
+    """The frame count a mask video's file promises, and whether it is exact: the stream's
+    frame count where the container keeps one (MP4), else its length times its frame rate
+    (Matroska, good to about a frame); (0, True) when it says neither."""
+    if stream.frames:
+        return int(stream.frames), True
+    rate = stream.average_rate or stream.guessed_rate
+    if container.duration and rate:
+        return round(container.duration / 1_000_000 * float(rate)), False
+    return 0, True
+
+
+def iter_labels(path: str, promised: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
+    """Every frame of a mask video as labels [H, W], in order; `DecodeFailure` on a problem.
+    `promised`, when given, gets ``count`` and ``exact`` (`_promised`) once the file opens."""
     import av
 
     try:
@@ -74,6 +87,8 @@ def iter_labels(path: str) -> Iterator[np.ndarray]:
             raise DecodeFailure("no video stream")
         stream = container.streams.video[0]
         _check_lossless(stream.codec_context)
+        if promised is not None:
+            promised["count"], promised["exact"] = _promised(container, stream)
         for frame in container.decode(stream):
             yield _frame_labels(index, frame)
             index += 1
@@ -86,11 +101,14 @@ def iter_labels(path: str) -> Iterator[np.ndarray]:
 
 
 def scan_labels(path: str, heartbeat: Callable[[], None]) -> dict[str, Any]:
-    """Decode a whole mask video: frame count, size, and the non-zero label values."""
+    """Decode a whole mask video: frame count, size, the non-zero label values, and what
+    the file promises (``declared``: more frames than decode, by more than a length in
+    seconds could be off, means the file is truncated or damaged)."""
     count = 0
     size: tuple[int, ...] | None = None
     values: set[int] = set()
-    for labels in iter_labels(path):
+    promised: dict[str, Any] = {}
+    for labels in iter_labels(path, promised):
         if size is None:
             size = labels.shape
         elif labels.shape != size:
@@ -107,4 +125,13 @@ def scan_labels(path: str, heartbeat: Callable[[], None]) -> dict[str, Any]:
         heartbeat()
     if size is None:
         raise DecodeFailure("the mask video has no frames")
-    return {"frames": count, "height": size[0], "width": size[1], "values": sorted(values)}
+    declared, exact = promised.get("count", 0), promised.get("exact", True)
+    if declared <= count or (not exact and declared <= count + 1):
+        declared = count
+    return {
+        "frames": count,
+        "declared": declared,
+        "height": size[0],
+        "width": size[1],
+        "values": sorted(values),
+    }
