@@ -10,6 +10,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -902,6 +903,32 @@ def test_read_only_parent_is_refused(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------- reading partial and damaged stores
+
+
+@pytest.mark.parametrize(
+    ("array", "problem"),
+    [
+        ("maskmem_pos_enc", "maskmem_pos_enc holds NaN"),
+        ("maskmem_tpos_enc", "maskmem_tpos_enc holds NaN"),
+        ("frame_index", r"frame_index is missing \(every row frame 0"),
+    ],
+)
+def test_deleted_chunk_of_an_array_written_at_creation_is_reported(
+    written_store, array: str, problem: str
+) -> None:
+    """Zarr reads a deleted chunk file as the fill value without a word: NaN position
+    encodings and a frame_index of zeros were served as data. The reader, `inspect` and a
+    rerun now name the array."""
+    path, _ = written_store()
+    files = [p for p in (path / array).iterdir() if p.name.startswith("c")]
+    assert len(files) == 1
+    files[0].unlink()
+    message = rf"{path}: malformed or damaged store: {problem}"
+    with pytest.raises(StoreError, match=message):
+        open_cache(path)
+    assert re.search(problem, " ".join(describe_store(path)["problems"]))
+    with pytest.raises(StoreError, match=message):
+        CacheStore.prepare(path, make_layout())
 
 
 def test_reader_on_in_progress_store_trusts_only_markers(written_store) -> None:

@@ -386,12 +386,30 @@ def memenc_attrs(group: zarr.Group) -> dict[str, Any] | None:
     return None
 
 
+def _missing_coordinates(layout: StoreLayout) -> str | None:
+    """What a deleted chunk file of an array written once at creation looks like when read:
+    Zarr gives the fill value, NaN for the position encodings (never NaN as written) and
+    zeros for frame_index (every row frame 0, which no store of more than one row means).
+    Duplicate object ids are refused by `StoreLayout` itself. None when none is seen."""
+    for name, values in (
+        ("maskmem_pos_enc", layout.pos_enc),
+        ("maskmem_tpos_enc", layout.tpos_enc),
+    ):
+        if values is not None and np.isnan(values).any():
+            return f"{name} holds NaN (what a deleted chunk file reads as, its fill value)"
+    fi = layout.frame_index
+    if fi.size > 1 and not fi.any():
+        return "frame_index is missing (every row frame 0: a deleted chunk file reads as zeros)"
+    return None
+
+
 def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
     """Rebuild the layout of an existing store and check every array against the schema.
 
     Raises:
         StoreError: an array is missing, or its shape, dtype, chunks or dimension names do
-            not match the schema.
+            not match the schema, or an array written at creation shows a deleted chunk
+            file (`_missing_coordinates`).
     """
     attrs = memenc_attrs(group) or {}
     version = READABLE_SCHEMAS.get(attrs.get("schema"), READABLE_SCHEMAS[SCHEMA])
@@ -426,6 +444,9 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
         )
     except (ValueError, IndexError, TypeError, OSError) as exc:
         raise StoreError(f"{loc}: malformed or damaged store: {exc}") from exc
+    damage = _missing_coordinates(layout)
+    if damage:
+        raise StoreError(f"{loc}: malformed or damaged store: {damage}")
     for name, array in arrays.items():
         spec = SPECS[name]
         want = (
