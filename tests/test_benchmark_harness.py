@@ -171,6 +171,41 @@ def test_the_stages_run_alone_without_the_whole_runs(tmp_path):
     assert any("fp32, batches of 4" in line for line in res.lines)
 
 
+def test_the_decode_stage_can_read_a_longer_clip_of_its_own(tmp_path, monkeypatch):
+    """`Suite.decode_frames` (the gpu suite: 256): the decode stage reads a generated clip
+    of that many frames, its table's frames/s are over those frames, the threads each
+    decoder got are said, and the slowest stage is scaled to the case's frames."""
+    import benchmarks.decode as decode_module
+
+    seen = []
+    real = decode_module.decode_throughput
+
+    def spy(video, image_size, frames, batch, k, **kw):
+        seen.append((Path(video).name, len(frames), k))
+        return real(video, image_size, frames, batch, k, **kw)
+
+    monkeypatch.setattr(decode_module, "decode_throughput", spy)
+    case = bench.Case("own clip", "sam2.1_hiera_tiny", 256, 4, ("memenc fp32",), 1,
+                      width=96, height=64)  # fmt: skip
+    suite = bench.Suite(cases=(case,), decoders=(1, 2), micro_size=256,
+                        micro_variant=case.variant, repeats=1, stages_case=case.name,
+                        decode_frames=40)  # fmt: skip
+    inp = bench.make_inputs(tmp_path, case, have_reference=False)
+    res = bench.Results(None)
+    res.m(f"whole/{case.name}/memenc fp32").add(10.0)  # a whole run to compare with
+    bench.stages(res, inp, suite, "cpu", tmp_path)
+    assert seen == [("clip720p.mp4", 40, 1), ("clip720p.mp4", 40, 2)]
+    key = f"stages/{case.name}"
+    k1, compute, write = (res.m(f"{key}/{n}").median for n in ("decode K=1", "compute", "write"))
+    row = next(line for line in res.lines if line.startswith("| decode K=1 |"))
+    assert row.endswith(f"| {40 / k1:.1f} |"), row
+    said = next(line for line in res.lines if line.startswith("- decode: a clip of its own"))
+    assert "40 frames" in said and "K=1 auto" in said, said
+    # the decode clip's seconds scaled to the case's 4 frames before taking the slowest
+    slowest = max(k1 * 4 / 40, compute, write)
+    assert res.ratios[f"{key}/end_to_end_over_slowest_stage"] == pytest.approx(10.0 / slowest)
+
+
 def test_the_load_benchmark_shows_the_mapping_keeps_the_weights_off_the_heap(ref_checkpoint):
     """benchmarks/load.py at 256: right after `load_model`, reading the file leaves at least
     half the model's weight bytes more in the heap than mapping it does, and two processes
