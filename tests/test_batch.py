@@ -24,7 +24,7 @@ import torch
 import zarr
 
 from memenc import encode_video, open_cache
-from memenc.errors import MemencError, StoreError, UsageError
+from memenc.errors import MemencError, MemencWarning, StoreError, UsageError
 from memenc.pipeline.batch import (
     BatchSettings,
     _check_plan,
@@ -823,6 +823,89 @@ def test_an_unreachable_dask_scheduler_is_an_error_not_a_usage_error(
     assert not isinstance(err.value, UsageError)
     with pytest.raises(UsageError, match=r"^--dask nowhere:x:y: "):
         run_batch([dataset / "c0.mp4"], tmp_path / "out", settings=SETTINGS, dask="nowhere:x:y")
+
+
+def test_a_store_another_process_is_writing_is_waited_for_then_done(
+    tmp_path, dataset, references, monkeypatch
+):
+    """Two batches on one output folder: each found the other's stores locked and called
+    them failed ('being written by another process'), so both exited 3 with summaries
+    that disagreed with the disk. A locked store is now set aside, planned again once the
+    lock is free, and done (or found complete) by this run. Here the lock is held by a
+    thread of this process until the batch has done the other two videos."""
+    import threading
+
+    import memenc.pipeline.batch as batch_module
+    from memenc.store import store_lock
+
+    monkeypatch.setattr(batch_module, "LOCK_RETRY_S", 0.2, raising=False)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("c0", "c1", "c2"):
+        (videos / f"{name}.mp4").write_bytes((dataset / f"{name}.mp4").read_bytes())
+        (videos / f"{name}.masks.npy").write_bytes((dataset / f"{name}.masks.npy").read_bytes())
+    out = tmp_path / "out"
+    held, release, reports = threading.Event(), threading.Event(), []
+
+    def hold() -> None:
+        with store_lock(out / "c1.zarr"):
+            held.set()
+            release.wait(120)
+
+    def progress(p) -> None:
+        reports.append(p)
+        if p.videos_done == 2:  # c0 and c2 done: let c1 go
+            release.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.warns(
+            MemencWarning,
+            match=r"c1\.zarr: store is being written by another "
+            r"process \(pid \d+, another thread of this process\); waiting for it",
+        ):
+            summary = run_batch([videos], out, settings=SETTINGS, progress=progress)
+    finally:
+        release.set()
+        holder.join(30)
+    assert [(r.input.split("/")[-1], r.status, r.error) for r in summary.inputs] == [
+        ("c0.mp4", "complete", None), ("c1.mp4", "complete", None), ("c2.mp4", "complete", None)
+    ]  # fmt: skip
+    assert summary.ok
+    assert any(p.waiting == 1 for p in reports) and reports[-1].waiting == 0
+    for name in ("c0", "c1", "c2"):
+        _assert_equal_stores(out / f"{name}.zarr", references[name])
+
+    # The holder completes the store before it lets go (as `memenc encode` on the same
+    # output would): the batch finds it complete and reports it skipped, not failed.
+    out2 = tmp_path / "out2"
+    set_aside = threading.Event()
+
+    def encode_holding() -> None:
+        with store_lock(out2 / "c1.zarr"):  # encode_video takes it again, in this thread
+            held.set()
+            assert set_aside.wait(120)
+            encode_video(videos / "c1.mp4", out=out2 / "c1.zarr", weights="random",
+                         variant="sam2.1_hiera_tiny", image_size=64, chunk_frames=2)  # fmt: skip
+
+    held.clear()
+    holder = threading.Thread(target=encode_holding)
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.warns(MemencWarning, match="waiting for it"):
+            summary = run_batch(
+                [videos], out2, settings=SETTINGS,
+                progress=lambda p: set_aside.set() if p.waiting else None,
+            )  # fmt: skip
+    finally:
+        set_aside.set()
+        holder.join(120)
+    assert [(r.status, r.chunks_written) for r in summary.inputs] == [
+        ("complete", 3), ("skipped", 0), ("complete", 4)]  # fmt: skip
+    _assert_equal_stores(out2 / "c1.zarr", references["c1"])
 
 
 def test_dask_cluster_without_workers_fails_instead_of_waiting(tmp_path, dataset, monkeypatch):

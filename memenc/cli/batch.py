@@ -77,13 +77,14 @@ def batch(
     as_json: Json = False,
 ) -> None:
     """Encode many videos, one store each under --out (resumable; exit 3 if some failed)."""
+    from memenc.cli.app import _warnings_as_lines
     from memenc.pipeline.batch import BatchSettings, run_batch
 
     shared = run.library_kwargs()
     frames, objects = shared.pop("frames"), shared.pop("objects")  # per input, in a manifest
     settings = BatchSettings(**shared)
     show = progress_wanted(quiet, as_json)
-    with _BatchBar(show) as bar:
+    with _BatchBar(show) as bar, _warnings_as_lines():
         summary = run_batch(
             inputs,
             out,
@@ -165,6 +166,7 @@ class _BatchBar:
             self.task,
             completed=p.frames_done,
             total=p.frames_total or None,
-            videos=f"{p.videos_done}/{p.videos_total}",
+            videos=f"{p.videos_done}/{p.videos_total}"
+            + (f" ({p.waiting} waiting on another process)" if p.waiting else ""),
             rate=f"{rate:.2f} frames/s",
         )

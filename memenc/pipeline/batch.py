@@ -38,13 +38,14 @@ import re
 import string
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memenc.errors import MemencError, StoreError, StoreLockedError, UsageError
+from memenc.errors import MemencError, MemencWarning, StoreError, StoreLockedError, UsageError
 from memenc.store.urls import check_url
 from memenc.store.urls import is_url as _is_url
 
@@ -65,6 +66,8 @@ __all__ = [
 SUMMARY_FILE = "batch-summary.json"
 PLAN_FILE = "batch-plan.json"
 DEFAULT_UNIT_FRAMES = 256
+# how often a video whose store another process is writing is tried again (`_drive`)
+LOCK_RETRY_S = 2.0
 DASK_WORKER_WAIT_S = 120.0  # how long `--dask` waits for a cluster's first worker
 DASK_CONNECT_S = 30.0  # how long `--dask ADDRESS` tries to reach the scheduler
 VIDEO_SUFFIXES = frozenset(
@@ -160,7 +163,8 @@ class UnitResult:
 @dataclass
 class InputResult:
     """One line of the summary. status: ``complete`` (made complete by this run),
-    ``skipped`` (complete before it), ``failed`` (`error` says why; its store, if one
+    ``skipped`` (complete before it, or made complete meanwhile by another process that
+    held its store's lock while this run waited), ``failed`` (`error` says why; its store, if one
     was created, stays ``in_progress`` and a rerun resumes it), ``prepared`` (created by
     a `prepare_only` pass) or ``incomplete`` (a shard did its share of the video's units;
     other shards have the rest). units: work units run;
@@ -242,6 +246,7 @@ class BatchProgress:
     frames_done: int
     frames_total: int
     elapsed_s: float
+    waiting: int = 0  # videos whose store another process is writing: planned once it ends
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -950,6 +955,7 @@ class _Coordinator:
         self.frames_total = 0
         self.frames_done = 0
         self.frames_computed = 0
+        self.waiting = 0
         self._report_lock = threading.Lock()
 
     # ---- progress
@@ -963,6 +969,7 @@ class _Coordinator:
                     self.frames_done,
                     self.frames_total,
                     time.monotonic() - self.t0,
+                    self.waiting,
                 )
             )
 
@@ -975,7 +982,8 @@ class _Coordinator:
 
     def plan(self, inp: BatchInput) -> _Video:
         """Probe, open masks, lay out and prepare the store; the lock stays held until
-        `finish`. A failure is recorded on the result, never raised."""
+        `finish`. A failure is recorded on the result, never raised. A store whose lock
+        another process holds gets status ``waiting`` (`_drive` plans it again later)."""
         from memenc.store import CacheStore, store_lock
 
         t = time.monotonic()
@@ -991,7 +999,11 @@ class _Coordinator:
         try:
             layout, masks = self._layout(inp)
             v.result.masks = masks
-            v.lock.enter_context(store_lock(path))
+            try:
+                v.lock.enter_context(store_lock(path))
+            except StoreLockedError as e:
+                v.result.status, v.result.error = "waiting", _one_line(e)
+                return v
             store = CacheStore.prepare(path, layout, overwrite=self.settings.overwrite)
             pending = store.pending_chunks()
         except MemencError as e:
@@ -1371,7 +1383,13 @@ def _drive(
 ) -> list[InputResult]:
     """Plan videos a few ahead of the workers (or take this shard's share of a planned
     one), hand their units out, retry what may be transient, and finalize each video as
-    its last unit comes back."""
+    its last unit comes back.
+
+    A video whose store another process is writing (its lock held: a second batch or
+    `memenc encode` on the same output) is set aside and planned again every
+    `LOCK_RETRY_S` until the lock is free: then it is found complete (``skipped``) or
+    resumed here. The wait holds no lock of this run, so two runs waiting on each other's
+    stores both go on."""
     finished: queue.Queue[tuple[WorkUnit, Any]] = queue.Queue()
     videos: dict[int, _Video] = {}
     attempts: dict[tuple[int, int], int] = {}
@@ -1380,6 +1398,8 @@ def _drive(
     ahead = 1 if isinstance(executor, _InlineExecutor) else max(2, 2 * executor.workers)
     todo = list(chosen)
     in_flight = 0
+    waiting: dict[int, tuple[BatchInput, float]] = {}  # input, when to plan it again
+    told: set[int] = set()  # inputs whose wait has been said
 
     def on_done(unit: WorkUnit, future: Any) -> None:
         finished.put((unit, future))
@@ -1392,11 +1412,26 @@ def _drive(
         executor.submit(unit, on_done)
 
     coord.report()
-    while todo or in_flight or not finished.empty():
+    while todo or in_flight or not finished.empty() or waiting:
+        now = time.monotonic()
+        for index, (inp, at) in list(waiting.items()):
+            if at <= now:  # its turn to be planned again
+                del waiting[index]
+                todo.append(inp)
         # keep enough videos planned that no worker waits for the coordinator
         while todo and sum(len(v.open_units) for v in videos.values()) < ahead:
             inp = todo.pop(0)
             v = coord.attach(inp, *shares[inp.index]) if inp.index in shares else coord.plan(inp)
+            if v.result.status == "waiting":
+                if inp.index not in told:  # once a video: it may wait long, silently
+                    told.add(inp.index)
+                    warnings.warn(
+                        f"{v.result.error}; waiting for it, then finishing or skipping it",
+                        MemencWarning,
+                        stacklevel=2,
+                    )
+                waiting[inp.index] = (inp, time.monotonic() + LOCK_RETRY_S)
+                continue
             if not v.units:
                 coord.finish(v)
                 results[inp.index] = v.result
@@ -1404,9 +1439,17 @@ def _drive(
             videos[inp.index] = v
             for unit in v.units.values():
                 submit(unit)
+        if coord.waiting != len(waiting):
+            coord.waiting = len(waiting)
+            coord.report()
         if not in_flight and finished.empty():
+            if waiting and not todo:  # nothing to do but wait for another process's lock
+                time.sleep(max(0.0, min(at for _, at in waiting.values()) - time.monotonic()))
             continue
-        unit, future = finished.get()
+        try:  # a video set aside is planned again on time even while units run
+            unit, future = finished.get(timeout=LOCK_RETRY_S if waiting else None)
+        except queue.Empty:
+            continue
         in_flight -= 1
         v = videos[unit.input]
         result, retry = _unit_outcome(unit, future, executor)
@@ -1442,6 +1485,8 @@ def _prepare_all(coord: _Coordinator, chosen: list[BatchInput], t0: float) -> Ba
         v = coord.plan(inp)
         v.lock.close()
         r = v.result
+        if r.status == "waiting":  # a prepare pass does not wait: rerun it once that ends
+            r.status = "failed"
         if r.status == "running":
             r.status = "prepared"
             first = next(iter(v.units.values()))
