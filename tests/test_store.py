@@ -931,6 +931,18 @@ def test_deleted_chunk_of_an_array_written_at_creation_is_reported(
         CacheStore.prepare(path, make_layout())
 
 
+def test_deleted_timestamp_chunk_of_a_complete_store_is_reported(written_store) -> None:
+    """A complete store's timestamps are all written: NaN there (the fill value) is a
+    deleted chunk file, named, not served as 'not written yet'."""
+    path, _ = written_store()
+    (path / "timestamp" / "c.1").unlink()
+    cache = open_cache(path)
+    np.testing.assert_array_equal(cache.features(0, 3).numpy(), expected_features("float16")[0, 0])
+    with pytest.raises(StoreError, match=rf"{path}: timestamp chunk 1 is missing \(NaN"):
+        _ = cache.timestamps
+    # (an in-progress store's NaN rows are pending, and served: see the long-store test)
+
+
 def test_reader_on_in_progress_store_trusts_only_markers(written_store) -> None:
     path, store = written_store(chunks=[0], finalize=False)
     cache = open_cache(path)

@@ -149,9 +149,17 @@ class MemoryCache:
     def timestamps(self) -> np.ndarray:
         """float64 [T] seconds; NaN for rows not written yet. Rows that were NaN are read
         again on each access, so a reader opened on an in-progress store sees rows
-        finished after it was opened."""
+        finished after it was opened. StoreError when a complete store has a NaN row: NaN
+        is the fill value, so that chunk's timestamp file was deleted."""
         if np.isnan(self._timestamps).any():
             self._timestamps = self._read("timestamp", lambda: self._timestamp_array[:])
+            missing = np.flatnonzero(np.isnan(self._timestamps))
+            if missing.size and self.status == STATUS_COMPLETE:
+                chunk = int(missing[0]) // self.chunk_frames
+                raise StoreError(
+                    f"{self.path}: timestamp chunk {chunk} is missing (NaN, the fill value, "
+                    "in a complete store: its file was deleted or replaced); recompute the store"
+                )
         return self._timestamps
 
     # ---- shape of the store
