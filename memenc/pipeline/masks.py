@@ -745,14 +745,14 @@ class MaskVideo(MaskSource):
         try:
             count, size = self._labels.frame_count, (self._labels.height, self._labels.width)
             _check_aspect(file, size[1], size[0], video)
-            declared = self._labels.frame_count_declared
-            if not video.fits(count) and declared > count:
-                # the masks are what is short: name the mask file, not the counts
-                raise MaskError(
-                    f"{file}: only {count} of the mask video's {declared} frames decode; the "
-                    f"file is truncated or damaged ({video.name} has {video.frame_count} frames)"
-                )
             if not video.fits(count):
+                declared = self._labels.frame_count_declared
+                if declared > count:  # the masks are what is short: name the mask file
+                    raise MaskError(
+                        f"{file}: only {count} of the mask video's {declared} frames decode; "
+                        f"the file is truncated or damaged ({video.name} has "
+                        f"{video.frame_count} frames)"
+                    )
                 claim = f"{file}: the mask video has {count} frames"
                 raise video.count_error(claim, f"{claim}, {video.name} has {video.frame_count}")
             self.height, self.width = size

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from memenc.pipeline.video.probe import _promised_frames
 from memenc.pipeline.video.types import DecodeFailure, short_error
 
 __all__ = ["iter_labels", "scan_labels"]
@@ -54,21 +55,11 @@ def _check_lossless(codec: Any) -> None:
     )
 
 
-def _promised(container: Any, stream: Any) -> tuple[int, bool]:
-    """The frame count a mask video's file promises, and whether it is exact: the stream's
-    frame count where the container keeps one (MP4), else its length times its frame rate
-    (Matroska, good to about a frame); (0, True) when it says neither."""
-    if stream.frames:
-        return int(stream.frames), True
-    rate = stream.average_rate or stream.guessed_rate
-    if container.duration and rate:
-        return round(container.duration / 1_000_000 * float(rate)), False
-    return 0, True
-
-
 def iter_labels(path: str, promised: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
     """Every frame of a mask video as labels [H, W], in order; `DecodeFailure` on a problem.
-    `promised`, when given, gets ``count`` and ``exact`` (`_promised`) once the file opens."""
+    `promised`, when given, gets ``count`` and ``exact`` once the file opens: the frame
+    count the container states, as `probe._promised_frames` reads it for a video (0 when
+    it states none)."""
     import av
 
     try:
@@ -88,7 +79,9 @@ def iter_labels(path: str, promised: dict[str, Any] | None = None) -> Iterator[n
         stream = container.streams.video[0]
         _check_lossless(stream.codec_context)
         if promised is not None:
-            promised["count"], promised["exact"] = _promised(container, stream)
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            stated = _promised_frames(container, stream, container.format.name, fps, 0)
+            promised["count"], promised["exact"] = stated or (0, True)
         for frame in container.decode(stream):
             yield _frame_labels(index, frame)
             index += 1
