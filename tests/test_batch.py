@@ -845,7 +845,7 @@ def test_a_store_another_process_is_writing_is_waited_for_then_done(
         (videos / f"{name}.mp4").write_bytes((dataset / f"{name}.mp4").read_bytes())
         (videos / f"{name}.masks.npy").write_bytes((dataset / f"{name}.masks.npy").read_bytes())
     out = tmp_path / "out"
-    held, release, reports = threading.Event(), threading.Event(), []
+    held, release, reports, timers = threading.Event(), threading.Event(), [], []
 
     def hold() -> None:
         with store_lock(out / "c1.zarr"):
@@ -854,9 +854,16 @@ def test_a_store_another_process_is_writing_is_waited_for_then_done(
 
     def progress(p) -> None:
         reports.append(p)
-        if p.videos_done == 2:  # c0 and c2 done: let c1 go
-            release.set()
+        if p.videos_done == 2 and not timers:  # c0 and c2 done: c1 goes 1 s later,
+            timers.append(threading.Timer(1.0, release.set))  # after 5 retry periods
+            timers[0].start()
 
+    layouts = []  # the videos `plan` probed and read the masks of
+    real_layout = batch_module._Coordinator._layout
+    monkeypatch.setattr(
+        batch_module._Coordinator, "_layout",
+        lambda self, inp: layouts.append(inp.name) or real_layout(self, inp),
+    )  # fmt: skip
     holder = threading.Thread(target=hold)
     holder.start()
     try:
@@ -875,6 +882,8 @@ def test_a_store_another_process_is_writing_is_waited_for_then_done(
     ]  # fmt: skip
     assert summary.ok
     assert any(p.waiting == 1 for p in reports) and reports[-1].waiting == 0
+    # probed once when found locked, once when free: not every LOCK_RETRY_S between
+    assert layouts.count("c1.zarr") == 2, layouts
     for name in ("c0", "c1", "c2"):
         _assert_equal_stores(out / f"{name}.zarr", references[name])
 

@@ -1043,6 +1043,20 @@ class _Coordinator:
         self.frames_total += sum(u.frames for u in v.units.values())
         return v
 
+    def lock_held_elsewhere(self, inp: BatchInput) -> bool:
+        """Whether another process (or thread) holds the lock of `inp`'s store, tried by
+        taking and releasing it: far cheaper than `plan`, which probes the video and reads
+        every mask before it reaches the lock."""
+        from memenc.store import store_lock
+
+        try:
+            with store_lock(store_path(self.out, inp.name)):
+                return False
+        except StoreLockedError:
+            return True
+        except MemencError:  # anything else is for `plan` to report
+            return False
+
     def attach(self, inp: BatchInput, entry: dict[str, Any], unit_ids: list[int]) -> _Video:
         """This shard's share (`unit_ids`) of a video a `prepare_only` pass created."""
         r = InputResult(inp.index, inp.video, entry["store"], masks=entry["masks"])
@@ -1415,7 +1429,11 @@ def _drive(
     while todo or in_flight or not finished.empty() or waiting:
         now = time.monotonic()
         for index, (inp, at) in list(waiting.items()):
-            if at <= now:  # its turn to be planned again
+            if at > now:
+                continue
+            if coord.lock_held_elsewhere(inp):  # not planned again (probe, masks) until free
+                waiting[index] = (inp, now + LOCK_RETRY_S)
+            else:
                 del waiting[index]
                 todo.append(inp)
         # keep enough videos planned that no worker waits for the coordinator
