@@ -410,7 +410,8 @@ def timed_process(
 ) -> dict[str, Any]:
     """Run `cmd`; wall seconds from start to exit, and the peak summed RSS of its process
     tree (sampled every 50 ms); with `gpu`, the GPU's mean utilisation over the run
-    (nvidia-smi, every 100 ms). The child's last stdout line, when JSON, is merged in.
+    (nvidia-smi, every 100 ms). The child's last stdout line, when JSON, is merged in
+    (where a key is in both, this function's measure stands).
     Past `timeout` seconds the child's process group is killed and RuntimeError raised."""
     smi = None
     if gpu and shutil.which("nvidia-smi"):
@@ -455,7 +456,9 @@ def timed_process(
         result["gpu_peak_mb"] = gpu_mb  # the whole GPU's memory in use (nvidia-smi)
     lines = out.strip().splitlines()
     if lines and lines[-1].startswith("{"):
-        result.update(json.loads(lines[-1]))
+        # what the child says of itself, under what this measured (memenc's summary has
+        # its own `seconds`, from inside the process)
+        result = {**json.loads(lines[-1]), **result}
     return result
 
 
@@ -466,7 +469,8 @@ def memenc_cmd(
     cmd = [sys.executable, "-m", "memenc", "encode", str(inp.video), "--masks", str(inp.masks)]
     cmd += ["--checkpoint", str(inp.checkpoint)] if inp.checkpoint else ["--weights", "random"]
     cmd += ["--variant", c.variant, "--image-size", str(c.image_size), "--device", device]
-    cmd += ["--precision", precision, "-o", str(out), "--overwrite", "--quiet"]
+    # --json: no progress, and the summary's last line (with the stages' waits) is merged
+    cmd += ["--precision", precision, "-o", str(out), "--overwrite", "--json"]
     cmd += ["--compile"] if compiled else []
     cmd += ["--decoders", str(decoders)] if decoders else []
     return cmd
@@ -683,6 +687,13 @@ def whole_runs(
             for part in ("build_s", "loop_s"):  # the reference's own split
                 if part in got:
                     res.m(f"{key}/{name}/{part}").add(got[part])
+            for stage, spent in got.get("stages", {}).items():  # memenc's `StageTimes`
+                for part in STAGE_PARTS:
+                    res.m(f"{key}/{name}/stage/{stage}/{part}").add(spent[part])
+            if got.get("stages") and got.get("frames_per_second"):
+                # the process's wall time less the stages': imports, probe, model, store
+                run_s = got["frames"] / got["frames_per_second"]
+                res.m(f"{key}/{name}/start_up").add(got["seconds"] - run_s)
             if "gpu_busy" in got:
                 res.m(f"{key}/{name}/gpu_busy", "%").add(got["gpu_busy"])
                 res.m(f"{key}/{name}/gpu_peak_mb", "MB").add(got["gpu_peak_mb"])
@@ -709,6 +720,7 @@ def whole_runs(
         )
         res.say(f"| {name} | {t.span()} | {c.frames / t.median:.2f} | {mb.span('{:.0f}')} |{extra}")
     res.say("")
+    stage_table(res, key, names)
     if with_compute:
         res.say(f"- {COMPUTE_RUN}: a fresh process that loads the model and holds every frame "
                 "decoded and every mask read, then times one pass of `image_features` + "
@@ -753,6 +765,40 @@ def whole_runs(
                 d = stored_distance(stores["memenc fp32"], path)
                 res.ratios[f"{key}/{name}/rel_l2_vs_memenc_fp32"] = d
                 res.say(f"- {name}: stored features at relative L2 {d:.2e} from memenc fp32's")
+    res.say("")
+
+
+STAGE_PARTS = ("busy", "waiting_for_input", "waiting_for_output", "waiting_for_device")
+STAGE_ORDER = ("decode", "stage", "compute", "assemble", "write")
+
+
+def stage_table(res: Results, key: str, names: list[str]) -> None:
+    """Where each memenc run's stages spent it (medians over its runs): what bounds it is
+    the stage that is busy while the others wait on it."""
+    rows = []
+    for name in names:
+        for stage in STAGE_ORDER:
+            parts = [res.measures.get(f"{key}/{name}/stage/{stage}/{p}") for p in STAGE_PARTS]
+            if all(m is not None and m.samples for m in parts):
+                rows.append(f"| {name} | {stage} | " + " | ".join(f"{m.median:.2f}" for m in parts)
+                            + " |")  # fmt: skip
+    if not rows:
+        return
+    res.say("Where memenc's stages spent the run (seconds, medians; `memenc encode --json`'s "
+            "`stages`; decode's input is its decoder processes, assemble's device wait is the "
+            "GPU's work and copies; writers summed over their threads):")  # fmt: skip
+    res.say("")
+    res.say("| run | stage | busy | waiting for input | waiting for output | waiting for device |")
+    res.say("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        res.say(row)
+    res.say("")
+    for name in names:
+        up, whole = res.measures.get(f"{key}/{name}/start_up"), res.measures.get(f"{key}/{name}")
+        if up is not None and up.samples and whole is not None:
+            res.say(f"- {name}: outside the stages (the process's wall time less the stages' "
+                    f"run: imports, probe, model, store, exit) {up.span()} s of "
+                    f"{whole.median:.2f} s")  # fmt: skip
     res.say("")
 
 

@@ -244,3 +244,38 @@ def test_the_heap_benchmark_samples_a_whole_run(tmp_path):
     assert max(s["live_mb"] for s in samples) > samples[0]["live_mb"] + 10
     meta = json.loads((out / "zarr.json").read_text())["attributes"]["memenc"]
     assert meta["status"] == "complete"
+
+
+def test_timed_process_keeps_its_own_wall_time_over_the_childs_summary():
+    """memenc's `--json` summary has its own `seconds` (from inside the process): the
+    merged result keeps the process's wall time, and the child's other keys."""
+    cmd = [sys.executable, "-c", 'print(\'{"seconds": 99.0, "frames": 7}\')']
+    got = bench.timed_process(cmd)
+    assert got["seconds"] < 60 and got["frames"] == 7
+
+
+def test_whole_runs_show_where_memencs_stages_spent_the_run(tmp_path, monkeypatch):
+    case = bench.Case("tiny case", "sam2.1_hiera_tiny", 64, 4, ("memenc fp32",), 2)
+    inp = bench.Inputs(tmp_path / "v.mp4", tmp_path / "m", None, case)
+    spent = iter([(1.0, 0.5), (3.0, 1.5)])  # (compute busy, decode's wait for room) a run
+
+    def fake(cmd, gpu=False, timeout=None):
+        assert "--json" in cmd  # the summary with the stages comes back on stdout
+        busy, room = next(spent)
+        zero = dict.fromkeys(bench.STAGE_PARTS, 0.0)
+        return {
+            "seconds": 6.0, "tree_peak_mb": 100.0, "frames": 4, "frames_per_second": 2.0,
+            "stages": {
+                "decode": {**zero, "busy": 0.1, "waiting_for_output": room},
+                "compute": {**zero, "busy": busy},
+            },
+        }  # fmt: skip
+
+    monkeypatch.setattr(bench, "timed_process", fake)
+    res = bench.Results(None)
+    bench.whole_runs(res, inp, "cpu", bench.SUITES["quick"], tmp_path)
+    text = "\n".join(res.lines)
+    assert "| memenc fp32 | decode | 0.10 | 0.00 | 1.00 | 0.00 |" in text  # medians of 2
+    assert "| memenc fp32 | compute | 2.00 | 0.00 | 0.00 | 0.00 |" in text
+    # 6 s of process, 4 frames at 2 frames/s in the stages: 4 s outside them
+    assert "memenc fp32: outside the stages" in text and "4.00 (4.00–4.00) s of 6.00 s" in text

@@ -48,6 +48,10 @@ def test_encode_json_summary_and_inspect(tmp_path, clip):
         summary["status"] == "complete" and summary["frames"] == T and summary["objects"] == [3, 7]
     )
     assert summary["weights"] == "random" and summary["store"] == str(out)
+    # where the run's stages spent it: the CPU pipeline's four, in pipeline order
+    assert list(summary["stages"]) == ["decode", "compute", "assemble", "write"]
+    compute = summary["stages"]["compute"]
+    assert compute["busy"] > 0 and compute["busy"] <= compute["seconds"] <= summary["seconds"]
 
     r = invoke("inspect", out, "--json")
     assert r.exit_code == 0, r.stderr

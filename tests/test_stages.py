@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import media
 import numpy as np
@@ -20,6 +21,7 @@ from memenc.encoders import MemencModel, load_model
 from memenc.errors import StoreError
 from memenc.pipeline import engine
 from memenc.pipeline.engine import (
+    StageTimes,
     _ChunkBuffer,
     default_batch_size,
     host_row_peaks,
@@ -367,8 +369,13 @@ def test_cuda_results_path_stores_what_the_cpu_path_stores(tmp_path, clip, monke
     # the fake device is no torch device: masks stay on the host here (label maps go to a
     # real device in `read_to`, tested in test_masks_on_device.py) and are staged as frames
     monkeypatch.setattr(MaskSource, "read_to", lambda self, frames, device: self.read(frames))
-    got, store = _run(tmp_path / "cuda.zarr", clip, model=model, runs_on=CudaLike(), batch_size=2)
+    times = StageTimes()
+    got, store = _run(tmp_path / "cuda.zarr", clip, model=model, runs_on=CudaLike(), batch_size=2,
+                      times=times)  # fmt: skip
     assert store.pending_chunks() == []
+    stages = times.summary()  # the staging thread is a stage of its own; two writers
+    assert list(stages) == ["decode", "stage", "compute", "assemble", "write"]
+    assert stages["write"]["threads"] == 2
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
     synced = {i for what, i in fake_cuda if what == "sync"}
@@ -377,3 +384,59 @@ def test_cuda_results_path_stores_what_the_cpu_path_stores(tmp_path, clip, monke
     # every results event (5) is waited on by the assembler, and staging waits before it
     # reuses its 3 slots for batches 4 and 5 (2)
     assert len(synced) == 5 + 2
+
+
+class _SlowCompute:
+    """`model` as `run_chunks` sees it, with `image_features` taking `delay` s longer."""
+
+    def __init__(self, model, delay: float) -> None:
+        self.device, self.compiled, self.frame_batch = model.device, False, model.frame_batch
+        self._model, self._delay = model, delay
+        self.encode_memory = model.encode_memory
+
+    def image_features(self, frames):
+        time.sleep(self._delay)
+        return self._model.image_features(frames)
+
+
+def _check_sums(stages: dict) -> None:
+    for name, s in stages.items():  # busy and the waits make up each stage's time
+        parts = s["busy"] + s["waiting_for_input"] + s["waiting_for_output"]
+        assert parts + s["waiting_for_device"] == pytest.approx(s["seconds"], abs=0.01), name
+
+
+def test_stage_times_name_the_stage_that_bounds_the_run(tmp_path, clip, monkeypatch):
+    """`StageTimes` puts the time where it went: with compute slowed by 0.4 s a batch
+    (5 batches), compute is busy for at least 2 s while decode waits for room and the
+    writer for input; with each chunk's write slowed by 1.5 s (4 chunks), the writer is
+    busy for at least 6 s and the assembler waits for room."""
+    model = load_model(weights="random", image_size=S, device="cpu")
+    times = StageTimes()
+    _run(tmp_path / "a.zarr", clip, model=model, runs_on=_SlowCompute(model, 0.4),
+         batch_size=2, times=times)  # fmt: skip
+    st = times.summary()
+    assert list(st) == ["decode", "compute", "assemble", "write"]
+    assert all(s["threads"] == 1 for s in st.values())
+    _check_sums(st)
+    assert st["compute"]["busy"] >= 2.0
+    assert st["compute"]["waiting_for_input"] < 1.0
+    assert st["decode"]["waiting_for_output"] >= 1.0  # a bounded queue ahead of compute
+    assert st["write"]["waiting_for_input"] >= 2.0
+
+    real = CacheStore.write_chunk
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(1.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheStore, "write_chunk", slow_write)
+    times = StageTimes()
+    _, store = _run(tmp_path / "b.zarr", clip, model=model, batch_size=2, writers=1,
+                    queue_depth=1, times=times)  # fmt: skip
+    assert store.pending_chunks() == []
+    st = times.summary()
+    _check_sums(st)
+    assert st["write"]["busy"] >= 6.0
+    # T=10 rows in chunks of 3, one waiting for the writer at most: the assembler hands on
+    # the fourth once the writer has finished the first two (3 s), long after the compute
+    assert st["assemble"]["waiting_for_output"] >= 1.0

@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,9 @@ class EncodeResult:
     weights: str
     seconds: float
     frames_per_second: float
+    # where the work unit's stages spent their time (`StageTimes.summary`); empty when
+    # nothing was computed
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -475,23 +478,89 @@ class _Stop(Exception):
     """Raised in a stage when another stage failed."""
 
 
+class StageTimes:
+    """Where each stage of a work unit spent its wall time: its own work, or waiting, for
+    its input (the stage before it was slower), for room downstream (the stage after it
+    was slower: a full queue, or on CUDA no free pinned result buffer), or, on CUDA, for
+    the device (the assembler for a batch's results, the stage for a pinned slot's last
+    copy). The decode stage's input is its decoder processes; the writers' work is the
+    store's writes. On CUDA the compute stage only launches work: the device's own time
+    shows as the assembler's wait for it.
+
+    `run_chunks` fills one when given (`encode_video` does, for its JSON summary): read
+    the waits to find what bounds a run. Stages running in several threads (the writers)
+    are summed over their threads."""
+
+    KINDS = ("input", "output", "device")
+    ORDER = ("decode", "stage", "compute", "assemble", "write")  # the pipeline's
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stages: dict[str, dict[str, float]] = {}
+
+    def _account(self, stage: str) -> dict[str, float]:
+        with self._lock:
+            account = self._stages.get(stage)
+            if account is None:
+                account = self._stages[stage] = dict.fromkeys(("wall", "threads", *self.KINDS), 0.0)
+            account["threads"] += 1
+            return account
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per stage, in seconds: ``seconds`` (wall, summed over its threads), ``busy``
+        (the rest of it once the waits are taken out), ``waiting_for_input``,
+        ``waiting_for_output``, ``waiting_for_device``; and ``threads``."""
+        out = {}
+        rank = {name: i for i, name in enumerate(self.ORDER)}
+        with self._lock:
+            for name, a in sorted(self._stages.items(), key=lambda kv: rank.get(kv[0], 99)):
+                waits = sum(a[k] for k in self.KINDS)
+                out[name] = {
+                    "threads": int(a["threads"]),
+                    "seconds": round(a["wall"], 3),
+                    "busy": round(max(0.0, a["wall"] - waits), 3),
+                    **{f"waiting_for_{k}": round(a[k], 3) for k in self.KINDS},
+                }
+        return out
+
+
+_clock = threading.local()  # .account: the running stage's `StageTimes` entry, if any
+
+
+@contextlib.contextmanager
+def _waiting(kind: str) -> Any:
+    """Count the time spent in this block as the current stage's wait of `kind`."""
+    account = getattr(_clock, "account", None)
+    if account is None:
+        yield
+        return
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        account[kind] += time.perf_counter() - t
+
+
 def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
+    with _waiting("output"):  # for room in the next stage's queue
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
     raise _Stop
 
 
-def _get(q: queue.Queue, stop: threading.Event) -> Any:
-    while True:
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            if stop.is_set():
-                raise _Stop from None
+def _get(q: queue.Queue, stop: threading.Event, wait: str = "input") -> Any:
+    """The next item of `q` (`wait`: what the current stage counts the wait as)."""
+    with _waiting(wait):
+        while True:
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    raise _Stop from None
 
 
 _DONE = object()
@@ -504,13 +573,18 @@ class _Stages:
     recorded and sets `stop`, which ends the other stages; `join` re-raises the first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, times: StageTimes | None = None) -> None:
         self.stop = threading.Event()
         self._errors: list[BaseException] = []
         self._threads: list[threading.Thread] = []
+        self._times = times
 
-    def run(self, stage: Callable[[], None]) -> None:
-        """Run `stage` in this thread, handing its error to the coordinator."""
+    def run(self, stage: Callable[[], None], name: str = "compute") -> None:
+        """Run `stage` in this thread as the stage `name`, handing its error to the
+        coordinator."""
+        account = self._times._account(name) if self._times is not None else None
+        _clock.account = account
+        t = time.perf_counter()
         try:
             stage()
         except _Stop:
@@ -518,10 +592,17 @@ class _Stages:
         except BaseException as e:  # handed to the coordinator
             self._errors.append(e)
             self.stop.set()
+        finally:
+            _clock.account = None
+            if account is not None:
+                account["wall"] += time.perf_counter() - t
 
-    def start(self, stage: Callable[[], None], name: str) -> None:
-        """Run `stage` in a new (daemon) thread called `name`."""
-        thread = threading.Thread(target=self.run, args=(stage,), name=name, daemon=True)
+    def start(self, stage: Callable[[], None], name: str, thread: str | None = None) -> None:
+        """Run `stage` in a new (daemon) thread (`thread`, default memenc-`name`) as the
+        stage `name`."""
+        thread = threading.Thread(
+            target=self.run, args=(stage, name), name=thread or f"memenc-{name}", daemon=True
+        )
         self._threads.append(thread)
         thread.start()
 
@@ -640,7 +721,8 @@ class _Staging:
         i = self._next
         self._next = (i + 1) % len(self._buffers)
         if self._events[i] is not None:
-            self._events[i].synchronize()  # the last copy out of this slot has finished
+            with _waiting("device"):
+                self._events[i].synchronize()  # the last copy out of this slot has finished
         slot = self._buffers[i]
         out = []
         for j, t in enumerate(tensors):
@@ -702,7 +784,7 @@ class _Results:
             return _Computed(rows, timestamps, features, scores, pointers)
         peaks = row_peaks(features)
         stored = features.to(self.store_dtype)  # round to nearest even, as numpy's astype
-        slot = _get(self._free, self.stop)
+        slot = _get(self._free, self.stop, "output")  # the assembler frees them
         host = []
         for name, t in (("f", stored), ("s", scores), ("p", pointers), ("k", peaks)):
             buf = slot.get(name)
@@ -729,6 +811,7 @@ def run_chunks(
     spares: SpareSources | None = None,
     writers: int | None = None,
     decoded_all: Callable[[], None] | None = None,
+    times: StageTimes | None = None,
 ) -> int:
     """Compute and write `chunks` of an existing store (one work unit).
 
@@ -744,6 +827,7 @@ def run_chunks(
     has been read, while the last batches are still computed: the caller closes its video
     and mask sources there, so their decoder processes do not outlive their work (at 1024 a
     decoder process held 115 MB through the computing of a 6-frame clip).
+    `times`, when given, is filled with each stage's work and waits (`StageTimes`).
     `progress(n)` is called with the frames finished by each batch. `chunks` may be in any
     order and repeat a chunk; each is computed once, in order (within each decoder's
     group when K > 1). Returns the number of chunks written. Raises UsageError for a
@@ -785,7 +869,7 @@ def run_chunks(
     frame_of = layout.frame_index
     autocast = autocast_for(device, precision)
     store_dtype = np.dtype(layout.store_dtype)
-    stages = _Stages()
+    stages = _Stages(times)
     stop = stages.stop
     decoded: queue.Queue = queue.Queue(maxsize=queue_depth)
     computed: queue.Queue = queue.Queue(maxsize=queue_depth)
@@ -805,7 +889,13 @@ def run_chunks(
         with ParallelDecode(
             video, lambda r: int(frame_of[r]), groups, batch_size, cancel=stop, spares=spares
         ) as batches:
-            for batch_rows, batch in batches:
+            coming = iter(batches)
+            while True:
+                with _waiting("input"):  # on the decoder processes
+                    got = next(coming, None)
+                if got is None:
+                    break
+                batch_rows, batch = got
                 m = masks.read_to(batch.frame_index.tolist(), model.device)
                 _put(decoded, (batch_rows, batch, m), stop)
         if decoded_all is not None and not stop.is_set():
@@ -819,7 +909,8 @@ def run_chunks(
         buffers: dict[int, _ChunkBuffer] = {}  # chunks being filled, by chunk index
         while (item := _get(computed, stop)) is not _DONE:
             if item.event is not None:
-                item.event.synchronize()  # this batch's copies to the host have finished
+                with _waiting("device"):
+                    item.event.synchronize()  # this batch's copies to the host have finished
             features, scores, ptrs = (
                 t.numpy() for t in (item.features, item.scores, item.pointers)
             )
@@ -855,14 +946,14 @@ def run_chunks(
             _put(staged, (batch_rows, batch, frames, m), stop)
         _put(staged, _DONE, stop)
 
-    stages.start(decode, "memenc-decode")
+    stages.start(decode, "decode")
     staged = decoded
     if staging is not None:
         staged = queue.Queue(maxsize=1)
-        stages.start(stage, "memenc-stage")
-    stages.start(assemble, "memenc-assemble")
+        stages.start(stage, "stage")
+    stages.start(assemble, "assemble")
     for i in range(writers):
-        stages.start(write, f"memenc-write-{i}")
+        stages.start(write, "write", f"memenc-write-{i}")
 
     def compute() -> None:
         while (item := _get(staged, stop)) is not _DONE:
@@ -879,7 +970,7 @@ def run_chunks(
             _put(computed, results.hand_on(batch_rows, batch.timestamps, out), stop)
         _put(computed, _DONE, stop)
 
-    stages.run(compute)  # the coordinator's own stage, in this thread
+    stages.run(compute, "compute")  # the coordinator's own stage, in this thread
     stages.join()
     return written
 
@@ -1089,6 +1180,7 @@ def encode_video(
             if todo:  # said only when there is something to compute
                 _warn_if_slow_bf16(dev, precision)
             done = 0
+            times = StageTimes()
             t_run = time.monotonic()
 
             def on_batch(n: int) -> None:
@@ -1110,6 +1202,7 @@ def encode_video(
                     decoders=k_decoders,
                     spares=spares,
                     decoded_all=lambda: (source.close(), mask_source.close()),
+                    times=times,
                 )
                 store.finalize()
             except Exception:
@@ -1138,4 +1231,5 @@ def encode_video(
         weights=model.weights,
         seconds=round(seconds, 3),
         frames_per_second=round(todo / run_s, 3) if todo and run_s > 0 else 0.0,
+        stages=times.summary(),
     )
