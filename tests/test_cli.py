@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,12 @@ def test_encode_json_summary_and_inspect(tmp_path, clip):
     assert list(summary["stages"]) == ["decode", "compute", "assemble", "write"]
     compute = summary["stages"]["compute"]
     assert compute["busy"] > 0 and compute["busy"] <= compute["seconds"] <= summary["seconds"]
+
+    r = invoke("encode", video, "--weights", "random", "--image-size", "64", "-o",
+               tmp_path / "h.zarr")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    line = " ".join(r.stdout.split())  # the closing line names the stage that bounded it
+    assert re.search(r"frames/s, compute busy \d+% of the time;", line), line
 
     r = invoke("inspect", out, "--json")
     assert r.exit_code == 0, r.stderr

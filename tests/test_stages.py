@@ -23,6 +23,7 @@ from memenc.pipeline import engine
 from memenc.pipeline.engine import (
     StageTimes,
     _ChunkBuffer,
+    busiest_stage,
     default_batch_size,
     host_row_peaks,
     row_peaks,
@@ -440,3 +441,21 @@ def test_stage_times_name_the_stage_that_bounds_the_run(tmp_path, clip, monkeypa
     # T=10 rows in chunks of 3, one waiting for the writer at most: the assembler hands on
     # the fourth once the writer has finished the first two (3 s), long after the compute
     assert st["assemble"]["waiting_for_output"] >= 1.0
+
+
+def test_busiest_stage_counts_the_devices_time_and_writers_per_thread():
+    def stage(busy, threads=1, device=0.0, seconds=10.0):
+        return {"threads": threads, "seconds": seconds, "busy": busy, "waiting_for_input": 0.0,
+                "waiting_for_output": 0.0, "waiting_for_device": device}  # fmt: skip
+
+    cpu = {"decode": stage(2.0), "compute": stage(9.0), "assemble": stage(0.1),
+           "write": stage(1.0)}  # fmt: skip
+    assert busiest_stage(cpu) == ("compute", 0.9)
+    # CUDA: compute only launches; the assembler's wait for the device is the GPU's work
+    cuda = {**cpu, "compute": stage(1.0), "assemble": stage(0.2, device=6.0)}
+    assert busiest_stage(cuda) == ("device", 0.6)
+    # two writers busy 8 s together: 4 s each, less than decode's 5
+    both = {**cuda, "decode": stage(5.0), "write": stage(8.0, threads=2, seconds=20.0)}
+    assert busiest_stage(both) == ("device", 0.6)
+    assert busiest_stage({**both, "decode": stage(7.0)}) == ("decode", 0.7)
+    assert busiest_stage({}) is None

@@ -213,7 +213,7 @@ def encode(
     as_json: Json = False,
 ) -> None:
     """Encode a video's SAM 2 memories into a Zarr store (resumable)."""
-    from memenc.pipeline.engine import encode_video
+    from memenc.pipeline.engine import busiest_stage, encode_video
 
     show = progress_wanted(quiet, as_json)
     with _ProgressView(show) as view, _warnings_as_lines():
@@ -232,6 +232,9 @@ def encode(
             if result.already_complete
             else f"{result.chunks_written} chunks written, {result.frames_per_second:.2f} frames/s"
         )
+        busiest = busiest_stage(result.stages)
+        if busiest is not None:  # what bounded the run: --json's `stages` say more
+            what += f", {busiest[0]} busy {busiest[1]:.0%} of the time"
         out_console.print(
             f"{result.store}: {result.frames} frames × {len(result.objects)} objects "
             f"({result.status}; {what}; {result.variant}, {result.weights} weights, "

@@ -524,6 +524,20 @@ class StageTimes:
         return out
 
 
+def busiest_stage(stages: dict[str, dict[str, float]]) -> tuple[str, float] | None:
+    """The stage (or "device", the assembler's wait for it on CUDA) that worked longest in
+    a `StageTimes.summary`, with that time's share of the work unit's wall time (the
+    compute stage's, which spans it); None when nothing ran. Writers are summed over their
+    threads, so theirs is per thread."""
+    span = stages.get("compute", {}).get("seconds", 0.0)
+    if span <= 0:
+        return None
+    work = {name: s["busy"] / max(1, s["threads"]) for name, s in stages.items()}
+    work["device"] = stages.get("assemble", {}).get("waiting_for_device", 0.0)
+    name = max(work, key=lambda k: work[k])
+    return name, min(1.0, work[name] / span)
+
+
 _clock = threading.local()  # .account: the running stage's `StageTimes` entry, if any
 
 
