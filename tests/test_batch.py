@@ -950,3 +950,28 @@ def test_dask_cluster_without_workers_fails_instead_of_waiting(tmp_path, dataset
     finally:
         scheduler.kill()
         scheduler.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("memory://x.zarr", "lives only inside one process"),
+        ("zip://x.zarr", "does not keep stores in zip:// file systems"),
+        ("github://x.zarr", "does not keep stores in github:// file systems"),
+    ],
+)
+def test_urls_that_cannot_keep_a_store_are_usage_errors(tmp_path, dataset, url, says):
+    """memory:// would report a complete store that is gone when the command exits; zip://
+    and the like fail inside fsspec with errors that name neither URL nor reason."""
+    for cmd in (["encode", str(dataset / "c0.mp4"), "-o", url], ["batch", str(dataset / "c0.mp4"),
+                "--out", url]):  # fmt: skip
+        run = subprocess.run([sys.executable, "-m", "memenc", *cmd, "--weights", "random",
+                              "--image-size", "64"], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=300)  # fmt: skip
+        assert run.returncode == 2, run.stderr
+        assert url in run.stderr and says in run.stderr and "Traceback" not in run.stderr
+    if not url.startswith("memory"):  # reading one: the same one line
+        run = subprocess.run([sys.executable, "-m", "memenc", "inspect", url],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+        assert run.returncode == 2 and says in run.stderr, run.stderr
+    assert not any(tmp_path.iterdir())

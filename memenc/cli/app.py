@@ -214,7 +214,10 @@ def encode(
 ) -> None:
     """Encode a video's SAM 2 memories into a Zarr store (resumable)."""
     from memenc.pipeline.engine import busiest_stage, encode_video
+    from memenc.store.urls import check_kept_url, is_url
 
+    if out is not None and is_url(out):  # the library may write memory://, not a command
+        check_kept_url(out)
     show = progress_wanted(quiet, as_json)
     with _ProgressView(show) as view, _warnings_as_lines():
         result = encode_video(

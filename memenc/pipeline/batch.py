@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from memenc.errors import MemencError, MemencWarning, StoreError, StoreLockedError, UsageError
-from memenc.store.urls import check_url
+from memenc.store.urls import check_kept_url
 from memenc.store.urls import is_url as _is_url
 
 __all__ = [
@@ -1221,10 +1221,11 @@ def _check_settings(settings: BatchSettings, frames: str | None, objects: str | 
 
 
 def _check_out(out: str) -> None:
-    """A URL's fsspec backend must be installed (a usage error naming the extra); a local
+    """A URL's fsspec backend must be installed (a usage error naming the extra) and keep
+    what is written (not memory://, `check_kept_url`); a local
     --out must be a folder, or not exist yet under one, that this process can write in."""
     if _is_url(out):
-        check_url(out)
+        check_kept_url(out)  # workers in other processes: memory:// would not reach them
         return
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out}: exists and is not a folder")

@@ -11,7 +11,14 @@ from collections.abc import Iterator
 
 from memenc.errors import MemencError, StoreError, UsageError
 
-__all__ = ["check_url", "is_url", "storage_error", "storage_errors", "storage_failure"]
+__all__ = [
+    "check_kept_url",
+    "check_url",
+    "is_url",
+    "storage_error",
+    "storage_errors",
+    "storage_failure",
+]
 
 # protocol -> (the package fsspec needs, the memenc extra that installs it, if any)
 _BACKENDS = {
@@ -22,6 +29,16 @@ _BACKENDS = {
     "az": ("adlfs", None),
     "abfs": ("adlfs", None),
 }
+
+
+# fsspec protocols that are no place for a store: archives and other file systems layered
+# over one given apart from the URL, read-only views of a repository, and file systems of
+# file systems. fsspec opens them with arguments a store path does not carry, and fails
+# with errors that name neither the URL nor the reason.
+_NOT_STORES = {
+    "zip", "tar", "libarchive", "github", "git", "reference", "dask", "dir", "cached",
+    "simplecache", "filecache", "blockcache", "jlab", "jupyter",
+}  # fmt: skip
 
 
 def is_url(text: str) -> bool:
@@ -35,6 +52,11 @@ def check_url(url: str) -> None:
     import fsspec
 
     protocol = url.split("://", 1)[0].lower()
+    if protocol in _NOT_STORES:
+        raise UsageError(
+            f"{url}: memenc does not keep stores in {protocol}:// file systems; give a local "
+            "folder or an object store URL (s3://, gs://, az://)"
+        )
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError:
@@ -50,6 +72,18 @@ def check_url(url: str) -> None:
         ) from None
     except ValueError:
         raise UsageError(f"{url}: unknown URL protocol {protocol!r}") from None
+
+
+def check_kept_url(url: str) -> None:
+    """`check_url`, and raise UsageError for a ``memory://`` URL: that store lives inside
+    one process, so what a command (or a batch's worker processes) writes there is gone
+    when it exits."""
+    if url.split("://", 1)[0].lower() == "memory":
+        raise UsageError(
+            f"{url}: a memory:// store lives only inside one process and would be lost when "
+            "this command exits; give a folder or an object store URL"
+        )
+    check_url(url)
 
 
 # the packages whose exceptions mean "the storage service or its credentials failed":
