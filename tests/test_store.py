@@ -463,6 +463,59 @@ def test_an_overwrite_keeps_the_old_store_aside_until_the_new_one_is_complete(
     assert open_cache(path).attrs["fingerprint"] == fingerprint(other)
 
 
+def test_an_overwrite_that_cannot_set_the_old_store_aside_leaves_it_as_it_was(
+    written_store, monkeypatch
+) -> None:
+    """A move that fails mid-way (another file system, a full disk) is undone: before, the
+    moved part stayed in the aside folder, which the next overwrite took for the whole old
+    store and so deleted the rest. A move cut short by a kill is undone by the next one."""
+    path, _ = written_store()  # complete
+    before = snapshot(path)
+    aside = path.parent / f".{path.name}.memenc-replaced"
+    moving = path.parent / f".{path.name}.memenc-replacing"
+    other = {**SETTINGS, "model": {"variant": "tiny", "seed": 1}}
+    real_replace = os.replace
+    calls = []
+
+    def failing(src, dst):
+        calls.append(src)
+        if len(calls) == 3:  # two of the store's entries moved, then the third fails
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(StoreError, match=r"cannot set the old store aside \(Invalid cross-device "
+                       r"link\); the store is as it was"):  # fmt: skip
+        CacheStore.prepare(path, make_layout(settings=other), overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert snapshot(path) == before and not aside.exists() and not moving.exists()
+
+    # killed after two entries moved: the next overwrite moves them back first, then sets
+    # the whole store aside
+    moving.mkdir()
+    for child in sorted(p for p in path.iterdir() if p.name != LOCK_FILE)[:2]:
+        os.replace(child, moving / child.name)
+    new = CacheStore.prepare(path, make_layout(settings=other), overwrite=True)
+    assert not moving.exists()
+    assert snapshot(aside) == {k: v for k, v in before.items() if k != LOCK_FILE}
+    assert new.bring_back_replaced() is True and snapshot(path) == before
+
+
+def test_an_overwrite_of_the_current_folder_keeps_the_old_store_beside_it(
+    written_store, monkeypatch
+) -> None:
+    """`-o .` from inside the store: the aside folder is named from the real path, so it
+    lies beside the store, not inside it (where the move would take it into itself)."""
+    path, _ = written_store()
+    before = snapshot(path)
+    monkeypatch.chdir(path)
+    other = {**SETTINGS, "model": {"variant": "tiny", "seed": 1}}
+    new = CacheStore.prepare(".", make_layout(settings=other), overwrite=True)
+    aside = path.parent / f".{path.name}.memenc-replaced"
+    assert snapshot(aside) == {k: v for k, v in before.items() if k != LOCK_FILE}
+    assert new.bring_back_replaced() is True and snapshot(path) == before
+
+
 def test_a_setting_that_differs_is_named_once(written_store) -> None:
     path, _ = written_store(chunks=[0], finalize=False)
     other = {**SETTINGS, "chunk_frames": F + 1}  # a layout key that is fingerprinted too

@@ -123,29 +123,62 @@ class Location:
 
     @property
     def aside(self) -> Path | None:
-        """Where `set_aside` keeps a local store's old contents: a hidden folder beside it."""
+        """Where `set_aside` keeps a local store's old contents: a hidden folder beside the
+        store's real directory (a path such as ``.`` or a link resolved first, so the folder
+        is never inside the store and sits on the store's own file system)."""
         if self.local is None:
             return None
-        return self.local.parent / f".{self.local.name}.memenc-replaced"
+        real = Path(os.path.realpath(self.local))
+        return real.parent / f".{real.name}.memenc-replaced"
+
+    def _moving_aside(self, aside: Path) -> Path:
+        """The folder `set_aside` fills before it becomes `aside`: a partial copy of a store
+        is never taken for a whole one."""
+        return aside.with_name(aside.name.replace(".memenc-replaced", ".memenc-replacing"))
 
     def set_aside(self) -> None:
         """Empty the store directory for a new store (all but the lock file), keeping its
         contents beside it (`aside`) until `drop_aside` or `bring_back`. When that folder
         is there already (an earlier replacement never finished), it holds the store that
-        was replaced, so the directory is just cleared. Object stores are cleared."""
+        was replaced, so the directory is just cleared. Object stores are cleared.
+
+        The contents move into a second folder first, renamed to `aside` once all are in:
+        a move that fails is undone (the store stays as it was), and one cut short by a
+        kill is undone by the next call, before anything else."""
         aside = self.aside
-        if self.local is None or aside is None or aside.exists():
+        if self.local is None or aside is None:
+            self.clear()
+            return
+        moving = self._moving_aside(aside)
+        self._move_back(moving)  # an earlier call was killed mid-way
+        if aside.exists():
             self.clear()
             return
         try:
-            aside.mkdir()
+            moving.mkdir()
             for child in list(self.local.iterdir()):
                 if child.name != LOCK_FILE:
-                    os.replace(child, aside / child.name)
+                    os.replace(child, moving / child.name)
+            os.replace(moving, aside)
         except OSError as exc:
+            undone = self._move_back(moving)
+            kept = "the store is as it was" if undone else f"part of it is in {moving}"
             raise StoreError(
-                f"{self}: cannot set the old store aside: {describe_os_error(exc)}"
+                f"{self}: cannot set the old store aside ({describe_os_error(exc)}); {kept}"
             ) from exc
+
+    def _move_back(self, moving: Path) -> bool:
+        """Move what a `set_aside` cut short left in `moving` back into the store directory;
+        True when nothing is left there."""
+        if self.local is None or not moving.is_dir():
+            return True
+        try:
+            for child in list(moving.iterdir()):
+                os.replace(child, self.local / child.name)
+            moving.rmdir()
+        except OSError:
+            return False
+        return True
 
     def bring_back(self) -> bool:
         """Put back what `set_aside` kept, replacing the directory's contents (all but the
