@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import time
@@ -548,6 +549,46 @@ def test_sav_json_structure_errors(tmp_path, labels):
     doc["masklet"] = doc["masklet"] * 2
     with pytest.raises(MaskError, match=r"c_manual\.json: 6 annotations do not fit"):
         open_masks(write_json(tmp_path / "c_manual.json", doc), **{**VIDEO, "video_frame_count": 9})
+
+
+def test_sav_json_sizes_too_large_or_not_positive_name_their_object(tmp_path, labels):
+    """A few hundred bytes of RLE can declare masks of 60000x80000 (the video's aspect
+    ratio): refused as PNGs of that size are, before any plane is made. A bad size on
+    the first object is named there, not as a mismatch blamed on the next one."""
+    h, w = 60000, 80000
+    doc = sav_json(labels)
+    for annotation in doc["masklet"]:
+        for rle in annotation:
+            rle["size"], rle["counts"] = [h, w], [h * w]
+    path = write_json(tmp_path / "bomb_manual.json", doc)
+    with pytest.raises(MaskError, match=r"bomb_manual\.json: annotation 0, object 3: RLE 'size' "
+                       r"80000x60000 is too large to read safely"):  # fmt: skip
+        open_masks(path, **VIDEO)
+    for bad in ([0, 0], [-6, -8]):
+        doc = sav_json(labels)
+        doc["masklet"][0][0]["size"] = bad
+        path = write_json(tmp_path / "bad_manual.json", doc)
+        with pytest.raises(MaskError, match=r"annotation 0, object 3: RLE 'size' .* must be posi"):
+            open_masks(path, **VIDEO)
+    doc = sav_json(labels)
+    first = doc["masklet"][0][0]["size"]
+    doc["masklet"][1][1]["size"] = [2 * first[0], 2 * first[1]]
+    path = write_json(tmp_path / "two_manual.json", doc)
+    with pytest.raises(MaskError, match=rf"annotation 1, object 7: size {2 * first[1]}x"
+                       rf"{2 * first[0]} differs from annotation 0, object 3's"):  # fmt: skip
+        open_masks(path, **VIDEO)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_mask_path_that_is_no_regular_file_is_named_not_read(tmp_path):
+    """A FIFO with no writer blocked the format sniffing forever; a device never ends."""
+    fifo = tmp_path / "m.npy"
+    os.mkfifo(fifo)
+    link = tmp_path / "z.json"
+    link.symlink_to("/dev/zero")
+    for path in (fifo, link):
+        with pytest.raises(MaskError, match=rf"{path.name}: not a regular file"):
+            open_masks(path, **VIDEO)
 
 
 def _sav_doc(annotations: int, frames: int | None = None) -> dict:

@@ -91,6 +91,10 @@ _NPZ_ARRAY_NAMES = ("masks", "labels", "logits")
 SAV_STEP = 4
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+# The largest mask an SA-V JSON may declare: the size at which Pillow refuses a PNG as a
+# decompression bomb (twice its default MAX_IMAGE_PIXELS), so both formats stop alike. A
+# few hundred bytes of RLE can declare 60000x80000, ~9 GiB as the planes of two objects.
+MAX_MASK_PIXELS = 2 * 89_478_485
 
 
 # --------------------------------------------------------------------------- finding
@@ -225,6 +229,8 @@ def _detect_kind(path: Path) -> str:
         return "png"
     if not path.exists():
         raise MaskError(f"{path}: no such file or folder")
+    if not path.is_file():  # a FIFO would block the read below; a device never ends
+        raise MaskError(f"{path}: not a regular file")
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         return suffix[1:]
@@ -1253,12 +1259,20 @@ class SavJsonMasks(MaskSource):
                         "two integers [h, w]"
                     )
                 hw = (int(rle_size[0]), int(rle_size[1]))
+                where = f"{file}: annotation {k}, object {ids[o]}"
+                if min(hw) < 1:
+                    raise MaskError(f"{where}: RLE 'size' {rle_size} must be positive")
+                if hw[0] * hw[1] > MAX_MASK_PIXELS:  # each frame becomes planes of that size
+                    raise MaskError(
+                        f"{where}: RLE 'size' {hw[1]}x{hw[0]} is too large to read safely "
+                        f"(over {MAX_MASK_PIXELS:,} pixels)"
+                    )
                 if size is None:
-                    size = hw
+                    size, first = hw, f"annotation {k}, object {ids[o]}"
                 elif hw != size:
                     raise MaskError(
-                        f"{file}: annotation {k}, object {ids[o]}: size {hw[1]}x{hw[0]} "
-                        f"differs from annotation 0 ({size[1]}x{size[0]})"
+                        f"{where}: size {hw[1]}x{hw[0]} differs from {first}'s "
+                        f"({size[1]}x{size[0]})"
                     )
         assert size is not None
         self.height, self.width = size
