@@ -282,6 +282,20 @@ def test_parse_shard_and_slurm_environment():
         parse_shard("auto", {**env, "SLURM_ARRAY_TASK_ID": "x"})
     with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_MIN='' is not a number"):
         parse_shard("auto", {**env, "SLURM_ARRAY_TASK_MIN": ""})
+    # --array=0-10:2: tasks 0, 2, ... 10 are shards 0..5 of 6 (before, task 6 was "shard 6
+    # of 6" and failed, and shards 1, 3, 5 never ran)
+    stepped = {"SLURM_ARRAY_TASK_COUNT": "6", "SLURM_ARRAY_TASK_MIN": "0",
+               "SLURM_ARRAY_TASK_STEP": "2"}  # fmt: skip
+    got = [parse_shard("auto", {**stepped, "SLURM_ARRAY_TASK_ID": str(t)}) for t in range(0, 11, 2)]
+    assert got == [(i, 6) for i in range(6)]
+    # --array=1,3,7 (no even step): the environment cannot place task 7; say what to do
+    listed = {
+        "SLURM_ARRAY_TASK_ID": "7",
+        "SLURM_ARRAY_TASK_COUNT": "3",
+        "SLURM_ARRAY_TASK_MIN": "1",
+    }
+    with pytest.raises(UsageError, match=r"task 7 is not one of .* pass --shard I/N"):
+        parse_shard("auto", listed)
 
 
 def test_manifest_output_outside_the_folder_fails_only_that_input(tmp_path, dataset, references):

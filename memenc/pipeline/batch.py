@@ -506,15 +506,18 @@ def masks_for(inp: BatchInput, template: str | None) -> str:
 
 
 def parse_shard(spec: str | None, environ: dict[str, str] | None = None) -> tuple[int, int] | None:
-    """``I/N`` -> (I, N); ``auto`` reads SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT and
-    SLURM_ARRAY_TASK_MIN (an array 1-10 is shards 0..9 of 10). Raises UsageError."""
+    """``I/N`` -> (I, N); ``auto`` reads SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT,
+    SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_STEP (an array 1-10 is shards 0..9 of 10;
+    0-10:2 is shards 0..5 of 6). Raises UsageError; for an array given as a list of
+    indices (1,3,7), which the environment does not place, it says to pass I/N."""
     if spec is None:
         return None
     env = os.environ if environ is None else environ
     if spec == "auto":
         got = {}
-        for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
-            text = env.get(name, "0" if name == "SLURM_ARRAY_TASK_MIN" else None)
+        defaults = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1"}
+        for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", *defaults):
+            text = env.get(name, defaults.get(name))
             if text is None:
                 raise UsageError(f"--shard auto: {name} is not set (not a Slurm array?)")
             try:
@@ -522,7 +525,15 @@ def parse_shard(spec: str | None, environ: dict[str, str] | None = None) -> tupl
             except ValueError:
                 raise UsageError(f"--shard auto: {name}={text!r} is not a number") from None
         count = got["SLURM_ARRAY_TASK_COUNT"]
-        index = got["SLURM_ARRAY_TASK_ID"] - got["SLURM_ARRAY_TASK_MIN"]
+        offset = got["SLURM_ARRAY_TASK_ID"] - got["SLURM_ARRAY_TASK_MIN"]
+        step = max(1, got["SLURM_ARRAY_TASK_STEP"])
+        index = offset // step
+        if offset % step or not 0 <= index < count:
+            raise UsageError(
+                f"--shard auto: task {got['SLURM_ARRAY_TASK_ID']} is not one of an array of "
+                f"{count} tasks from {got['SLURM_ARRAY_TASK_MIN']} in steps of {step}; for an "
+                "array given as a list of indices, pass --shard I/N"
+            )
     else:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
         if not m:
