@@ -316,6 +316,20 @@ def test_damaged_array_metadata_is_named_not_a_crash(written_store, damage, arra
     assert f"array '{array}' has unreadable metadata" in shown.stdout
 
 
+def test_an_array_replaced_by_a_group_is_named_not_a_crash(written_store) -> None:
+    """obj_ptr's zarr.json saying "group": before, AttributeError ('Group' object has no
+    attribute 'chunks') from the reader, and 'internal error' from the CLI."""
+    from memenc import open_cache
+
+    path = written_store(chunks=[0])  # in progress: no consolidated copy of the metadata
+    (path / "obj_ptr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    message = r"malformed store: 'obj_ptr' is a group, not an array"
+    for read in (open_cache, CacheStore.open_for_write):
+        with pytest.raises(StoreError, match=message):
+            read(path)
+    assert any("'obj_ptr' is a group" in p for p in describe_store(path)["problems"])
+
+
 @pytest.mark.parametrize("text", ["null", "[1]", '"x"', "3"])
 def test_group_metadata_that_is_not_an_object_is_named_damaged(written_store, text) -> None:
     path = written_store()

@@ -417,6 +417,8 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
     for name, spec in SPECS.items():
         try:
             arrays[name] = group[name]
+            if not isinstance(arrays[name], zarr.Array):
+                raise StoreError(f"{loc}: malformed store: '{name}' is a group, not an array")
         except KeyError:
             if not (spec.optional or spec.since > version):
                 raise StoreError(f"{loc}: malformed store: array '{name}' is missing") from None
