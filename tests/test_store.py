@@ -1033,12 +1033,29 @@ def test_flipped_bit_is_detected_on_read(written_store) -> None:
     flip_bit(chunk_file(path, "maskmem_features", 1, 0, 0, 0, 0), 0x10)
 
     cache = open_cache(path)
-    with pytest.raises(StoreError, match="maskmem_features chunk 1 object 3 is damaged"):
+    with pytest.raises(StoreError, match=r"maskmem_features chunk 1 object 3 is damaged .*; "
+                       r"recompute the store \(the same encode with --overwrite\)"):  # fmt: skip
         cache.features(4, 3)
     np.testing.assert_array_equal(  # the other object and the other chunks are fine
         cache.features(4, 7).numpy(), expected_features("float32")[4, 1]
     )
     np.testing.assert_array_equal(cache.features(0, 3).numpy(), expected_features("float32")[0, 0])
+
+
+def test_a_damaged_marker_counts_as_unset_so_a_rerun_redoes_its_chunk(written_store) -> None:
+    """A bit flipped in chunk_done/c.1 made every rerun fail ("chunk_done is damaged")
+    with no way out but --overwrite; the marker only says "done", so the chunk is redone."""
+    path, _ = written_store()  # complete
+    before = snapshot(path)
+    flip_bit(chunk_file(path, "chunk_done", 1), 0x10)
+    with pytest.raises(StoreError, match=r"chunk_done is damaged .*; running the same encode "
+                       r"again redoes that chunk"):  # fmt: skip
+        open_cache(path).features(4, 3)
+    again = CacheStore.prepare(path, make_layout())
+    assert again.pending_chunks() == [1]
+    write(again)
+    again.finalize()
+    assert snapshot(path) == before
 
 
 def test_a_chunk_file_deleted_under_its_marker_is_an_error_on_read(written_store) -> None:

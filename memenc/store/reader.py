@@ -251,8 +251,13 @@ class MemoryCache:
                 raise StoreError(f"{self.path}: cannot read {what}: {why}") from exc
             except (ValueError, RuntimeError) as exc:
                 # Crc32c mismatch ("checksum do not match") or a codec failing on damaged bytes.
+                fix = (
+                    "running the same encode again redoes that chunk"
+                    if what == "chunk_done"
+                    else "recompute the store (the same encode with --overwrite)"
+                )
                 raise StoreError(
-                    f"{self.path}: {what} is damaged (checksum or decode error: {exc})"
+                    f"{self.path}: {what} is damaged (checksum or decode error: {exc}); {fix}"
                 ) from exc
 
     def _feature_chunk(self, chunk: int, obj: int) -> np.ndarray:
