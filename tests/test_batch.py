@@ -150,6 +150,19 @@ def test_inputs_globs_frame_folders_manifests_and_names(tmp_path):
     bad.write_text("path\nx.mp4\n")
     with pytest.raises(UsageError, match="no 'video' column"):
         expand_inputs([bad])
+    # a misspelt column or field is refused: before, it was ignored and every frame and
+    # object encoded
+    typo = tmp_path / "typo.csv"
+    typo.write_text("video,frame\na/clip.mp4,0:1\n")
+    with pytest.raises(UsageError, match=r"typo\.csv:1: unknown column 'frame'; did you mean "
+                       r"'frames'\? a manifest has 'video', 'masks'"):  # fmt: skip
+        expand_inputs([typo])
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text(json.dumps({"video": "a/clip.mp4"}) + "\n"
+                    + json.dumps({"video": "a/clip.mp4", "objcts": "3"}) + "\n")  # fmt: skip
+    with pytest.raises(UsageError, match=r"typo\.jsonl:2: unknown field 'objcts'; did you mean "
+                       r"'objects'"):  # fmt: skip
+        expand_inputs([typo])
 
 
 def test_inputs_with_no_videos_are_named(tmp_path):

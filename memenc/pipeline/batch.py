@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import difflib
 import fnmatch
 import glob
 import io
@@ -282,6 +283,19 @@ def _expand_folder(folder: Path) -> list[Path]:
     return found
 
 
+def _no_unknown_fields(where: str, names: Sequence[str], kind: str) -> None:
+    """UsageError for a manifest column or field memenc does not know: a misspelt one
+    ("frame", "objcts") would otherwise be ignored, and the row encoded whole."""
+    unknown = [n for n in names if n not in MANIFEST_COLUMNS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), MANIFEST_COLUMNS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UsageError(
+            f"{where}: unknown {kind} '{unknown[0]}'; {hint}a manifest has "
+            + ", ".join(f"'{c}'" for c in MANIFEST_COLUMNS)
+        )
+
+
 def _read_manifest(path: Path) -> list[dict[str, str | None]]:
     """Rows of a CSV (header row) or JSON Lines manifest; relative paths are taken from the
     manifest's folder. Raises UsageError naming the file and line."""
@@ -301,6 +315,7 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
         try:
             if not reader.fieldnames or "video" not in reader.fieldnames:
                 raise UsageError(f"{path}: manifest has no 'video' column")
+            _no_unknown_fields(f"{path}:1", reader.fieldnames, "column")
             for r in reader:
                 if r.get(None):  # more fields than the header names: a comma not quoted?
                     raise UsageError(
@@ -321,6 +336,7 @@ def _read_manifest(path: Path) -> list[dict[str, str | None]]:
                 raise UsageError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or "video" not in row:
                 raise UsageError(f"{path}:{n}: a manifest line needs a 'video' field")
+            _no_unknown_fields(f"{path}:{n}", list(row), "field")
             for key in MANIFEST_COLUMNS:  # strings; objects also an id or a list of ids
                 value = row.get(key)
                 ids = key == "objects"
