@@ -330,6 +330,52 @@ def test_an_array_replaced_by_a_group_is_named_not_a_crash(written_store) -> Non
     assert any("'obj_ptr' is a group" in p for p in describe_store(path)["problems"])
 
 
+def _edit_record(path, edit) -> None:
+    """Hand-edit the group's `memenc` attribute in its zarr.json (as a user might)."""
+    meta = json.loads((path / "zarr.json").read_text())
+    edit(meta["attributes"]["memenc"])
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(model="x"),
+        lambda m: m.update(source_video=[1]),
+        lambda m: m.update(frame_selection=5),
+        lambda m: m.update(masks=7),
+    ],
+)
+def test_inspect_shows_a_record_field_of_another_type_as_unknown(written_store, edit) -> None:
+    """Before: 'internal error: AttributeError: 'str' object has no attribute 'get''."""
+    path = written_store()
+    _edit_record(path, edit)
+    shown = subprocess.run([sys.executable, "-m", "memenc", "inspect", str(path)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+    assert "status        complete" in shown.stdout
+
+
+def test_a_nan_in_the_record_is_named(written_store) -> None:
+    """JSON has no NaN, but Zarr reads one from zarr.json. Before: inspect failed with
+    'internal error: ValueError: Out of range float values', the reader with a message
+    naming no attribute."""
+    from memenc import open_cache
+
+    path = written_store()
+    _edit_record(path, lambda m: m["source_video"].update(fps=float("nan")))
+    message = r"malformed store: attribute source_video\.fps is nan"
+    with pytest.raises(StoreError, match=message):
+        open_cache(path)
+    info = describe_store(path)
+    assert info["attrs"]["source_video"]["fps"] is None
+    assert [p for p in info["problems"] if "source_video.fps" in p]
+    json.dumps(info, allow_nan=False)  # what `inspect --json` prints is JSON
+    shown = subprocess.run([sys.executable, "-m", "memenc", "inspect", str(path), "--json"],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+
+
 @pytest.mark.parametrize("text", ["null", "[1]", '"x"', "3"])
 def test_group_metadata_that_is_not_an_object_is_named_damaged(written_store, text) -> None:
     path = written_store()

@@ -33,7 +33,7 @@ from memenc.store.schema import (
     chunk_ranges,
     layout_from_group,
 )
-from memenc.store.settings import json_safe
+from memenc.store.settings import json_safe, without_non_finite
 from memenc.store.urls import storage_errors
 
 __all__ = ["describe_store", "human_bytes", "summary_lines"]
@@ -82,9 +82,10 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     loc = Location(path)
     group, attrs = open_existing(loc, "r", any_schema=True)
-    attrs = json_safe(attrs)
-
     problems: list[str] = []
+    # NaN in a hand-edited record reads as None here; the layout check below names it
+    attrs = json_safe(without_non_finite(attrs)[0])
+
     status = attrs.get("status")
     if attrs.get("schema") not in READABLE_SCHEMAS:  # older readable ones: no obj_ptr
         problems.append(f"schema {attrs.get('schema')!r} is not {SCHEMA!r}")
@@ -130,15 +131,20 @@ def _describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def _fields(value: Any) -> dict[str, Any]:
+    """A record attribute as a dict: one of another type (hand-edited) reads as empty."""
+    return value if isinstance(value, dict) else {}
+
+
 def summary_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     """The human summary `memenc inspect` prints: (label, text) rows for the video, the
     model, the masks, objects, frames, storage dtype, pointers, status, chunks and size, from a
     `describe_store` result. Fields the store does not record read "-"."""
-    attrs = info.get("attrs") or {}
-    video = attrs.get("source_video") or {}
-    model = attrs.get("model") or {}
-    masks = attrs.get("masks") or {}
-    selection = attrs.get("frame_selection") or {}
+    attrs = _fields(info.get("attrs"))
+    video = _fields(attrs.get("source_video"))
+    model = _fields(attrs.get("model"))
+    masks = _fields(attrs.get("masks"))
+    selection = _fields(attrs.get("frame_selection"))
 
     def size(v: dict) -> str:
         return f"{v['width']}×{v['height']}" if v.get("width") and v.get("height") else ""
@@ -178,7 +184,7 @@ def summary_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     if n:
         frames_text += f" (source frames {info['frame_first']}…{info['frame_last']}"
         spec = selection.get("spec")
-        frames_text += f", selection {spec})" if spec and spec.strip(":") else ")"
+        frames_text += f", selection {spec})" if isinstance(spec, str) and spec.strip(":") else ")"
     done, total = info.get("chunks_done"), info.get("chunks_total")
     chunks_text = "-" if total is None else f"{done}/{total}"
     if info.get("chunks_pending"):

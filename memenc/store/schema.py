@@ -25,7 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from memenc.errors import StoreError
-from memenc.store.settings import json_safe
+from memenc.store.settings import json_safe, without_non_finite
 
 if TYPE_CHECKING:
     from memenc.store.location import Location
@@ -412,6 +412,10 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
             file (`_missing_coordinates`).
     """
     attrs = memenc_attrs(group) or {}
+    _, not_finite = without_non_finite(attrs)
+    if not_finite:  # Zarr reads NaN from zarr.json; the record is JSON, which has none
+        where, value = not_finite[0]
+        raise StoreError(f"{loc}: malformed store: attribute {where} is {value}")
     version = READABLE_SCHEMAS.get(attrs.get("schema"), READABLE_SCHEMAS[SCHEMA])
     arrays = {}
     for name, spec in SPECS.items():

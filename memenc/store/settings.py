@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -72,6 +73,28 @@ def _canonical_json(value: Any) -> str:
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default
     )
+
+
+def without_non_finite(value: Any, where: str = "") -> tuple[Any, list[tuple[str, float]]]:
+    """`value` with every NaN or infinite float (which JSON cannot hold, and Zarr's
+    metadata reader accepts) replaced by None, and where each was (``source_video.fps``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [(where or "value", value)]
+    found: list[tuple[str, float]] = []
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k], bad = without_non_finite(v, f"{where}.{k}" if where else str(k))
+            found += bad
+        return out, found
+    if isinstance(value, (list, tuple)):
+        items = []
+        for i, v in enumerate(value):
+            item, bad = without_non_finite(v, f"{where}[{i}]")
+            items.append(item)
+            found += bad
+        return items, found
+    return value, found
 
 
 def json_safe(value: Any) -> Any:
