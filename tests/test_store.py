@@ -1381,3 +1381,19 @@ def test_a_failed_chunk_file_is_raised_only_after_the_others_finish(
         ["maskmem_features", "object_score_logits", "obj_ptr", "timestamp"]
     )
     assert store.pending_chunks() == [1, 2, 3]
+
+
+def test_file_urls_name_the_local_path_rfc_8089_gives(tmp_path) -> None:
+    """file:///a%20b/s.zarr is the folder 'a b/s.zarr' and file://localhost/… the same
+    path; before, the prefix was cut off as text, so the first made a folder named
+    'a%20b' and the second one under ./localhost. Another host is refused."""
+    from memenc.errors import UsageError
+    from memenc.store.location import Location
+
+    folder = tmp_path / "a b"
+    quoted = str(folder).replace(" ", "%20")
+    assert Location(f"file://{quoted}/s.zarr").local == folder / "s.zarr"
+    assert Location(f"file://localhost{quoted}/s.zarr").local == folder / "s.zarr"
+    assert Location(str(folder / "s.zarr")).local == folder / "s.zarr"  # paths as they are
+    with pytest.raises(UsageError, match=r"file://elsewhere/s\.zarr: a file:// URL on host"):
+        Location("file://elsewhere/s.zarr")

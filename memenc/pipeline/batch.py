@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from memenc.errors import MemencError, MemencWarning, StoreError, StoreLockedError, UsageError
-from memenc.store.urls import check_kept_url
+from memenc.store.urls import check_kept_url, file_url_path
 from memenc.store.urls import is_url as _is_url
 
 __all__ = [
@@ -1329,7 +1329,7 @@ def run_batch(
     """
     t0 = time.monotonic()
     settings = settings or BatchSettings()
-    out = os.fspath(out)
+    out = file_url_path(os.fspath(out))  # file:///data/caches -> /data/caches
     _check_out(out)
     if unit_frames < 1:
         raise UsageError(f"--unit-frames {unit_frames}: must be at least 1")

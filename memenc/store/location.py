@@ -21,7 +21,7 @@ import zarr.storage
 
 from memenc.errors import StoreError
 from memenc.store.schema import ATTRS_KEY, LOCK_FILE, READABLE_SCHEMAS, SCHEMA, memenc_attrs
-from memenc.store.urls import check_url, is_url
+from memenc.store.urls import check_url, file_url_path, is_url
 
 __all__ = [
     "Location",
@@ -58,7 +58,7 @@ class Location:
             self.local: Path | None = None
             self.fs, self.fs_path = fsspec.core.url_to_fs(text)
         else:
-            self.local = Path(text.removeprefix("file://"))
+            self.local = Path(file_url_path(text))
 
     def __str__(self) -> str:
         return self.text

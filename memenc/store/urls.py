@@ -7,6 +7,7 @@ A path with ``://`` (other than ``file://``) stays a string until
 from __future__ import annotations
 
 import contextlib
+import urllib.parse
 from collections.abc import Iterator
 
 from memenc.errors import MemencError, StoreError, UsageError
@@ -14,6 +15,7 @@ from memenc.errors import MemencError, StoreError, UsageError
 __all__ = [
     "check_kept_url",
     "check_url",
+    "file_url_path",
     "is_url",
     "storage_error",
     "storage_errors",
@@ -39,6 +41,22 @@ _NOT_STORES = {
     "zip", "tar", "libarchive", "github", "git", "reference", "dask", "dir", "cached",
     "simplecache", "filecache", "blockcache", "jlab", "jupyter",
 }  # fmt: skip
+
+
+def file_url_path(text: str) -> str:
+    """The local path a ``file://`` URL names, as RFC 8089 reads it: the host empty or
+    ``localhost``, %-escapes decoded (``file:///data/my%20clip.zarr`` is
+    ``/data/my clip.zarr``); any other text unchanged. Raises UsageError for a file URL
+    naming another host, which is no local path."""
+    if not text.startswith("file://"):
+        return text
+    parts = urllib.parse.urlsplit(text)
+    if parts.netloc not in ("", "localhost"):
+        raise UsageError(
+            f"{text}: a file:// URL on host {parts.netloc!r}; give a local path "
+            "(file:///path, or the path itself)"
+        )
+    return urllib.parse.unquote(parts.path)
 
 
 def is_url(text: str) -> bool:
