@@ -1397,3 +1397,29 @@ def test_file_urls_name_the_local_path_rfc_8089_gives(tmp_path) -> None:
     assert Location(str(folder / "s.zarr")).local == folder / "s.zarr"  # paths as they are
     with pytest.raises(UsageError, match=r"file://elsewhere/s\.zarr: a file:// URL on host"):
         Location("file://elsewhere/s.zarr")
+
+
+def test_a_reader_open_across_an_overwrite_of_other_settings_refuses_to_read(
+    written_store,
+) -> None:
+    """Before, a reader kept the old frame index and read the new store's chunks under it,
+    silently. A store that only goes on (chunks, then complete) reads on; one redone with
+    the same settings holds the same data and reads on too."""
+    path, store = written_store(chunks=[0], finalize=False)
+    cache = open_cache(path)
+    cache.features(0, 3)
+    write(store, [1, 2, 3])
+    store.finalize()  # the group's zarr.json is rewritten: same store, same settings
+    np.testing.assert_array_equal(cache.features(4, 3).numpy(), expected_features("float16")[4, 0])
+    same = CacheStore.prepare(path, make_layout(), overwrite=True)
+    write(same)
+    same.finalize()
+    np.testing.assert_array_equal(cache.features(8, 7).numpy(), expected_features("float16")[8, 1])
+
+    other = {**SETTINGS, "model": {"variant": "tiny", "seed": 1}}
+    new = CacheStore.prepare(path, make_layout(settings=other), overwrite=True)
+    write(new)
+    new.finalize()
+    with pytest.raises(StoreError, match=r"the store was replaced since it was opened"):
+        cache.features(9, 3)
+    assert open_cache(path).attrs["fingerprint"] == fingerprint(other)  # opened again: fine

@@ -27,6 +27,7 @@ has no ``chunk_done`` marker yet raise `StoreError` instead of returning the fil
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 import threading
@@ -116,6 +117,11 @@ class MemoryCache:
         self._pointers = group["obj_ptr"] if self.has_pointers else None
         self._chunk_done_array = group["chunk_done"]
         self.path = str(loc)
+        # what was opened: a local store replaced since (another run's --overwrite) must
+        # not serve its chunks under this one's frame index (`_check_same_store`)
+        self._fingerprint = attrs.get("fingerprint")
+        self._group_file = None if loc.local is None else loc.local / "zarr.json"
+        self._group_seen = self._group_stat()
         self.attrs: dict[str, Any] = dict(group.attrs.asdict()[ATTRS_KEY])
         self.object_ids: list[int] = list(layout.object_ids)
         self.frame_index: np.ndarray = layout.frame_index
@@ -242,7 +248,39 @@ class MemoryCache:
                 )
         return chunk
 
+    def _group_stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._group_file) if self._group_file is not None else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _check_same_store(self) -> None:
+        """Raise StoreError when this local store was replaced since it was opened by one
+        of other settings (its group zarr.json changed and names another fingerprint). A
+        store that only went on (chunks, `complete`) or was redone with the same settings,
+        and so the same data, reads on. One stat per read of a chunk, marker or timestamps;
+        object stores are not checked."""
+        if self._group_file is None:
+            return
+        now = self._group_stat()
+        if now is not None and now == self._group_seen:
+            return
+        try:
+            meta = json.loads(self._group_file.read_bytes())
+            fingerprint = meta["attributes"][ATTRS_KEY]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            fingerprint = None  # gone or half-written: being replaced
+        if fingerprint != self._fingerprint:
+            raise StoreError(
+                f"{self.path}: the store was replaced since it was opened (another run's "
+                "--overwrite?): its chunks no longer belong to this reader's frames; open it "
+                "again"
+            )
+        self._group_seen = now
+
     def _read(self, what: str, read: Any) -> Any:
+        self._check_same_store()
         with storage_errors(self.path):  # a URL's service (botocore is not an OSError)
             try:
                 return read()
