@@ -551,6 +551,45 @@ def test_image_folder_of_mixed_sizes_is_refused_naming_the_frame(tmp_path, other
         probe_video(tmp_path)
 
 
+@pytest.mark.parametrize("twin", ["00001.png", "1.jpg"])
+def test_image_folder_with_two_files_of_one_number_names_both(tmp_path, twin):
+    """Before, both were frames (positions 1 and 2), so PNG mask 00002.png went with the
+    second frame 1 and the last frame had no mask: 'no mask for frame 3'."""
+    for k in range(3):
+        Image.fromarray(pattern(k, 48, 64)).save(tmp_path / f"{k:05d}.jpg")
+    Image.fromarray(pattern(9, 48, 64)).save(tmp_path / twin)
+    with pytest.raises(VideoDecodeError, match=r"(00001\.jpg and .*|.* and 00001\.jpg) are both "
+                       r"frame number 1; keep one"):  # fmt: skip
+        probe_video(tmp_path)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG (8-bit grey) whose header says `width` x `height` and whose pixel data is
+    almost empty: enough for Pillow to open it and read its size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+            + chunk(b"IEND", b""))  # fmt: skip
+
+
+@pytest.mark.parametrize("where", [0, 2])
+def test_image_folder_frame_too_large_to_read_names_the_file(tmp_path, where):
+    """A header promising 20000x20000 pixels: Pillow refuses it as a decompression bomb,
+    which the probe let through as 'probe failed (DecompressionBombError …)'."""
+    for k in range(3):
+        Image.fromarray(pattern(k, 48, 64)).save(tmp_path / f"{k:05d}.png")
+    (tmp_path / f"{where:05d}.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(VideoDecodeError, match=rf"frame {where} \({where:05d}\.png\): image too "
+                       r"large to read safely"):  # fmt: skip
+        probe_video(tmp_path)
+
+
 def test_bad_image_names_its_frame_and_the_source_goes_on(tmp_path):
     for k in range(4):
         Image.fromarray(pattern(k, 64, 64)).save(tmp_path / f"{k:05d}.jpg")

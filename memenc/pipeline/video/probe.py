@@ -91,16 +91,27 @@ def probe_images(folder: str) -> ProbeResult:
         raise DecodeFailure(f"cannot list folder ({short_error(e)})") from None
     if not files:
         raise DecodeFailure(f"no frames (no {'/'.join(IMAGE_SUFFIXES)} files in the folder)")
+    names = [os.path.basename(f) for f in files]
+    numbers = [_frame_number(n) for n in names]
+    for k in range(1, len(files)):  # sorted by number: equal numbers are neighbours
+        if numbers[k] is not None and numbers[k] == numbers[k - 1]:
+            raise DecodeFailure(
+                f"{names[k - 1]} and {names[k]} are both frame number {numbers[k]}; keep one"
+            )
     try:
         with Image.open(files[0]) as img:
             width, height = img.size
             codec = (img.format or "").lower()
+    except Image.DecompressionBombError:
+        raise DecodeFailure(f"frame 0 ({names[0]}): image too large to read safely") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DecodeFailure(f"frame 0 ({os.path.basename(files[0])}): {short_error(e)}") from None
+        raise DecodeFailure(f"frame 0 ({names[0]}): {short_error(e)}") from None
     for k, f in enumerate(files[1:], 1):  # masks are one size: so must the frames be
         try:
             with Image.open(f) as img:  # reads the header only
                 size = img.size
+        except Image.DecompressionBombError:
+            raise DecodeFailure(f"frame {k} ({names[k]}): image too large to read safely") from None
         except (OSError, ValueError, SyntaxError):
             continue  # named when (and if) the frame is read, as a damaged frame
         if size != (width, height):
