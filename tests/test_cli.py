@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -540,3 +541,44 @@ def test_store_records_absolute_paths_so_cwd_does_not_matter(tmp_path, clip, mon
     monkeypatch.chdir(tmp_path)  # same video by its absolute path, from elsewhere: a no-op
     again = json.loads(invoke(*[str(video) if a == video.name else a for a in args]).stdout)
     assert again["already_complete"]
+
+
+def _stuck_opening_a_fifo(pid: int) -> bool:
+    """Whether a thread of process `pid` waits in the kernel for a FIFO's writer."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            if (task / "wchan").read_text().strip() == "wait_for_partner":
+                return True
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/proc").is_dir(), reason="Linux")
+def test_sigterm_ends_a_command_stuck_in_a_read_that_never_returns(tmp_path, clip):
+    """A chunk file that blocks on open (a FIFO here; a stalled network mount alike):
+    before, SIGTERM printed 'memenc: terminated' and the process stayed, its exit waiting
+    for Zarr's reader thread. Now it exits 143 a few seconds after."""
+    video, _ = clip
+    out = tmp_path / "s.zarr"
+    r = invoke("encode", video, "--weights", "random", "--image-size", "64", "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    chunk = next((out / "maskmem_features").glob("c.0.*"))
+    chunk.unlink()
+    os.mkfifo(chunk)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memenc", "preview", str(out), "--frame", "0", "-o",
+         str(tmp_path / "p.png")], stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        t = time.monotonic()
+        while not _stuck_opening_a_fifo(proc.pid) and time.monotonic() - t < 120:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        if not _stuck_opening_a_fifo(proc.pid):
+            pytest.skip("this kernel does not show the FIFO wait in wchan")
+        proc.terminate()
+        assert proc.wait(timeout=30) == 143
+        assert proc.stderr.read().strip().splitlines()[-1] == "memenc: terminated"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

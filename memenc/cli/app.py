@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -76,11 +77,10 @@ class _ErrorMappingCommand(TyperCommand):
             _error_line(f"memenc: error: {e}")
             ctx.exit(e.exit_code)
         except KeyboardInterrupt as e:
-            if isinstance(e, _Terminated):
-                _error_line("memenc: terminated")
-                ctx.exit(143)
-            _error_line("memenc: interrupted")
-            ctx.exit(130)
+            code = 143 if isinstance(e, _Terminated) else 130
+            _error_line("memenc: terminated" if code == 143 else "memenc: interrupted")
+            _exit_if_stuck_at_exit(code)
+            ctx.exit(code)
         except BrokenPipeError:
             # the reader of our output went away (`memenc inspect s.zarr | head`): stop
             # quietly, as a tool killed by SIGPIPE would, and keep Python's exit flush from
@@ -125,6 +125,35 @@ class _Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated()
+
+
+STUCK_EXIT_S = 3.0  # how long the interpreter's exit may wait for threads after a signal
+_WATCH_S = 30.0  # how long the watch lasts (a command run in-process returns meanwhile)
+
+
+def _exit_if_stuck_at_exit(code: int) -> None:
+    """After Ctrl-C or SIGTERM: if the interpreter's exit then waits on a thread stuck in
+    a read that never returns (a chunk file on a stalled network mount, a FIFO), end the
+    process with `code` once it has waited `STUCK_EXIT_S`. A command called in-process
+    (tests) returns instead of exiting, and the watch ends after `_WATCH_S`."""
+
+    def watch() -> None:
+        t0 = time.monotonic()
+        stopped_at = None
+        while time.monotonic() - t0 < _WATCH_S:
+            # threading sets _SHUTTING_DOWN as the interpreter's exit starts joining
+            # threads (3.10-3.13; later ones stop the main thread first)
+            exiting = getattr(threading, "_SHUTTING_DOWN", False)
+            if exiting or not threading.main_thread().is_alive():
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at >= STUCK_EXIT_S:
+                    with contextlib.suppress(Exception):
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    os._exit(code)
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, name="memenc-exit-watch", daemon=True).start()
 
 
 def _cuda_default_batch() -> str:
