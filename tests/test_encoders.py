@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 import zipfile
 from pathlib import Path
@@ -462,6 +463,28 @@ def test_pickle_of_something_else_is_not_a_checkpoint(tmp_path):
         z.writestr("a.txt", "x")
     with pytest.raises(CheckpointError, match=r"zip\.pt"):
         load_model(tmp_path / "zip.pt")
+
+
+def test_a_plain_pickle_is_named_without_torchs_warnings(tmp_path):
+    """A pickle of objects that are not tensors (protocol 4, not torch.save's): before,
+    torch's two-line UserWarning on pickle protocols was printed, then a message cut off
+    mid-sentence. Nothing in it runs: memenc loads weights only."""
+    import pickle
+    import warnings
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch '{marker}'",))
+
+    (tmp_path / "p.pt").write_bytes(pickle.dumps({"x": Payload()}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning would fail the load instead
+        with pytest.raises(CheckpointError, match=r"p\.pt: a pickle that holds more than "
+                           r"tensors, not a SAM 2 checkpoint"):  # fmt: skip
+            load_model(tmp_path / "p.pt")
+    assert not marker.exists()
 
 
 def test_unknown_name_is_neither_file_nor_official(tmp_path):

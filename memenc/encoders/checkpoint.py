@@ -13,6 +13,7 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -203,11 +204,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     as does any careful copy). Neither way checks the zip's CRCs: the store records the
     file's SHA-256."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not for users
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # torch.load raises many types for damaged or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path}: a pickle that holds more than tensors, not a SAM 2 checkpoint "
+                "(memenc loads weights only and never runs code from a checkpoint)"
+            ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or another format): {first[:200]}"
+            f"{path}: not a readable PyTorch checkpoint (truncated or another format): "
+            f"{type(e).__name__}{': ' + first[:200] if first else ''}"
         ) from e
     sd = obj.get("model", obj) if isinstance(obj, Mapping) else None
     if (
