@@ -1423,3 +1423,13 @@ def test_a_reader_open_across_an_overwrite_of_other_settings_refuses_to_read(
     with pytest.raises(StoreError, match=r"the store was replaced since it was opened"):
         cache.features(9, 3)
     assert open_cache(path).attrs["fingerprint"] == fingerprint(other)  # opened again: fine
+
+
+def test_a_link_to_nothing_is_named_as_such(tmp_path) -> None:
+    """Before: 'exists and is not a directory' for a dangling link given as the store."""
+    link = tmp_path / "dang.zarr"
+    link.symlink_to(tmp_path / "gone" / "x.zarr")
+    for act in (lambda: open_cache(link), lambda: CacheStore.prepare(link, make_layout())):
+        with pytest.raises(StoreError, match=r"dang\.zarr: a link to .*gone/x\.zarr, which does "
+                           r"not exist"):  # fmt: skip
+            act()

@@ -76,7 +76,10 @@ class Location:
         zarr.json), 'file' (not a directory) or 'other' (a directory of something else)."""
         try:
             if self.local is not None:
-                if not self.local.exists() and not self.local.is_symlink():
+                if not self.local.exists():
+                    if self.local.is_symlink():  # not "exists and is not a directory"
+                        target = os.readlink(self.local)
+                        raise StoreError(f"{self}: a link to {target}, which does not exist")
                     return "absent"
                 if not self.local.is_dir():
                     return "file"
