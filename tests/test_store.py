@@ -1246,10 +1246,13 @@ def test_frame_lookup_of_a_long_store_is_bounded_and_exact(tmp_path: Path) -> No
         cache.row_of(2)
 
 
-def test_damaged_small_array_fails_at_open(written_store) -> None:
+@pytest.mark.parametrize(
+    ("name", "coords"), [("maskmem_pos_enc", (0, 0, 0)), ("maskmem_tpos_enc", (0, 0))]
+)
+def test_damaged_small_array_fails_at_open_naming_it(written_store, name, coords) -> None:
     path, _ = written_store()
-    flip_bit(chunk_file(path, "maskmem_pos_enc", 0, 0, 0), 0x01)
-    with pytest.raises(StoreError, match="damaged"):
+    flip_bit(chunk_file(path, name, *coords), 0x01)
+    with pytest.raises(StoreError, match=rf"malformed or damaged store: {name}: .*checksum"):
         open_cache(path)
 
 

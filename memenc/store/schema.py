@@ -430,12 +430,19 @@ def layout_from_group(group: zarr.Group, loc: Location) -> StoreLayout:
             raise StoreError(
                 f"{loc}: malformed store: array '{name}' has unreadable metadata ({exc})"
             ) from exc
+    written_once = {}  # the arrays written at creation, each read whole
+    for name in ("frame_index", "maskmem_pos_enc", "maskmem_tpos_enc", "object_id"):
+        if name in arrays:
+            try:
+                written_once[name] = arrays[name][:]
+            except (ValueError, RuntimeError, TypeError, OSError) as exc:  # checksum, codec, disk
+                raise StoreError(f"{loc}: malformed or damaged store: {name}: {exc}") from exc
     try:
         features = arrays["maskmem_features"]
-        frame_index = arrays["frame_index"][:]
-        pos_enc = arrays["maskmem_pos_enc"][:]
-        tpos = arrays["maskmem_tpos_enc"][:] if "maskmem_tpos_enc" in arrays else None
-        object_ids = arrays["object_id"][:]
+        frame_index = written_once["frame_index"]
+        pos_enc = written_once["maskmem_pos_enc"]
+        tpos = written_once.get("maskmem_tpos_enc")
+        object_ids = written_once["object_id"]
         layout = StoreLayout(
             num_frames=features.shape[0],
             object_ids=object_ids.tolist(),
