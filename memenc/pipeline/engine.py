@@ -496,15 +496,16 @@ class StageTimes:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stages: dict[str, dict[str, float]] = {}
+        # per stage, one account per thread: a thread adds to its own only (the writers'
+        # `+=` on one shared float could lose time to each other)
+        self._stages: dict[str, list[dict[str, float]]] = {}
 
     def _account(self, stage: str) -> dict[str, float]:
+        """A new account of one thread of `stage`, for it alone to add to."""
+        account = dict.fromkeys(("wall", *self.KINDS), 0.0)
         with self._lock:
-            account = self._stages.get(stage)
-            if account is None:
-                account = self._stages[stage] = dict.fromkeys(("wall", "threads", *self.KINDS), 0.0)
-            account["threads"] += 1
-            return account
+            self._stages.setdefault(stage, []).append(account)
+        return account
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per stage, in seconds: ``seconds`` (wall, summed over its threads), ``busy``
@@ -513,10 +514,11 @@ class StageTimes:
         out = {}
         rank = {name: i for i, name in enumerate(self.ORDER)}
         with self._lock:
-            for name, a in sorted(self._stages.items(), key=lambda kv: rank.get(kv[0], 99)):
+            for name, accounts in sorted(self._stages.items(), key=lambda kv: rank.get(kv[0], 99)):
+                a = {k: sum(t[k] for t in accounts) for k in ("wall", *self.KINDS)}
                 waits = sum(a[k] for k in self.KINDS)
                 out[name] = {
-                    "threads": int(a["threads"]),
+                    "threads": len(accounts),
                     "seconds": round(a["wall"], 3),
                     "busy": round(max(0.0, a["wall"] - waits), 3),
                     **{f"waiting_for_{k}": round(a[k], 3) for k in self.KINDS},
