@@ -259,7 +259,8 @@ class MemoryCache:
         """Raise StoreError when this local store was replaced since it was opened by one
         of other settings (its group zarr.json changed and names another fingerprint). A
         store that only went on (chunks, `complete`) or was redone with the same settings,
-        and so the same data, reads on. One stat per read of a chunk, marker or timestamps;
+        and so the same data, reads on. Called after each read of a chunk, marker or
+        timestamps (one stat), so a replacement that lands during the read is seen too;
         object stores are not checked."""
         if self._group_file is None:
             return
@@ -280,15 +281,16 @@ class MemoryCache:
         self._group_seen = now
 
     def _read(self, what: str, read: Any) -> Any:
-        self._check_same_store()
         with storage_errors(self.path):  # a URL's service (botocore is not an OSError)
             try:
-                return read()
+                data = read()
             except OSError as exc:
+                self._check_same_store()  # a store being replaced is not a damaged one
                 why = describe_os_error(exc)
                 raise StoreError(f"{self.path}: cannot read {what}: {why}") from exc
             except (ValueError, RuntimeError) as exc:
                 # Crc32c mismatch ("checksum do not match") or a codec failing on damaged bytes.
+                self._check_same_store()
                 fix = (
                     "running the same encode again redoes that chunk"
                     if what == "chunk_done"
@@ -297,6 +299,8 @@ class MemoryCache:
                 raise StoreError(
                     f"{self.path}: {what} is damaged (checksum or decode error: {exc}); {fix}"
                 ) from exc
+        self._check_same_store()  # after the read: what it read is this store's
+        return data
 
     def _feature_chunk(self, chunk: int, obj: int) -> np.ndarray:
         """Decoded maskmem_features of one frame-chunk and object: [n, 64, h, w] store dtype."""
