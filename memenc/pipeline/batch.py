@@ -1430,8 +1430,8 @@ def _drive(
     A video whose store another process is writing (its lock held: a second batch or
     `memenc encode` on the same output) is set aside; its lock is tried every
     `LOCK_RETRY_S`, and once it is free the video is planned again: found complete
-    (``skipped``) or resumed here. The wait holds no lock of this run, so two runs waiting on each other's
-    stores both go on."""
+    (``skipped``) or resumed here. The wait holds no lock of this run, so two runs waiting
+    on each other's stores both go on."""
     finished: queue.Queue[tuple[WorkUnit, Any]] = queue.Queue()
     videos: dict[int, _Video] = {}
     attempts: dict[tuple[int, int], int] = {}

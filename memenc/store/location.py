@@ -129,15 +129,15 @@ class Location:
         """Where `set_aside` keeps a local store's old contents: a hidden folder beside the
         store's real directory (a path such as ``.`` or a link resolved first, so the folder
         is never inside the store and sits on the store's own file system)."""
+        return self._beside("memenc-replaced")
+
+    def _beside(self, suffix: str) -> Path | None:
+        """The hidden folder ``.<real name>.<suffix>`` beside a local store's real
+        directory; None for object stores."""
         if self.local is None:
             return None
         real = Path(os.path.realpath(self.local))
-        return real.parent / f".{real.name}.memenc-replaced"
-
-    def _moving_aside(self, aside: Path) -> Path:
-        """The folder `set_aside` fills before it becomes `aside`: a partial copy of a store
-        is never taken for a whole one."""
-        return aside.with_name(aside.name.replace(".memenc-replaced", ".memenc-replacing"))
+        return real.parent / f".{real.name}.{suffix}"
 
     def set_aside(self) -> None:
         """Empty the store directory for a new store (all but the lock file), keeping its
@@ -149,10 +149,11 @@ class Location:
         a move that fails is undone (the store stays as it was), and one cut short by a
         kill is undone by the next call, before anything else."""
         aside = self.aside
-        if self.local is None or aside is None:
+        # filled first, renamed to `aside` once whole: a partial copy is never taken for one
+        moving = self._beside("memenc-replacing")
+        if self.local is None or aside is None or moving is None:
             self.clear()
             return
-        moving = self._moving_aside(aside)
         self._move_back(moving)  # an earlier call was killed mid-way
         if aside.exists():
             self.clear()
