@@ -693,7 +693,7 @@ def whole_runs(
             if got.get("stages") and got.get("frames_per_second"):
                 # the process's wall time less the stages': imports, probe, model, store
                 run_s = got["frames"] / got["frames_per_second"]
-                res.m(f"{key}/{name}/start_up").add(got["seconds"] - run_s)
+                res.m(f"{key}/{name}/outside_stages").add(got["seconds"] - run_s)
             if "gpu_busy" in got:
                 res.m(f"{key}/{name}/gpu_busy", "%").add(got["gpu_busy"])
                 res.m(f"{key}/{name}/gpu_peak_mb", "MB").add(got["gpu_peak_mb"])
@@ -769,7 +769,6 @@ def whole_runs(
 
 
 STAGE_PARTS = ("busy", "waiting_for_input", "waiting_for_output", "waiting_for_device")
-STAGE_ORDER = ("decode", "stage", "compute", "assemble", "write")
 
 
 def stage_table(res: Results, key: str, names: list[str]) -> None:
@@ -777,8 +776,12 @@ def stage_table(res: Results, key: str, names: list[str]) -> None:
     the stage that is busy while the others wait on it."""
     rows = []
     for name in names:
-        for stage in STAGE_ORDER:
-            parts = [res.measures.get(f"{key}/{name}/stage/{stage}/{p}") for p in STAGE_PARTS]
+        prefix = f"{key}/{name}/stage/"
+        # in the order memenc's summary gives them (the pipeline's), as first recorded
+        stages = dict.fromkeys(k[len(prefix) :].split("/")[0] for k in res.measures
+                               if k.startswith(prefix))  # fmt: skip
+        for stage in stages:
+            parts = [res.measures.get(f"{prefix}{stage}/{p}") for p in STAGE_PARTS]
             if all(m is not None and m.samples for m in parts):
                 rows.append(f"| {name} | {stage} | " + " | ".join(f"{m.median:.2f}" for m in parts)
                             + " |")  # fmt: skip
@@ -794,7 +797,8 @@ def stage_table(res: Results, key: str, names: list[str]) -> None:
         res.say(row)
     res.say("")
     for name in names:
-        up, whole = res.measures.get(f"{key}/{name}/start_up"), res.measures.get(f"{key}/{name}")
+        up = res.measures.get(f"{key}/{name}/outside_stages")
+        whole = res.measures.get(f"{key}/{name}")
         if up is not None and up.samples and whole is not None:
             res.say(f"- {name}: outside the stages (the process's wall time less the stages' "
                     f"run: imports, probe, model, store, exit) {up.span()} s of "
